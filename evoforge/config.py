@@ -1,0 +1,231 @@
+"""The run file: one pydantic model for everything a run needs, loaded from YAML or JSON.
+
+Every key of the seed document's JSON examples is accepted at the place the seed put it, and unknown or
+misspelt keys are errors (mergekit silently ignores a misspelt merge parameter; a run file must not).
+How each merge-operator key maps onto mergekit parameters is documented on `MergeOperators`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DOMAINS = ("code", "math", "multilingual", "structured_data")
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Positive = Annotated[float, Field(gt=0.0)]
+
+
+class ConfigError(ValueError):
+    """A run file (or recipe) that cannot be used; the message is one line naming file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class BaseModelConfig(Strict):
+    """One model of the run: an HF id or a local folder (relative paths resolve against the run file)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$")]
+    path: Annotated[str, Field(min_length=1)]
+    weight: Positive = 1.0
+    """Relative weight of this model in every stage that mixes models (normalized over the models)."""
+    domain_specialty: str | None = None
+    ancestry: str | None = None
+    """Free text: what is known about where the model comes from (shown by `evoforge validate`)."""
+
+    def is_local(self) -> bool:
+        return Path(self.path).is_absolute() or self.path.startswith((".", "~")) or not _HF_ID.match(self.path)
+
+
+class MergeOperators(Strict):
+    """Seed parameters of the three genes, and how they map onto mergekit (see README, "Run file").
+
+    - ``linear_weight`` (interp=linear, mergekit ``linear``): the first base model (the *anchor*) gets weight
+      ``1 - linear_weight``; the others share ``linear_weight`` in proportion to their ``weight``
+      (torch.lerp convention: 0 = anchor, 1 = the others).
+    - ``slerp_t`` (interp=slerp): same split as linear_weight; two models render to mergekit ``slerp`` with
+      ``t``, three or more to ``multislerp`` around the anchor (or the ancestor) with those weights.
+    - ``ties_threshold`` (crossover=ties, mergekit ``ties``): fraction of each task vector's
+      smallest-magnitude entries trimmed; mergekit ``density = 1 - ties_threshold``.
+    - ``dare_threshold`` (crossover=dare, mergekit ``dare_ties``): drop probability;
+      ``density = 1 - dare_threshold`` (survivors rescaled by 1/density, as DARE does).
+    - ``dare_amplification``: mergekit ``lambda`` of the DARE stage, the factor on the merged task vector
+      (Sakana's evolved weights summed to about 2). TIES seeds start at lambda 1.
+    - ``frankenmerge_layers`` (structure=frankenmerge, mergekit ``passthrough``): the depth is cut into
+      ``len(frankenmerge_layers)`` equal contiguous blocks; entry i names block i's source: 0 = the crossover
+      output, k = the k-th base model (1-based), or a base model's name, ``crossover`` or ``interp``.
+    - ``dfs_merge_ratio`` (structure=dfs, passthrough with per-layer ``scale``): the data-flow path starts as
+      the crossover output's layers in order, with that fraction of steps (evenly spaced) taking the same
+      layer from the base models instead, round robin; every step's input scale starts at 1.
+    - ``layer_groups``: 1 = global continuous parameters; G > 1 = G-point mergekit gradients over depth.
+    """
+
+    linear_weight: Fraction = 0.5
+    slerp_t: Fraction = 0.5
+    ties_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dare_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    dare_amplification: Positive = 2.0
+    frankenmerge_layers: Annotated[list[int | str], Field(min_length=1)] = [0, 1, 2]
+    dfs_merge_ratio: Fraction = 0.3
+    layer_groups: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class EvaluationConfig(Strict):
+    """Which lm-eval tasks score a candidate, on which splits, how."""
+
+    tasks_dir: str = "tasks"
+    """Folder of lm-eval task YAMLs (relative to the run file; `tasks` falls back to evoforge's own)."""
+    tasks: dict[str, list[str]] | None = None
+    """Domain → task names; None = every task found under tasks_dir, by its metadata domain."""
+    fitness_split: str = "validation"
+    heldout_split: str = "test"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+
+
+class EvolutionConfig(Strict):
+    """A whole run. Field names follow the seed document (flat evolution parameters, `merge_operators`,
+    `evaluation_weights`), so its JSON examples load unchanged."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$")] = "evoforge"
+    base_models: Annotated[list[BaseModelConfig], Field(min_length=2)]
+    ancestor: BaseModelConfig | None = None
+    max_generations: Annotated[int, Field(ge=1)] = 50
+    population_size: Annotated[int, Field(ge=5)] = 8
+    mutation_rate: Fraction = 0.15
+    selection_pressure: Fraction = 0.7
+    plateau_patience: Annotated[int, Field(ge=1)] = 5
+    plateau_threshold: Annotated[float, Field(ge=0.0)] = 0.01
+    seed: int = 42
+    merge_operators: MergeOperators = MergeOperators()
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    evaluation_weights: dict[str, Annotated[float, Field(ge=0.0)]] = {d: 0.25 for d in DOMAINS}
+    evaluation: EvaluationConfig = EvaluationConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    merge_path: Literal["memory", "disk"] = "memory"
+    output_dir: str | None = None
+    """Run directory; default runs/<name> next to the run file."""
+    wandb_project: str = "evoforge"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    source: Path | None = Field(default=None, exclude=True)
+    """The file this config was read from (relative paths resolve against its folder)."""
+
+    @field_validator("base_models")
+    @classmethod
+    def _unique_names(cls, models: list[BaseModelConfig]) -> list[BaseModelConfig]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate base model name {dupes[0]!r}")
+        reserved = {"crossover", "interp"} & set(names)
+        if reserved:
+            raise ValueError(f"base model name {reserved.pop()!r} is reserved for a stage")
+        return models
+
+    @field_validator("evaluation_weights")
+    @classmethod
+    def _weights_sum(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights or sum(weights.values()) <= 0:
+            raise ValueError("at least one domain weight must be positive")
+        return weights
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> EvolutionConfig:
+        n = len(self.base_models)
+        names = {m.name for m in self.base_models}
+        for i, src in enumerate(self.merge_operators.frankenmerge_layers):
+            ok = (isinstance(src, int) and 0 <= src <= n) or (
+                isinstance(src, str) and src in names | {"crossover", "interp"}
+            )
+            if not ok:
+                raise ValueError(
+                    f"merge_operators.frankenmerge_layers[{i}]: {src!r} is not 0 (crossover), 1..{n} "
+                    f"(a base model) or one of {sorted(names | {'crossover', 'interp'})}"
+                )
+        if self.ancestor is not None and self.ancestor.name in names:
+            raise ValueError(f"ancestor.name {self.ancestor.name!r} is also a base model name")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def resolve(self, model: BaseModelConfig) -> str:
+        """A local folder as an absolute path, or the HF id unchanged."""
+        path = Path(model.path).expanduser()
+        if not path.is_absolute():
+            path = self.base_dir / path
+        if path.exists() or model.is_local():
+            return str(path.resolve())
+        return model.path
+
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            out = Path(self.output_dir).expanduser()
+            return out if out.is_absolute() else self.base_dir / out
+        return self.base_dir / "runs" / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(source: str | Path, err: ValidationError) -> str:
+    """The first pydantic error as one line: `file: field: problem`."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "int", "str"))))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (misspelt?)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    return f"{source}: {_field_path(loc)}: {msg}"
+
+
+def read_mapping(path: Path) -> dict:
+    """YAML or JSON file → mapping, or ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
+        where = f" (line {line + 1 if isinstance(exc, yaml.YAMLError) else line})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, **overrides: object) -> EvolutionConfig:
+    """Read and validate a run file; `overrides` replace top-level keys (CLI flags)."""
+    path = Path(path)
+    data = read_mapping(path)
+    if "source" in data:
+        raise ConfigError(f"{path}: source: unknown key (misspelt?)")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return EvolutionConfig.model_validate({**data, "source": path.resolve()})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(path, err)) from None
