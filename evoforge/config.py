@@ -15,14 +15,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evoforge.errors import ConfigError
+
 DOMAINS = ("code", "math", "multilingual", "structured_data")
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
-
-
-class ConfigError(ValueError):
-    """A run file (or recipe) that cannot be used; the message is one line naming file and field."""
 
 
 class Strict(BaseModel):

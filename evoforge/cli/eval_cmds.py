@@ -1,0 +1,1 @@
+"""`evoforge tasks` and `evoforge eval`."""

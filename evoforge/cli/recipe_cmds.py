@@ -1,0 +1,1 @@
+"""`evoforge seeds`, `evoforge merge`, `evoforge validate`."""
