@@ -42,7 +42,9 @@ class BaseModelConfig(Strict):
     """Free text: what is known about where the model comes from (shown by `evoforge validate`)."""
 
     def is_local(self) -> bool:
-        return Path(self.path).is_absolute() or self.path.startswith((".", "~")) or not _HF_ID.match(self.path)
+        return (
+            Path(self.path).is_absolute() or self.path.startswith((".", "~")) or not _HF_ID.match(self.path)
+        )
 
 
 class MergeOperators(Strict):
@@ -189,7 +191,9 @@ def _field_path(loc: tuple) -> str:
 def format_validation_error(source: str | Path, err: ValidationError) -> str:
     """The first pydantic error as one line: `file: field: problem`."""
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "int", "str"))))
+    loc = tuple(
+        p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "int", "str")))
+    )
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (misspelt?)"
@@ -210,7 +214,9 @@ def read_mapping(path: Path) -> dict:
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
         where = f" (line {line + 1 if isinstance(exc, yaml.YAMLError) else line})" if line is not None else ""
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}") from None
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: (top level): expected a mapping of keys, got {type(data).__name__}")
     return data

@@ -85,7 +85,9 @@ def make_family(
         with torch.no_grad():
             for key, param in ancestor.state_dict().items():
                 noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * delta
-                param.copy_(base_state[key] + noise.to(param.dtype) * base_state[key].float().std().clamp(min=1e-3))
+                param.copy_(
+                    base_state[key] + noise.to(param.dtype) * base_state[key].float().std().clamp(min=1e-3)
+                )
         paths[name] = root / name
         ancestor.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
