@@ -115,7 +115,7 @@ class EvolutionConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     merge_path: Literal["memory", "disk"] = "memory"
     output_dir: str | None = None
-    """Run directory; default runs/<name> next to the run file."""
+    """Run directory; default runs/<name> under the working directory."""
     wandb_project: str = "evoforge"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
@@ -172,10 +172,8 @@ class EvolutionConfig(Strict):
         return model.path
 
     def run_dir(self) -> Path:
-        if self.output_dir:
-            out = Path(self.output_dir).expanduser()
-            return out if out.is_absolute() else self.base_dir / out
-        return self.base_dir / "runs" / self.name
+        """output_dir, or runs/<name>; relative to the working directory, as CLI paths are."""
+        return Path(self.output_dir or Path("runs") / self.name).expanduser().resolve()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
