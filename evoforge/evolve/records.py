@@ -1,0 +1,111 @@
+"""What a run writes, one pydantic model per kind of line, so the loop, the report and W&B agree.
+
+run_dir/
+  evaluations.jsonl   one `EvaluationRecord` per candidate evaluation (append-only, fsynced per line)
+  generations.jsonl   one `GenerationRecord` per finished generation
+  baselines.json      `Baselines`: the base models (and ancestor) on the fitness and held-out splits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+Operator = Literal["seed", "mutation", "recombination"]
+
+
+class Scores(BaseModel):
+    """One model on one split: fitness = Σ weight × domain score over the weighted domains."""
+
+    model_config = ConfigDict(extra="forbid")
+    fitness: float
+    domains: dict[str, float]
+    tasks: dict[str, float]
+
+
+class EvaluationRecord(BaseModel):
+    """One candidate of one generation. `cached` records reuse an earlier evaluation of the same genome."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    generation: int
+    genome_hash: str
+    label: str
+    operator: Operator
+    parents: list[str]
+    """Genome hashes of the parents (empty for seeds)."""
+    recipe: str
+    """Path of the candidate's YAML, relative to the run directory."""
+    fitness: float
+    scores: Scores | None = None
+    error: str | None = None
+    cached: bool = False
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+
+
+class GenerationRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generation: int
+    best_id: str
+    best_hash: str
+    best_fitness: float
+    avg_fitness: float
+    population_size: int
+    domain_avg: dict[str, float]
+    domain_best: dict[str, float]
+    best_heldout: Scores | None = None
+    """The generation's best candidate on the held-out split (scored when it is a new overall best)."""
+    best_model: str | None = None
+    """gen_<N>_best_model folder, relative to the run directory, when one was written."""
+    wall_s: float = 0.0
+
+
+class Baselines(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fitness_split: str
+    heldout_split: str
+    models: dict[str, dict[str, Scores]]
+    """model name → split → scores."""
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def append_record(path: Path, record: BaseModel) -> None:
+    """Append one JSON line and fsync it: a crash never loses a finished evaluation."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(record.model_dump_json() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_records(path: Path, kind: type[R]) -> Iterator[R]:
+    """Every complete line of a JSONL file; a torn last line (a crash mid-write) is skipped."""
+    if not path.exists():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            yield kind.model_validate(json.loads(line))
+        except (json.JSONDecodeError, ValueError):
+            continue
+
+
+def write_json_atomic(path: Path, data: str) -> None:
+    """Write via a temp file, fsync, rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
