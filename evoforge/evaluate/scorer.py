@@ -1,0 +1,299 @@
+"""Scoring a model: one resident model behind one lm-eval HFLM wrapper, task objects built once per split.
+
+A candidate is scored by copying its tensors into the resident model (`load_weights`), not by loading a new
+model: building tasks and the wrapper once and calling `lm_eval.evaluator.evaluate` directly costs about
+half of `simple_evaluate` per candidate (shared/notes/lm-eval.md). Request and response caches stay off:
+lm-eval keys them on prompts, so a second candidate would get the first one's answers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from statistics import fmean
+from typing import Literal
+
+import numpy as np
+import torch
+from lm_eval.api.task import Task
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from pydantic import BaseModel
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from evoforge.config import EvaluationConfig, EvolutionConfig
+from evoforge.errors import ConfigError, IncompatibleModelsError
+from evoforge.evaluate.suite import TaskError, TaskSuite
+
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_WEIGHTS: dict[str, float] = EvolutionConfig.model_fields["evaluation_weights"].default
+SEED = 1234
+"""lm-eval's default torch/numpy/few-shot seed, so its CLI and evoforge draw the same few-shot examples."""
+BOOTSTRAP_ITERS = 1000
+"""Mean metrics get a closed-form stderr; bootstrapped ones (bleu, chrf) stay cheap enough per candidate."""
+_BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+_DEPTH = {"num_hidden_layers", "layer_types"}
+
+
+class TaskScore(BaseModel):
+    """A task's primary metric on the evaluated documents."""
+
+    domains: list[str]
+    metric: str
+    value: float
+    stderr: float | None
+    n_items: int
+    level: str | None = None
+
+
+class EvalResult(BaseModel):
+    """What one model scored on one split; `fitness` is the weighted mean of the domain scores."""
+
+    split: str
+    tasks: dict[str, TaskScore]
+    domains: dict[str, float]
+    """Domain → mean primary metric of its tasks (a task tagged with two domains counts in both)."""
+    weights: dict[str, float]
+    fitness: float
+    n_items: int
+    limit: int | None
+    wall_s: float
+
+
+def compute_fitness(domain_scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """Σ w_d·score_d / Σ w_d over the weighted domains; domains without a weight are reported, not counted."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ConfigError("evaluation_weights: at least one domain weight must be positive")
+    missing = [d for d, w in weights.items() if w > 0 and d not in domain_scores]
+    if missing:
+        raise ConfigError(f"evaluation_weights.{missing[0]}: no task scores this domain")
+    return sum(w * domain_scores[d] for d, w in weights.items() if w > 0) / total
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_model(
+    source: str | Path, device: Device | str = "auto", dtype: Dtype = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a folder or a hub id, in eval mode on the device."""
+    src = str(source)
+    path = Path(src).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise ConfigError(f"{source}: not a model folder (no config.json)")
+    if not path.exists() and (src.startswith((".", "/", "~")) or src.count("/") != 1):
+        raise ConfigError(f"{source}: model folder not found")
+    target = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{source}: cannot load model ({first})") from None
+    return model.to(target).eval(), tokenizer
+
+
+def _read_weights(folder: Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise ConfigError(f"{folder}: not a model folder (needs config.json and *.safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return AutoConfig.from_pretrained(folder), state
+
+
+def _config_diff(a: PretrainedConfig, b: PretrainedConfig) -> set[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return {k for k in da.keys() | db.keys() if k not in _BOOKKEEPING and da.get(k) != db.get(k)}
+
+
+class Scorer:
+    """Scores models on a task suite, reusing one model, one HFLM wrapper and the task objects."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        evaluation: EvaluationConfig | None = None,
+        weights: Mapping[str, float] | None = None,
+        tasks_dir: str | Path | None = None,
+        seed: int = SEED,
+    ) -> None:
+        """`tasks_dir` overrides `evaluation.tasks_dir` (which resolves against the working directory);
+        `weights` default to the run file's defaults (every built-in domain equal)."""
+        self.evaluation = evaluation or EvaluationConfig()
+        self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        self.suite = TaskSuite.discover(tasks_dir or self.evaluation.tasks_dir).select(self.evaluation.tasks)
+        self.suite.check()
+        domains = self.suite.domains
+        for domain, weight in self.weights.items():
+            if weight > 0 and domain not in domains:
+                raise ConfigError(
+                    f"evaluation_weights.{domain}: no task in {self.suite.root} has this domain "
+                    f"(domains there: {', '.join(domains)})"
+                )
+        compute_fitness(dict.fromkeys(domains, 0.0), self.weights)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.lm = self._wrap()
+        self._tasks: dict[str, dict[str, Task]] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, device: Device | str = "auto", dtype: Dtype = "float32", **kwargs
+    ) -> Scorer:
+        """A Scorer over a model folder or hub id (kwargs as for the constructor)."""
+        model, tokenizer = load_model(source, device, dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    def _wrap(self) -> HFLM:
+        """A fixed integer batch size: "auto" re-probes memory on every call (~10 s)."""
+        return HFLM(
+            pretrained=self.model,
+            tokenizer=self.tokenizer,
+            batch_size=self.evaluation.batch_size,
+            max_gen_toks=self.evaluation.max_new_tokens,
+        )
+
+    def tasks(self, split: str) -> dict[str, Task]:
+        """The task objects evaluating `split`, built on first use."""
+        if split not in self._tasks:
+            self._tasks[split] = self.suite.build(split)
+        return self._tasks[split]
+
+    # ------------------------------------------------------------------ candidates
+
+    def load_weights(self, source: Mapping[str, torch.Tensor] | str | Path) -> None:
+        """Copy a candidate's tensors into the resident model (a state dict, or a model folder).
+
+        Same architecture and shapes are required. A folder whose config differs only in depth (a
+        frankenmerge or DFS path) resizes the decoder's layer list in place; one that differs otherwise
+        (rope, norms, tied embeddings) gets a model rebuilt from its config and a new wrapper."""
+        if isinstance(source, Mapping):
+            state = source
+        else:
+            config, state = _read_weights(Path(source))
+            diff = _config_diff(self.model.config, config)
+            if diff - _DEPTH:
+                self._rebuild(config)
+            elif diff:
+                self._set_depth(config)
+        self._copy(state)
+
+    def _set_depth(self, config: PretrainedConfig) -> None:
+        """Truncate or extend the decoder layers; new layers are built the way the model builds its own
+        (`LayerClass(config, layer_idx)`) and then receive the candidate's tensors."""
+        layers = self.model.get_decoder().layers
+        first = next(iter(layers.parameters()))
+        for key in _DEPTH & set(config.to_dict()):
+            setattr(self.model.config, key, getattr(config, key))
+        depth = config.num_hidden_layers
+        del layers[depth:]
+        layer_cls = type(layers[0])
+        for idx in range(len(layers), depth):
+            layers.append(layer_cls(self.model.config, idx).to(device=first.device, dtype=first.dtype))
+
+    def _rebuild(self, config: PretrainedConfig) -> None:
+        first = next(self.model.parameters())
+        self.model = AutoModelForCausalLM.from_config(config, dtype=first.dtype).to(first.device).eval()
+        self.lm = self._wrap()
+
+    def _copy(self, state: Mapping[str, torch.Tensor]) -> None:
+        resident = self.model.state_dict()
+        extra = sorted(set(state) - set(resident))
+        if extra:
+            raise IncompatibleModelsError(f"candidate tensor {extra[0]!r} has no place in the resident model")
+        loaded: dict[int, str] = {}  # storage → first name copied into it (tied tensors share one)
+        with torch.no_grad():
+            for name, target in resident.items():
+                if name not in state:
+                    continue
+                if state[name].shape != target.shape:
+                    raise IncompatibleModelsError(
+                        f"candidate tensor {name!r} has shape {tuple(state[name].shape)}, "
+                        f"the resident model {tuple(target.shape)}"
+                    )
+                ptr = target.untyped_storage().data_ptr()
+                if ptr in loaded and not torch.equal(target, state[name].to(target)):
+                    raise IncompatibleModelsError(
+                        f"candidate tensors {loaded[ptr]!r} and {name!r} differ, but the resident model ties them"
+                    )
+                target.copy_(state[name])
+                loaded.setdefault(ptr, name)
+        missing = [
+            n for n, t in resident.items() if n not in state and t.untyped_storage().data_ptr() not in loaded
+        ]
+        if missing:
+            raise IncompatibleModelsError(f"candidate has no tensor {missing[0]!r}")
+
+    # ------------------------------------------------------------------ scoring
+
+    def _reseed(self, tasks: Iterable[Task]) -> None:
+        """Same seeds before every candidate, so nothing depends on what was scored before."""
+        random.seed(0)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        for task in tasks:
+            task.set_fewshot_seed(seed=self.seed)
+
+    def score(self, split: str | None = None, limit: int | None = None) -> EvalResult:
+        """Evaluate the resident model on `split` (default: the fitness split), first `limit` documents of
+        each task (default: the config's limit; None = all)."""
+        split = split or self.evaluation.fitness_split
+        limit = limit if limit is not None else self.evaluation.limit
+        tasks = self.tasks(split)
+        self._reseed(tasks.values())
+        start = time.perf_counter()
+        out = evaluate(
+            self.lm,
+            {"tasks": tasks},
+            limit=limit,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
+            confirm_run_unsafe_code=True,  # tasks/ is trusted; code runs in evoforge's sandbox
+        )
+        wall = time.perf_counter() - start
+        scores: dict[str, TaskScore] = {}
+        for name, info in self.suite.tasks.items():
+            metrics = out["results"][name]
+            if info.primary_metric not in metrics:
+                reported = sorted(k for k in metrics if "," in k and "_stderr," not in k)
+                raise TaskError(
+                    f"{info.path}: metadata.primary_metric: {info.primary_metric!r} is not among the task's "
+                    f"results {reported}"
+                )
+            metric, _, filt = info.primary_metric.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            scores[name] = TaskScore(
+                domains=list(info.domains),
+                metric=info.primary_metric,
+                value=float(metrics[info.primary_metric]),
+                stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
+                n_items=int(out["n-samples"][name]["effective"]),
+                level=info.level,
+            )
+        domains = {d: fmean(scores[t.name].value for t in ts) for d, ts in self.suite.domains.items()}
+        return EvalResult(
+            split=split,
+            tasks=scores,
+            domains=domains,
+            weights=self.weights,
+            fitness=compute_fitness(domains, self.weights),
+            n_items=sum(s.n_items for s in scores.values()),
+            limit=limit,
+            wall_s=wall,
+        )
