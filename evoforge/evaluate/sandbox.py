@@ -1,0 +1,322 @@
+"""Run one model-written Python program in a contained child process and report how it ended.
+
+Why so much machinery: code-scoring tasks execute whatever a candidate model wrote, so a program must not
+reach the host (files, network, our secrets, our processes) and must not take it down (memory, disk,
+processes, output, time). Each call starts `sys.executable -I` (isolated mode: no user site, no PYTHON*
+variables) with an empty environment, in its own session, under a short bootstrap that sets up the
+containment and then runs the program with `runpy` in the same interpreter (one interpreter start a
+program: this is what keeps the cost near the ~35 ms baseline).
+
+When the parent is root (our CI and GPU machines), the bootstrap, before it runs anything of the program:
+- enters new mount, network and IPC namespaces: the network has only a loopback that is down, so every
+  connect fails (127.0.0.1 included) and abstract Unix sockets and SysV IPC of the host are out of reach;
+- makes every mount read-only and nosuid, then mounts a fresh size-capped tmpfs on the working folder
+  (and on /dev/shm): the only writable places, gone when the program's last process dies;
+- hides directories the program cannot traverse behind a tmpfs that shows only the Python install
+  (e.g. Python under /root, which is 0700), so the unprivileged program can still import the stdlib;
+- sets rlimits (CPU seconds, address space = `memory_mb`, file size, open files, processes, no core);
+- drops to a uid/gid of its own, unique to the call (no passwd entry, no groups): file permissions keep
+  it out of our files and our /proc entries (environ included), it cannot signal our processes, and
+  RLIMIT_NPROC counts only this program's processes, so concurrent calls do not share the limit;
+- sets no_new_privs (setuid binaries give nothing) and a parent-death signal.
+Afterwards the parent kills the process group and then every process still owned by that uid (a
+grandchild that called setsid() escapes the group, not the uid), before reaping the program.
+
+What is not contained: the program can read world-readable files of the host (read-only) and see the
+host's process list in /proc; CPU time is bounded per process and by the wall timeout, not shared out.
+When the parent is not root, there is no uid to drop to and no mount namespace: the program runs as the
+calling user with the same rlimits, process group kill and fresh working folder, and the network is
+blocked only where unprivileged user namespaces are allowed; it can write wherever that user can, and a
+grandchild that calls setsid() survives. A warning says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from evoforge.errors import EvoforgeError
+
+_log = logging.getLogger(__name__)
+
+# Per-stream cap on captured output; a program that writes more is killed.
+_OUTPUT_LIMIT = 256 * 1024
+# RLIMIT_FSIZE and the size of the tmpfs working folder (and /dev/shm).
+_FILE_MB = 16
+_DISK_MB = 64
+_NPROC = 64
+_NOFILE = 256
+# Each call runs as a fresh uid drawn from this range (far above any account's uid).
+_UID_BASE = 0x5E000000
+_UID_SPAN = 1 << 24
+# How long to wait for output still in the pipes after the program ended.
+_DRAIN_S = 1.0
+
+# The bootstrap runs as `python -I -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`,
+# reads the program from stdin, contains itself, writes b"1" to status_fd and closes it (the parent tells
+# setup failures from program failures by it), then runs the program as __main__. uid 0 means "the parent
+# is not root": fallback mode.
+_BOOT = r"""
+import ctypes, os, resource, runpy, stat, sys
+
+def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
+    source = sys.stdin.buffer.read()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(ret, what):
+        if ret != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(src, target, fstype, flags, opts=None):
+        enc = lambda s: None if s is None else s.encode()
+        check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(opts)), f"mount {target}")
+
+    work = os.getcwd()
+    if uid:
+        check(libc.unshare(0x00020000 | 0x40000000 | 0x08000000), "unshare")  # NEWNS | NEWNET | NEWIPC
+        mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing propagates back
+        # Python's own files must stay readable once we are nobody in particular: over a directory that
+        # others cannot traverse, lay a tmpfs holding only the Python directories below it.
+        plan = {}
+        for path in {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if p}:
+            if not os.path.isdir(path):
+                continue
+            parts = path.split("/")
+            for i in range(2, len(parts)):
+                ancestor = "/".join(parts[:i])
+                if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                    plan.setdefault(ancestor, set()).add(path)
+                    break
+        for hidden, paths in plan.items():
+            fds = {p: os.open(p, os.O_PATH) for p in paths}
+            mount("tmpfs", hidden, "tmpfs", 0, "size=1m,mode=0755")
+            for p, fd in sorted(fds.items()):
+                os.makedirs(p, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", p, None, 4096 | 1 << 14)  # MS_BIND | MS_REC
+                os.close(fd)
+
+        class MountAttr(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns_fd")]
+
+        attr = MountAttr(0x1 | 0x2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
+        # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, ...): every mount read-only, in one syscall.
+        check(libc.syscall(ctypes.c_long(442), ctypes.c_long(-100), b"/", ctypes.c_long(0x8000),
+                           ctypes.byref(attr), ctypes.c_long(ctypes.sizeof(attr))), "mount_setattr")
+        mount("tmpfs", work, "tmpfs", 0x2 | 0x4, f"size={disk_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
+        if os.path.isdir("/dev/shm"):
+            mount("tmpfs", "/dev/shm", "tmpfs", 0x2 | 0x4, f"size={disk_mb}m,nr_inodes=1024,mode=1777")
+        os.chdir(work)
+    else:
+        libc.unshare(0x10000000 | 0x40000000)  # NEWUSER | NEWNET where allowed; the parent warned
+    for res, value in [(resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_mb << 20),
+                       (resource.RLIMIT_FSIZE, file_mb << 20), (resource.RLIMIT_NOFILE, nofile),
+                       (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)]:
+        resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
+    if uid:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
+    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # PR_SET_PDEATHSIG, SIGKILL (after setuid, which clears it)
+    with open("main.py", "wb") as f:
+        f.write(source)
+    os.write(status_fd, b"1")
+    os.close(status_fd)
+    sys.argv = ["main.py"]
+    runpy.run_path("main.py", run_name="__main__")
+
+boot(*map(int, sys.argv[1:]))
+"""
+
+
+class SandboxError(EvoforgeError):
+    """The sandbox itself could not be set up (not a failure of the program): scores would be wrong."""
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """How one program ended. `stdout`/`stderr` hold at most `_OUTPUT_LIMIT` bytes each (decoded)."""
+
+    passed: bool  # exit code 0 and not timed out / killed
+    returncode: int | None
+    timed_out: bool
+    stdout: str
+    stderr: str
+    duration_s: float
+
+
+_warned_unprivileged = False
+
+
+def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
+    """Run `source` as `__main__` in the sandbox, wall-clock `timeout_s`, address space `memory_mb` MiB."""
+    global _warned_unprivileged
+    if not sys.platform.startswith("linux"):
+        raise SandboxError("the code sandbox needs Linux (namespaces, rlimits, pidfd)")
+    privileged = os.geteuid() == 0
+    if not privileged and not _warned_unprivileged:
+        _warned_unprivileged = True
+        _log.warning(
+            "code sandbox runs without root: programs can write wherever this user can; "
+            "network is blocked only where unprivileged user namespaces are allowed"
+        )
+    uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if privileged else 0
+    data = source.encode()
+    limits = [uid, math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
+    workdir = tempfile.mkdtemp(prefix="evoforge-sandbox-")
+    status_r, status_w = os.pipe()
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _BOOT, str(status_w), *map(str, limits)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env={},
+            start_new_session=True,
+            pass_fds=(status_w,),
+        )
+    except BaseException:
+        os.close(status_r)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        os.close(status_w)
+    try:
+        stdout, stderr, started, timed_out, overflow = _communicate(proc, data, status_r, timeout_s, uid)
+    finally:
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+        os.close(status_r)
+        shutil.rmtree(workdir, ignore_errors=True)
+    duration = time.monotonic() - start
+    if not started and not timed_out:
+        raise SandboxError(f"code sandbox setup failed: {stderr.decode(errors='replace').strip()[-2000:]}")
+    note = ""
+    if timed_out:
+        note = f"\n[sandbox: killed after the {timeout_s:g} s timeout]"
+    elif overflow:
+        note = f"\n[sandbox: killed for writing more than {_OUTPUT_LIMIT} bytes]"
+    return SandboxResult(
+        passed=proc.returncode == 0 and not timed_out and not overflow,
+        returncode=proc.returncode,
+        timed_out=timed_out,
+        stdout=stdout.decode(errors="replace"),
+        stderr=stderr.decode(errors="replace") + note,
+        duration_s=duration,
+    )
+
+
+def _communicate(
+    proc: subprocess.Popen[bytes], data: bytes, status_fd: int, timeout_s: float, uid: int
+) -> tuple[bytes, bytes, bool, bool, bool]:
+    """Feed the program, read its output up to the cap, stop at exit/timeout/overflow, kill all, drain.
+
+    Returns (stdout, stderr, started, timed_out, overflow). The end of the main process is seen through a
+    pidfd, not through EOF on the pipes: a grandchild holding them open must not stretch the run.
+    """
+    assert proc.stdin and proc.stdout and proc.stderr
+    deadline = time.monotonic() + timeout_s
+    out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    stdin = proc.stdin.fileno()
+    os.set_blocking(stdin, False)
+    pending = memoryview(data)
+    started = timed_out = exited = False
+
+    def read(fd: int) -> None:
+        nonlocal started
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            sel.unregister(fd)
+        elif fd == status_fd:
+            started = chunk == b"1"
+        else:  # keep one byte past the limit: that is how overflow shows
+            out[fd] += chunk[: _OUTPUT_LIMIT + 1 - len(out[fd])]
+
+    def overflow() -> bool:
+        return any(len(buf) > _OUTPUT_LIMIT for buf in out.values())
+
+    with selectors.DefaultSelector() as sel:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            for fd in [*out, status_fd, pidfd]:
+                sel.register(fd, selectors.EVENT_READ)
+            sel.register(stdin, selectors.EVENT_WRITE)
+            while not (exited or overflow()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                for key, _ in sel.select(remaining):
+                    if key.fd == pidfd:
+                        exited = True
+                    elif key.fd == stdin:
+                        try:
+                            pending = pending[os.write(stdin, pending[: 1 << 16]) :]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(stdin)
+                            proc.stdin.close()
+                    else:
+                        read(key.fd)
+        finally:
+            _kill_all(proc, uid)
+            sel.unregister(pidfd)
+            os.close(pidfd)
+        if not proc.stdin.closed:
+            sel.unregister(stdin)
+        drain_end = time.monotonic() + _DRAIN_S
+        while sel.get_map() and (remaining := drain_end - time.monotonic()) > 0:
+            for key, _ in sel.select(remaining):
+                read(key.fd)
+    stdout, stderr = (bytes(buf[:_OUTPUT_LIMIT]) for buf in out.values())
+    return stdout, stderr, started, timed_out, overflow()
+
+
+def _kill_all(proc: subprocess.Popen[bytes], uid: int) -> None:
+    """SIGKILL the program's process group, then (as root) every live process of its uid, until none is left.
+
+    Runs while the main process is unreaped (a zombie at worst), so its pid, which is the group id, cannot
+    have been reused. A uid is ours for the call only, so nothing else is hit.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if not uid:
+        return
+    give_up = time.monotonic() + 2.0
+    while _kill_uid(uid) and time.monotonic() < give_up:
+        pass
+
+
+def _kill_uid(uid: int) -> bool:
+    """SIGKILL every process whose real, effective or saved uid is `uid` and is not yet a zombie."""
+    hit = False
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            if fields[b"State"].split()[0] in b"ZX" or str(uid).encode() not in fields[b"Uid"].split()[:3]:
+                continue
+            os.kill(int(name), signal.SIGKILL)
+            hit = True
+        except (OSError, KeyError, IndexError):
+            continue
+    return hit
