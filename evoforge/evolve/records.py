@@ -29,11 +29,13 @@ class Scores(BaseModel):
 
 
 class EvaluationRecord(BaseModel):
-    """One candidate of one generation. `cached` records reuse an earlier evaluation of the same genome."""
+    """One candidate of one generation on one split (the fitness split; the held-out split for each new
+    best). `cached` records reuse an earlier evaluation of the same genome."""
 
     model_config = ConfigDict(extra="forbid")
     id: str
     generation: int
+    split: str
     genome_hash: str
     label: str
     operator: Operator

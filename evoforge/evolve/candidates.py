@@ -1,0 +1,66 @@
+"""Turning a genome into scores: recipe → merged weights → one resident Scorer.
+
+`CandidateEvaluator` owns the only model the run keeps in memory (the Scorer's); candidates are merged
+through the disk path (mergekit's run_merge, the reference) into a scratch folder and copied into it.
+The best model of a generation is written through the same disk path, so what is saved is exactly what its
+YAML makes with plain mergekit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from evoforge.config import EvolutionConfig
+from evoforge.evaluate.scorer import EvalResult, Scorer
+from evoforge.evaluate.suite import resolve_tasks_dir
+from evoforge.evolve.records import Scores
+from evoforge.merge.disk import merge_recipe
+
+
+def to_scores(result: EvalResult) -> Scores:
+    return Scores(
+        fitness=result.fitness,
+        domains=dict(result.domains),
+        tasks={name: t.value for name, t in result.tasks.items()},
+    )
+
+
+class CandidateEvaluator:
+    """Merges and scores candidates for one run; the Scorer and its task objects live as long as the run."""
+
+    def __init__(self, cfg: EvolutionConfig, anchor_path: str, work_dir: Path) -> None:
+        self.cfg = cfg
+        self.work_dir = work_dir
+        self.device = cfg.device
+        self.scorer = Scorer.from_pretrained(
+            anchor_path,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            evaluation=cfg.evaluation,
+            weights=cfg.evaluation_weights,
+            tasks_dir=resolve_tasks_dir(cfg.evaluation.tasks_dir, cfg.base_dir),
+        )
+
+    def score_model(self, path: str | Path, split: str) -> Scores:
+        """A whole model folder (a base model, or a saved candidate) on one split."""
+        self.scorer.load_weights(path)
+        return to_scores(self.scorer.score(split))
+
+    def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
+        return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
+
+    def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:
+        """(scores, merge seconds, evaluation seconds) of one candidate recipe."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        out = self.work_dir / f"candidate-{uuid.uuid4().hex[:8]}"
+        t0 = time.perf_counter()
+        try:
+            self.merge(recipe, seed, out)
+            t1 = time.perf_counter()
+            scores = self.score_model(out, split)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        return scores, t1 - t0, time.perf_counter() - t1

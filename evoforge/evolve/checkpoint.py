@@ -1,0 +1,141 @@
+"""Checkpoints: everything needed to continue a run exactly as if it had never stopped.
+
+`checkpoints/evolution_checkpoint_gen_<N>.json` is written (atomically, with Ctrl-C held back while it is
+written) when generation N is about to start: it holds generation N's population, the RNG state after making
+it, the best-so-far history and every evaluation so far (the fitness cache; evaluations.jsonl adds the ones
+finished after it). Since seeds, variation and scoring are deterministic, resuming from it
+gives the same genomes and fitness as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from evoforge.config import EvolutionConfig
+from evoforge.errors import EvoforgeError
+from evoforge.evolve.records import Operator, Scores, write_json_atomic
+from evoforge.genome import Genome
+
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+RESUMABLE_CHANGES = {"max_generations", "output_dir", "wandb_mode", "wandb_project", "device", "source"}
+"""Config keys a resumed run may change; any other change makes the checkpoint belong to another run."""
+
+
+class CheckpointError(EvoforgeError):
+    """A checkpoint that cannot be resumed (truncated, other version, other run)."""
+
+
+class Member(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    genome: Genome
+    operator: Operator
+    parents: list[str]
+
+
+class Outcome(BaseModel):
+    """A finished evaluation of one genome on one split: scores, or the error that stopped it."""
+
+    model_config = ConfigDict(extra="forbid")
+    scores: Scores | None = None
+    error: str | None = None
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+
+    @property
+    def fitness(self) -> float:
+        return self.scores.fitness if self.scores else 0.0
+
+
+class State(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = VERSION
+    config_fingerprint: str
+    generation: int
+    """The next generation to evaluate."""
+    population: list[Member]
+    rng_state: list
+    best_history: list[float]
+    best_id: str | None = None
+    best_hash: str | None = None
+    cache: dict[str, Outcome]
+    """`<genome hash>:<split>` → outcome; a genome is never evaluated twice on a split."""
+    wandb_id: str | None = None
+
+    def rng(self) -> random.Random:
+        rng = random.Random()
+        version, internal, gauss = self.rng_state
+        rng.setstate((version, tuple(internal), gauss))
+        return rng
+
+
+def rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def fingerprint(cfg: EvolutionConfig) -> str:
+    """What identifies a run: the config minus the keys a resume may change."""
+    data = cfg.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(run_dir: Path, generation: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"evolution_checkpoint_gen_{generation}.json"
+
+
+def save(run_dir: Path, state: State) -> Path:
+    path = checkpoint_path(run_dir, state.generation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        write_json_atomic(path, state.model_dump_json())
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    return path
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = sorted(
+        (run_dir / CHECKPOINT_DIR).glob("evolution_checkpoint_gen_*.json"),
+        key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1,
+    )
+    return found[-1] if found else None
+
+
+def load(path: Path, cfg: EvolutionConfig) -> State:
+    """Read a checkpoint and check that it belongs to this run; one-line errors otherwise."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint (JSON breaks at line {exc.lineno})"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("version") != VERSION:
+        found = raw.get("version") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{path}: version: checkpoint version {found!r}, this evoforge reads {VERSION}")
+    try:
+        state = State.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise CheckpointError(f"{path}: {where}: {first['msg']}") from None
+    if state.config_fingerprint != fingerprint(cfg):
+        raise CheckpointError(
+            f"{path}: config_fingerprint: the checkpoint belongs to another run configuration "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'source'}))} may change on resume)"
+        )
+    return state

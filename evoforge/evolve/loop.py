@@ -1,0 +1,255 @@
+"""The generational loop: evaluate 8 → top 2 make 3 mutants each → bottom 6 merged in two triples → repeat.
+
+Everything random comes from one `random.Random(cfg.seed)` whose state is checkpointed; evaluations are
+cached by genome hash and persisted (evaluations.jsonl, checkpoints), so a resumed run — even one killed with
+SIGKILL — reaches the same result and never evaluates a finished candidate again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+
+from evoforge.config import EvolutionConfig
+from evoforge.evolve import checkpoint as ckpt
+from evoforge.evolve.checkpoint import Member, Outcome, State
+from evoforge.evolve.records import (
+    EvaluationRecord,
+    GenerationRecord,
+    append_record,
+    read_records,
+)
+from evoforge.genome import Genome, GenomeSpace, mutate, recombine, seed_genomes
+from evoforge.recipe import render
+
+ELITE = 2
+"""Candidates whose mutants fill the next generation."""
+
+
+def member_id(generation: int, index: int, genome: Genome) -> str:
+    return f"g{generation:03d}-c{index}-{genome.hash[:8]}"
+
+
+def seed_population(cfg: EvolutionConfig, space: GenomeSpace) -> list[Member]:
+    seeds = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
+    return [
+        Member(id=member_id(0, i, g), genome=g, operator="seed", parents=[])
+        for i, g in enumerate(seeds.values())
+    ]
+
+
+def parent_weights(fitness: Sequence[float], pressure: float) -> list[float]:
+    """How much each parent's continuous genes count in a child: `selection_pressure` 0 = plain mean of the
+    parents, 1 = fitness-proportional mean, in between a mix of the two."""
+    total = sum(max(f, 0.0) for f in fitness)
+    share = [max(f, 0.0) / total if total > 0 else 1.0 / len(fitness) for f in fitness]
+    return [(1.0 - pressure) / len(fitness) + pressure * s for s in share]
+
+
+def next_population(
+    ranked: Sequence[tuple[Member, float]],
+    generation: int,
+    cfg: EvolutionConfig,
+    space: GenomeSpace,
+    rng: random.Random,
+    known: set[str],
+) -> list[Member]:
+    """Generation `generation` from the ranked previous one (best first): mutants of the top 2, then one
+    child per triple of the shuffled rest. Mutants avoid genomes already evaluated (`known` hashes)."""
+    size = cfg.population_size
+    n_children = (size - ELITE) // 3
+    n_mutants = size - n_children
+    out: list[Genome] = []
+    origin: list[tuple[str, list[str]]] = []
+    for k in range(n_mutants):
+        parent = ranked[k % ELITE][0] if k < ELITE * (n_mutants // ELITE) else ranked[0][0]
+        for _ in range(8):
+            child = mutate(parent.genome, space, rng, cfg.mutation_rate)
+            if child.hash not in known:
+                break
+        known.add(child.hash)
+        out.append(child)
+        origin.append(("mutation", [parent.genome.hash]))
+    rest = list(ranked[ELITE:])
+    rng.shuffle(rest)
+    for t in range(n_children):
+        triple = rest[3 * t : 3 * t + 3]
+        weights = parent_weights([f for _, f in triple], cfg.selection_pressure)
+        child = recombine([m.genome for m, _ in triple], weights, space, rng)
+        known.add(child.hash)
+        out.append(child)
+        origin.append(("recombination", [m.genome.hash for m, _ in triple]))
+    order = sorted(range(len(out)), key=lambda i: 0 if origin[i][0] == "mutation" else 1)
+    return [
+        Member(
+            id=member_id(generation, i, out[j]), genome=out[j], operator=origin[j][0], parents=origin[j][1]
+        )
+        for i, j in enumerate(order)
+    ]
+
+
+def plateaued(history: Sequence[float], patience: int, threshold: float) -> bool:
+    """True when the best fitness rose by less than `threshold` (relative) over the last `patience` gens."""
+    if len(history) <= patience:
+        return False
+    before, now = history[-1 - patience], history[-1]
+    return (now - before) / max(abs(before), 1e-9) < threshold
+
+
+@dataclass
+class Hooks:
+    """What the loop tells the outside world (progress bars, W&B, best-model writing)."""
+
+    on_candidate: Callable[[int, Member, Outcome, bool], None] = lambda g, m, o, cached: None
+    on_generation: Callable[[GenerationRecord], None] = lambda rec: None
+    on_new_best: Callable[[int, Member, Outcome], GenerationRecord | None] = lambda g, m, o: None
+
+
+class Evolution:
+    """Runs generations over a CandidateEvaluator-like object (`score_recipe(recipe, seed, split)`)."""
+
+    def __init__(
+        self, cfg: EvolutionConfig, space: GenomeSpace, run_dir: Path, evaluator, hooks: Hooks
+    ) -> None:
+        self.cfg, self.space, self.run_dir, self.evaluator, self.hooks = cfg, space, run_dir, evaluator, hooks
+        self.evaluations = run_dir / "evaluations.jsonl"
+        self.generations = run_dir / "generations.jsonl"
+        self._recorded: set[tuple[str, str]] = set()
+
+    def initial_state(self) -> State:
+        rng = random.Random(self.cfg.seed)
+        return State(
+            config_fingerprint=ckpt.fingerprint(self.cfg),
+            generation=0,
+            population=seed_population(self.cfg, self.space),
+            rng_state=ckpt.rng_state(rng),
+            best_history=[],
+            cache={},
+        )
+
+    def restore_cache(self, state: State) -> None:
+        """Fold evaluations.jsonl into the cache: a kill after an evaluation but before the next checkpoint
+        must not cost that evaluation again."""
+        for rec in read_records(self.evaluations, EvaluationRecord):
+            self._recorded.add((rec.id, rec.split))
+            key = f"{rec.genome_hash}:{rec.split}"
+            if key not in state.cache and not rec.cached:
+                state.cache[key] = Outcome(
+                    scores=rec.scores, error=rec.error, merge_s=rec.merge_s, eval_s=rec.eval_s
+                )
+
+    def recipe_path(self, generation: int, member: Member) -> Path:
+        return self.run_dir / "candidates" / f"gen_{generation}" / f"{member.id}.yaml"
+
+    def evaluate(self, state: State, generation: int, member: Member, split: str) -> tuple[Outcome, bool]:
+        """Cached outcome, or a fresh evaluation recorded (fsynced) before it is used."""
+        key = f"{member.genome.hash}:{split}"
+        cached = key in state.cache
+        if cached:
+            outcome = state.cache[key]
+        else:
+            recipe = self.recipe_path(generation, member).read_text(encoding="utf-8")
+            try:
+                scores, merge_s, eval_s = self.evaluator.score_recipe(
+                    recipe, member.genome.crossover.seed, split
+                )
+                outcome = Outcome(scores=scores, merge_s=merge_s, eval_s=eval_s)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # a failed candidate scores 0 and the run goes on
+                last = traceback.format_exception_only(exc)[-1].strip()
+                outcome = Outcome(error=last)
+            state.cache[key] = outcome
+        if (member.id, split) not in self._recorded:
+            self._recorded.add((member.id, split))
+            append_record(
+                self.evaluations,
+                EvaluationRecord(
+                    id=member.id,
+                    generation=generation,
+                    split=split,
+                    genome_hash=member.genome.hash,
+                    label=member.genome.label,
+                    operator=member.operator,
+                    parents=member.parents,
+                    recipe=str(self.recipe_path(generation, member).relative_to(self.run_dir)),
+                    fitness=outcome.fitness,
+                    scores=outcome.scores,
+                    error=outcome.error,
+                    cached=cached,
+                    merge_s=outcome.merge_s,
+                    eval_s=outcome.eval_s,
+                ),
+            )
+        return outcome, cached
+
+    def run_generation(self, state: State) -> tuple[GenerationRecord, list[tuple[Member, float]]]:
+        gen, t0 = state.generation, time.perf_counter()
+        for member in state.population:
+            path = self.recipe_path(gen, member)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                path.write_text(
+                    render(member.genome, self.space, title=f"generation {gen}, {member.operator}")
+                )
+        outcomes = []
+        for member in state.population:
+            outcome, cached = self.evaluate(state, gen, member, self.cfg.evaluation.fitness_split)
+            outcomes.append(outcome)
+            self.hooks.on_candidate(gen, member, outcome, cached)
+        ranked_idx = sorted(range(len(outcomes)), key=lambda i: -outcomes[i].fitness)
+        ranked = [(state.population[i], outcomes[i].fitness) for i in ranked_idx]
+        best_member, best_outcome = state.population[ranked_idx[0]], outcomes[ranked_idx[0]]
+        scored = [o.scores for o in outcomes if o.scores]
+        domains = sorted({d for s in scored for d in s.domains})
+        record = GenerationRecord(
+            generation=gen,
+            best_id=best_member.id,
+            best_hash=best_member.genome.hash,
+            best_fitness=best_outcome.fitness,
+            avg_fitness=fmean(o.fitness for o in outcomes),
+            population_size=len(outcomes),
+            domain_avg={d: fmean(s.domains.get(d, 0.0) for s in scored) for d in domains},
+            domain_best={d: max(s.domains.get(d, 0.0) for s in scored) for d in domains},
+        )
+        previous_best = state.best_history[-1] if state.best_history else float("-inf")
+        if best_outcome.scores and best_outcome.fitness > previous_best:
+            state.best_id, state.best_hash = best_member.id, best_member.genome.hash
+            heldout, _ = self.evaluate(state, gen, best_member, self.cfg.evaluation.heldout_split)
+            record.best_heldout = heldout.scores
+            update = self.hooks.on_new_best(gen, best_member, best_outcome)
+            if update is not None:
+                record.best_model = update.best_model
+        state.best_history.append(max(previous_best, best_outcome.fitness))
+        record.wall_s = time.perf_counter() - t0
+        return record, ranked
+
+    def run(self, state: State) -> State:
+        """Run generations until max_generations or a plateau. A checkpoint is written at the start of
+        every generation, so the latest one plus evaluations.jsonl always describe where the run is."""
+        self.restore_cache(state)
+        kept = [
+            r for r in read_records(self.generations, GenerationRecord) if r.generation < state.generation
+        ]
+        self.generations.write_text("".join(r.model_dump_json() + "\n" for r in kept), encoding="utf-8")
+        if not ckpt.checkpoint_path(self.run_dir, state.generation).exists():
+            ckpt.save(self.run_dir, state)
+        while state.generation < self.cfg.max_generations:
+            record, ranked = self.run_generation(state)
+            append_record(self.generations, record)
+            self.hooks.on_generation(record)
+            stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
+            rng = state.rng()
+            known = {k.split(":")[0] for k in state.cache}
+            state.population = next_population(ranked, state.generation + 1, self.cfg, self.space, rng, known)
+            state.rng_state = ckpt.rng_state(rng)
+            state.generation += 1
+            ckpt.save(self.run_dir, state)
+            if stop:
+                break
+        return state
