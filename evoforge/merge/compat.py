@@ -1,0 +1,207 @@
+"""Can these models be merged? Checked from config.json and safetensors headers, before any merge runs.
+
+Hard failures (`IncompatibleModelsError`): a different architecture, a tensor one model has and another lacks,
+or a tensor shape that differs. Warnings: config.json differences (rope_theta, tied embeddings...: the merge
+keeps the base model's config.json) and kinship — models that do not look fine-tuned from one ancestor, where
+TIES/DARE deltas mean nothing. Only a few sampled matrices are ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from mergekit.io import LazyTensorLoader, ShardedTensorIndex
+from safetensors import safe_open
+
+from evoforge.errors import ConfigError, IncompatibleModelsError
+
+# Kinship thresholds. Fine-tunes of one pretrained model keep their weight matrices nearly parallel: the tiny
+# related family (children = ancestor + 2 % noise) gives cosine 0.9998 and relative delta 0.02; real SFT/RL
+# fine-tunes move weights by roughly 0.1 % to 20 % (cosine above 0.95). Independently initialised or
+# trained models are orthogonal in weight space: cosine ≈ 0 (±0.02 on the 64×64 tiny matrices, far less on
+# real ones) and relative delta ≈ √2 ≈ 1.41 for equal norms. Both thresholds sit far from both clusters.
+MIN_COSINE = 0.5
+MAX_RELATIVE_DELTA = 0.5
+SAMPLED_MATRICES = 6
+
+# config.json keys whose differences say nothing about the merge.
+_IGNORED_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+)
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class ModelNotAvailableError(ConfigError):
+    """A model reference that is neither a local folder nor in the local Hugging Face cache."""
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """The local folder of a model: a folder path as is, a Hugging Face id (`org/name[@revision]`) from the
+    local cache (evoforge never downloads). Raises ModelNotAvailableError when there is no usable model."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        repo_id, _, revision = str(ref).partition("@")
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError):
+            raise ModelNotAvailableError(
+                f"model {ref!s}: not a local folder and not in the local Hugging Face cache "
+                f"(not available offline: download it first, e.g. `hf download {repo_id}`)"
+            ) from None
+    if not (path / "config.json").is_file():
+        raise ModelNotAvailableError(f"model {ref!s}: {path} has no config.json")
+    try:
+        ShardedTensorIndex.from_disk(str(path))
+    except RuntimeError:
+        raise ModelNotAvailableError(
+            f"model {ref!s}: {path} has no model.safetensors or pytorch_model.bin"
+        ) from None
+    return path.resolve()
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor, from safetensors headers (or meta-device unpickling of .bin files)."""
+    index = ShardedTensorIndex.from_disk(str(folder))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in index.shards:
+        path = Path(index.base_path) / shard.filename
+        if index.is_safetensors:
+            with safe_open(path, framework="pt") as reader:
+                shapes.update({name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()})
+        else:
+            state = torch.load(path, map_location="meta", weights_only=True)
+            shapes.update({name: tuple(tensor.shape) for name, tensor in state.items()})
+    return shapes
+
+
+def _effective_shapes(shapes: dict[str, tuple[int, ...]], config: dict) -> dict[str, tuple[int, ...]]:
+    """A model with tied embeddings and no lm_head.weight behaves as if lm_head.weight were its embeddings."""
+    embed = "model.embed_tokens.weight"
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in shapes and embed in shapes:
+        return {**shapes, "lm_head.weight": shapes[embed]}
+    return shapes
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if key in _IGNORED_CONFIG_KEYS:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _architecture(config: dict) -> str:
+    return (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+
+def _sample_names(shapes: dict[str, tuple[int, ...]], count: int = SAMPLED_MATRICES) -> list[str]:
+    """Weight matrices of transformer layers, spread evenly from the first layer to the last."""
+    layered = sorted(
+        (int(m.group(1)), name)
+        for name, shape in shapes.items()
+        if len(shape) == 2 and (m := _LAYER.search(name))
+    )
+    if len(layered) <= count:
+        return [name for _, name in layered]
+    return [layered[round(i * (len(layered) - 1) / (count - 1))][1] for i in range(count)]
+
+
+def _read(folder: Path, names: list[str]) -> list[torch.Tensor]:
+    loader = LazyTensorLoader.from_disk(str(folder), lazy_unpickle=False)
+    return [loader.get_tensor(name).float().flatten() for name in names]
+
+
+def check_compatibility(models: dict[str, str], ancestor: str | None = None) -> list[str]:
+    """Check that `models` (name → folder or HF id) and the ancestor can be merged; return warnings.
+
+    Raises IncompatibleModelsError naming two models and the first difference in architecture, tensor name or
+    tensor shape. Warns about config.json differences and about models that look unrelated: with an
+    ancestor, a relative delta ||θ − θ_anc|| / ||θ_anc|| above MAX_RELATIVE_DELTA; without one, a mean
+    pairwise cosine similarity below MIN_COSINE (see the thresholds above for their calibration).
+    """
+    refs = dict(models)
+    anchor = None
+    if ancestor is not None:  # the kinship reference: a listed model with that reference, else "ancestor"
+        anchor = next((name for name, ref in refs.items() if ref == ancestor), "ancestor")
+        refs[anchor] = ancestor
+    folders = {name: resolve_model(ref) for name, ref in refs.items()}
+    configs = {name: json.loads((folder / "config.json").read_text()) for name, folder in folders.items()}
+    shapes = {name: _effective_shapes(tensor_shapes(folders[name]), configs[name]) for name in folders}
+
+    names = list(folders)
+    first = names[0]
+    warnings: list[str] = []
+    for other in names[1:]:
+        _check_pair(first, other, configs, shapes)
+        reference, candidate = _flat(configs[first]), _flat(configs[other])
+        differences = [
+            f"{key} {reference.get(key)!r} vs {candidate.get(key)!r}"
+            for key in sorted(reference.keys() | candidate.keys())
+            if reference.get(key) != candidate.get(key)
+        ]
+        if differences:
+            warnings.append(
+                f"{first} and {other} differ in config.json ({'; '.join(differences)}): the merged model takes "
+                "config.json from the recipe's base_model"
+            )
+
+    sampled = _sample_names(shapes[first])
+    tensors = {name: _read(folder, sampled) for name, folder in folders.items()}
+    if anchor is not None:
+        base_norm = math.sqrt(sum(float(t.square().sum()) for t in tensors[anchor]))
+        for name in names:
+            if name == anchor:
+                continue
+            delta = math.sqrt(
+                sum(float((t - a).square().sum()) for t, a in zip(tensors[name], tensors[anchor]))
+            )
+            if delta / base_norm > MAX_RELATIVE_DELTA:
+                warnings.append(
+                    f"{name} does not look fine-tuned from the ancestor (relative delta {delta / base_norm:.2f} > "
+                    f"{MAX_RELATIVE_DELTA} on {len(sampled)} sampled matrices): TIES/DARE deltas against the "
+                    "ancestor average unrelated weights"
+                )
+    else:
+        for a, b in combinations(names, 2):
+            cosine = sum(
+                float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+                for x, y in zip(tensors[a], tensors[b])
+            ) / len(sampled)
+            if cosine < MIN_COSINE:
+                warnings.append(
+                    f"{a} and {b} share no ancestor (cosine similarity {cosine:.2f} < {MIN_COSINE} on "
+                    f"{len(sampled)} sampled matrices): TIES/DARE between them averages unrelated weights"
+                )
+    return warnings
+
+
+def _check_pair(
+    first: str, other: str, configs: dict[str, dict], shapes: dict[str, dict[str, tuple[int, ...]]]
+) -> None:
+    arch_a, arch_b = _architecture(configs[first]), _architecture(configs[other])
+    if arch_a != arch_b:
+        raise IncompatibleModelsError(
+            f"{first} and {other} have different architectures: {arch_a} vs {arch_b}"
+        )
+    a, b = shapes[first], shapes[other]
+    for tensor in sorted(a.keys() | b.keys()):
+        if tensor not in b or tensor not in a:
+            has, lacks = (first, other) if tensor in a else (other, first)
+            raise IncompatibleModelsError(
+                f"{first} and {other} differ: tensor {tensor} is in {has}, not in {lacks}"
+            )
+        if a[tensor] != b[tensor]:
+            raise IncompatibleModelsError(
+                f"{first} and {other} differ in the shape of {tensor}: {list(a[tensor])} vs {list(b[tensor])}"
+            )

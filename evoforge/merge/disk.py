@@ -1,0 +1,262 @@
+"""Run a mergekit recipe to a model folder on disk: the reference merge path.
+
+A recipe is what `mergekit-multi` runs: YAML documents, those with a `name` are stages whose output later
+documents use under that name, and the one unnamed document is the final merge. `merge_recipe` gives the same
+tensors as `mergekit-multi --no-lazy --random-seed N` (a test holds them together), with evoforge's
+workarounds for mergekit bugs (`mergekit_fixes`) and an atomic output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from mergekit import merge_methods
+from mergekit.common import dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from mergekit.scripts.multimerge import load_config
+from pydantic import ValidationError
+
+from evoforge.errors import ConfigError
+from evoforge.merge import mergekit_fixes
+from evoforge.merge.compat import ModelNotAvailableError, resolve_model
+
+# Values of a model-reference key that are not models (`tokenizer_source: union`).
+_NOT_MODELS = frozenset({"union", "base"})
+# Files that mark an existing output folder as a model evoforge may replace.
+_MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", "mergekit_config.yml")
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+def _parse(recipe_yaml: str, source: str) -> list[dict[str, Any]]:
+    try:
+        documents = [doc for doc in yaml.safe_load_all(recipe_yaml) if doc is not None]
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(
+            f"{source}:{line} invalid YAML: {getattr(error, 'problem', None) or error}"
+        ) from None
+    if not documents:
+        raise ConfigError(f"{source}: the recipe is empty")
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{source}: document {index + 1} is not a mapping of mergekit fields")
+    names = [doc.get("name") for doc in documents]
+    for index, name in enumerate(names):
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{source}: document {index + 1}: name must be a string")
+        if name is not None and names.count(name) > 1:
+            raise ConfigError(f"{source}: stage name {name!r} is used twice")
+    if names.count(None) != 1:
+        raise ConfigError(
+            f"{source}: a recipe needs exactly one document without `name` (the final merge); it has "
+            f"{names.count(None)}"
+        )
+    mergekit_fixes.check_stage_names(documents, source)
+    return documents
+
+
+def _unknown_key(raw: Any, parsed: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """The location of the first key in the YAML that mergekit's schema silently dropped."""
+    if isinstance(raw, dict) and isinstance(parsed, dict):
+        for key, value in raw.items():
+            if key not in parsed:
+                return (*loc, key)
+            if found := _unknown_key(value, parsed[key], (*loc, key)):
+                return found
+    elif isinstance(raw, list) and isinstance(parsed, list):
+        for index, (value, parsed_value) in enumerate(zip(raw, parsed)):
+            if found := _unknown_key(value, parsed_value, (*loc, index)):
+                return found
+    return None
+
+
+def _parameter_blocks(value: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], dict]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "parameters" and isinstance(item, dict):
+                yield (*loc, key), item
+            else:
+                yield from _parameter_blocks(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _parameter_blocks(item, (*loc, index))
+
+
+def _model_refs(value: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], dict, str]]:
+    """(location, containing mapping, key) of every string that names a model."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in mergekit_fixes.MODEL_KEYS and isinstance(item, str):
+                if item not in _NOT_MODELS:
+                    yield (*loc, key), value, key
+            else:
+                yield from _model_refs(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _model_refs(item, (*loc, index))
+
+
+def _check_document(doc: dict[str, Any], stage_names: set[str], where: str) -> MergeConfiguration:
+    """Validate one document like mergekit would, plus what mergekit accepts silently; localise its models."""
+    try:
+        config = MergeConfiguration.model_validate(doc)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ConfigError(f"{where}: field {_loc(first['loc'])}: {first['msg']}") from None
+    except (ValueError, RuntimeError) as error:  # mergekit's model validators raise these directly
+        raise ConfigError(f"{where}: {error}") from None
+    if unknown := _unknown_key(doc, config.model_dump()):
+        raise ConfigError(f"{where}: field {_loc(unknown)}: unknown key (mergekit would ignore it)")
+    try:
+        method = merge_methods.get(config.merge_method)
+    except RuntimeError:
+        known = ", ".join(sorted(m.spec.name for m in merge_methods.registered_methods()))
+        raise ConfigError(
+            f"{where}: field merge_method: unknown method {config.merge_method!r} ({known})"
+        ) from None
+    allowed = {parameter.name for parameter in method.spec.parameters}
+    for loc, block in _parameter_blocks(doc):
+        for name in block:
+            if name not in allowed:
+                raise ConfigError(
+                    f"{where}: field {_loc((*loc, name))}: {config.merge_method} has no parameter {name!r} "
+                    f"(it takes: {', '.join(sorted(allowed)) or 'none'}; mergekit would ignore it)"
+                )
+    for field in ("dtype", "out_dtype"):
+        if (value := doc.get(field)) is not None:
+            try:
+                dtype_from_name(value)
+            except RuntimeError:
+                raise ConfigError(f"{where}: field {field}: unknown dtype {value!r}") from None
+    groups = []
+    if config.models:
+        inputs = [entry.model for entry in config.models]
+        if config.base_model and config.base_model not in inputs:
+            inputs.append(config.base_model)
+        groups.append(("models", inputs, config.base_model))
+    for index, out_slice in enumerate(config.slices or []):
+        base = out_slice.base_model or config.base_model
+        groups.append((f"slices.{index}", [source.model for source in out_slice.sources], base))
+    for loc, inputs, base in groups:
+        try:
+            method.validate_inputs(inputs, base, group_name=loc)
+        except ValueError as error:
+            raise ConfigError(f"{where}: field {loc}: {config.merge_method}: {error}") from None
+    for loc, mapping, key in _model_refs(doc):
+        if mapping[key] not in stage_names:
+            try:
+                mapping[key] = str(resolve_model(mapping[key]))
+            except ModelNotAvailableError as error:
+                raise ConfigError(f"{where}: field {_loc(loc)}: {error}") from None
+    return config
+
+
+def validate_recipe(recipe_yaml: str, *, source: str = "recipe") -> list[dict[str, Any]]:
+    """Check a recipe without merging; return its documents with every model as a local folder.
+
+    Beyond mergekit's own schema this refuses what mergekit accepts and then ignores or misreads: unknown
+    keys, misspelt parameter names, unknown merge methods and dtypes, input counts a method cannot take,
+    stage names that collide with other strings, and models that are not available locally. Every error is
+    one line naming `source`, the document and the field.
+    """
+    documents = _parse(recipe_yaml, source)
+    stage_names = {doc["name"] for doc in documents if "name" in doc}
+    for doc in documents:
+        body = {key: value for key, value in doc.items() if key != "name"}
+        where = f"{source}: stage {doc['name']}" if "name" in doc else f"{source}: final document"
+        _check_document(body, stage_names, where)
+        doc.update(body)  # the localised model paths
+    return documents
+
+
+def merge_options(device: str = "auto", random_seed: int | None = None, quiet: bool = True) -> MergeOptions:
+    """mergekit options for a device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+
+    On CUDA, weights are read straight to the GPU and intermediates stay there (`read_to_gpu`,
+    `low_cpu_memory`): the fastest single-GPU setting measured (shared/notes/mergekit.md).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+        return MergeOptions(
+            cuda=True,
+            device=device,
+            read_to_gpu=True,
+            low_cpu_memory=True,
+            random_seed=random_seed,
+            quiet=quiet,
+        )
+    if device != "cpu":
+        raise ConfigError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    return MergeOptions(device="cpu", random_seed=random_seed, quiet=quiet)
+
+
+def _replace_folder(new: Path, out_dir: Path, trash: Path) -> None:
+    """Move `new` to `out_dir`; an existing model folder there is moved into `trash` first."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or (
+            any(out_dir.iterdir()) and not any((out_dir / m).exists() for m in _MODEL_MARKERS)
+        ):
+            raise ConfigError(f"{out_dir}: exists and is not a model folder; refusing to replace it")
+        os.replace(out_dir, trash)
+    os.replace(new, out_dir)
+
+
+def merge_recipe(
+    recipe_yaml: str,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    random_seed: int | None = None,
+    work_dir: Path | None = None,
+    quiet: bool = True,
+    source: str = "recipe",
+) -> Path:
+    """Merge a recipe into `out_dir` (created or replaced atomically) and return its resolved path.
+
+    Stages run in dependency order, each with mergekit's `run_merge`, non-lazily, into a fresh temporary
+    folder (under `work_dir` if given) that is deleted afterwards. The final model is written into a hidden
+    sibling of `out_dir` and renamed into place only when complete: an error or Ctrl-C leaves no partial
+    `out_dir`. `random_seed` seeds DARE's random masks, so the same recipe and seed give the same weights.
+    The recipe text is saved as `out_dir/mergekit_config.yml`: `mergekit-multi` reproduces the model from it.
+    """
+    documents = validate_recipe(recipe_yaml, source=source)
+    options = merge_options(device, random_seed, quiet)
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        final = staging / "model"
+        with mergekit_fixes.stage_dir(work_dir or staging) as stages, mergekit_fixes.applied():
+            configs, dependencies = load_config(yaml.safe_dump_all(documents, sort_keys=False), str(stages))
+            try:
+                order = list(TopologicalSorter(dependencies).static_order())
+            except CycleError as error:
+                raise ConfigError(
+                    f"{source}: stages depend on each other in a cycle: {error.args[1]}"
+                ) from None
+            for name in order:
+                path = final if name is None else stages / name
+                run_merge(configs[name], str(path), options=options)
+                mergekit_fixes.copy_generation_config(configs[name], path)
+        (final / "mergekit_config.yml").write_text(recipe_yaml)
+        _replace_folder(final, out_dir, staging / "previous")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
