@@ -175,6 +175,23 @@ class EvolutionConfig(Strict):
         """output_dir, or runs/<name>; relative to the working directory, as CLI paths are."""
         return Path(self.output_dir or Path("runs") / self.name).expanduser().resolve()
 
+    def resolved(self) -> EvolutionConfig:
+        """The same run with every path absolute, as written to run_dir/config.yaml: a resume that reads it
+        back from anywhere finds the same models, tasks and run directory."""
+        tasks = Path(self.evaluation.tasks_dir).expanduser()
+        if not tasks.is_absolute() and (self.base_dir / tasks).is_dir():
+            tasks = (self.base_dir / tasks).resolve()
+        return self.model_copy(
+            update={
+                "base_models": [m.model_copy(update={"path": self.resolve(m)}) for m in self.base_models],
+                "ancestor": self.ancestor.model_copy(update={"path": self.resolve(self.ancestor)})
+                if self.ancestor
+                else None,
+                "evaluation": self.evaluation.model_copy(update={"tasks_dir": str(tasks)}),
+                "output_dir": str(self.run_dir()),
+            }
+        )
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 

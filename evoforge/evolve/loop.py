@@ -107,7 +107,8 @@ class Hooks:
 
     on_candidate: Callable[[int, Member, Outcome, bool], None] = lambda g, m, o, cached: None
     on_generation: Callable[[GenerationRecord], None] = lambda rec: None
-    on_new_best: Callable[[int, Member, Outcome], GenerationRecord | None] = lambda g, m, o: None
+    on_new_best: Callable[[int, Member, Outcome], str | None] = lambda g, m, o: None
+    """Called once a new best is scored on the held-out split; returns the best-model folder it wrote."""
 
 
 class Evolution:
@@ -222,9 +223,7 @@ class Evolution:
             state.best_id, state.best_hash = best_member.id, best_member.genome.hash
             heldout, _ = self.evaluate(state, gen, best_member, self.cfg.evaluation.heldout_split)
             record.best_heldout = heldout.scores
-            update = self.hooks.on_new_best(gen, best_member, best_outcome)
-            if update is not None:
-                record.best_model = update.best_model
+            record.best_model = self.hooks.on_new_best(gen, best_member, best_outcome)
         state.best_history.append(max(previous_best, best_outcome.fitness))
         record.wall_s = time.perf_counter() - t0
         return record, ranked

@@ -1,0 +1,116 @@
+"""`evoforge run` (and `forge evo`, the seed document's spelling of the same run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from evoforge.cli.app import app, console, forge_app, user_errors
+from evoforge.config import EvolutionConfig, load_config
+from evoforge.errors import ConfigError
+from evoforge.evolve.checkpoint import CHECKPOINT_DIR
+
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+SEED_RUN = REPO_RECIPES / "seeds.yaml"
+
+Device = Literal["auto", "cpu", "cuda"]
+WandbMode = Literal["offline", "online", "disabled"]
+MergePath = Literal["memory", "disk"]
+
+
+def run_dir_of(resume: Path) -> Path:
+    """The run directory a --resume argument points into (a checkpoint file or the run directory)."""
+    resume = resume.resolve()
+    if resume.is_dir():
+        return resume
+    return resume.parent.parent if resume.parent.name == CHECKPOINT_DIR else resume.parent
+
+
+def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
+    from evoforge.pipeline import EvoMergePipeline
+
+    if resume is not None and not resume.exists():
+        raise ConfigError(f"{resume}: --resume: no such checkpoint or run directory")
+    console.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
+    best = EvoMergePipeline(cfg, resume=resume, console=console).run()
+    gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
+    held = best.heldout_fitness
+    held_gain = (
+        ((held - best.best_base_heldout) / max(abs(best.best_base_heldout), 1e-9))
+        if held is not None
+        else None
+    )
+    typer.echo(
+        f"best {best.id} ({best.label}): fitness {best.overall_fitness:.4f} ({gain:+.1%} vs {best.best_base_model}), "
+        f"held-out {held if held is not None else float('nan'):.4f}"
+        + (f" ({held_gain:+.1%})" if held_gain is not None else "")
+    )
+    typer.echo(f"model: {best.model_path}\nrecipe: {best.recipe_path}")
+
+
+@app.command()
+@user_errors
+def run(
+    run_file: Annotated[Path | None, typer.Argument(help="Run file; optional with --resume.")] = None,
+    gens: Annotated[int | None, typer.Option("--gens", help="max_generations.")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Run directory.")] = None,
+    device: Annotated[Device | None, typer.Option(help="Where merges and scoring run.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="A checkpoint, or a run directory (its latest).")
+    ] = None,
+    wandb: Annotated[WandbMode | None, typer.Option("--wandb", help="W&B mode (default offline).")] = None,
+    seed: Annotated[int | None, typer.Option(help="The run's RNG seed.")] = None,
+    merge_path: Annotated[
+        MergePath | None, typer.Option("--merge-path", help="memory (fast) or disk.")
+    ] = None,
+) -> None:
+    """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
+    if run_file is None:
+        if resume is None:
+            raise ConfigError("run: give a run file, or --resume CHECKPOINT")
+        run_file = run_dir_of(resume) / "config.yaml"
+    cfg = load_config(
+        run_file,
+        max_generations=gens,
+        output_dir=str(output_dir) if output_dir else (str(run_dir_of(resume)) if resume else None),
+        device=device,
+        wandb_mode=wandb,
+        seed=seed,
+        merge_path=merge_path,
+    )
+    execute(cfg, resume)
+
+
+@forge_app.command()
+@user_errors
+def evo(
+    gens: Annotated[int | None, typer.Option("--gens")] = None,
+    base_models: Annotated[
+        str | None, typer.Option("--base-models", help="Comma-separated names from recipes/seeds.yaml.")
+    ] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir")] = None,
+    device: Annotated[Device | None, typer.Option()] = None,
+    resume: Annotated[Path | None, typer.Option()] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A run file (YAML or JSON).")] = None,
+) -> None:
+    """The seed document's `forge evo`: the same run as `evoforge run`."""
+    if config is None and resume is not None:
+        config = run_dir_of(resume) / "config.yaml"
+    cfg = load_config(
+        config or SEED_RUN,
+        max_generations=gens,
+        output_dir=str(output_dir) if output_dir else (str(run_dir_of(resume)) if resume else None),
+        device=device,
+    )
+    if base_models:
+        by_name = {m.name: m for m in cfg.base_models}
+        names = [n.strip() for n in base_models.split(",") if n.strip()]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ConfigError(f"--base-models: {unknown[0]!r} is not one of {sorted(by_name)}")
+        if len(names) < 2:
+            raise ConfigError("--base-models: name at least 2 models")
+        cfg = cfg.model_copy(update={"base_models": [by_name[n] for n in names]})
+    execute(cfg, resume)
