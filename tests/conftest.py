@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 
 from evoforge.tiny import make_family
@@ -25,3 +27,22 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def unrelated_qwen_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A second Qwen2 family with the same shapes as `qwen_family` but another random ancestor."""
     return make_family(tmp_path_factory.mktemp("qwen_unrelated"), arch="qwen2", seed=7)
+
+
+@pytest.fixture(scope="session")
+def hf_cache_dir(qwen_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding `qwen_family["alpha"]` as the repo `evoforge-test/tiny-qwen`."""
+    root = tmp_path_factory.mktemp("hf_cache")
+    repo = root / "models--evoforge-test--tiny-qwen"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(qwen_family["alpha"], repo / "snapshots" / ("0" * 40))
+    return root
+
+
+@pytest.fixture
+def offline_hf_cache(hf_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point huggingface_hub at `hf_cache_dir` with the hub switched off; return the cached repo id."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache_dir))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return "evoforge-test/tiny-qwen"

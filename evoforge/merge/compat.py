@@ -23,7 +23,7 @@ from safetensors import safe_open
 from evoforge.errors import ConfigError, IncompatibleModelsError
 
 # Kinship thresholds. Fine-tunes of one pretrained model keep their weight matrices nearly parallel: the tiny
-# related family (children = ancestor + 2 % noise) gives cosine 0.9998 and relative delta 0.02; real SFT/RL
+# related family (children = ancestor + 2 % noise) gives sibling cosine 0.9996 and relative delta 0.02; real SFT/RL
 # fine-tunes move weights by roughly 0.1 % to 20 % (cosine above 0.95). Independently initialised or
 # trained models are orthogonal in weight space: cosine ≈ 0 (±0.02 on the 64×64 tiny matrices, far less on
 # real ones) and relative delta ≈ √2 ≈ 1.41 for equal norms. Both thresholds sit far from both clusters.
@@ -45,23 +45,26 @@ class ModelNotAvailableError(ConfigError):
 def resolve_model(ref: str | Path) -> Path:
     """The local folder of a model: a folder path as is, a Hugging Face id (`org/name[@revision]`) from the
     local cache (evoforge never downloads). Raises ModelNotAvailableError when there is no usable model."""
-    path = Path(ref).expanduser()
+    text = str(ref)
+    path = Path(text).expanduser()
     if not path.is_dir():
-        repo_id, _, revision = str(ref).partition("@")
+        if text.startswith(("/", ".", "~")) or text.count("/") > 1:  # a path: HF ids have at most one "/"
+            raise ModelNotAvailableError(f"model {text}: no such folder")
+        repo_id, _, revision = text.partition("@")
         try:
             path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
         except (LocalEntryNotFoundError, HFValidationError):
             raise ModelNotAvailableError(
-                f"model {ref!s}: not a local folder and not in the local Hugging Face cache "
-                f"(not available offline: download it first, e.g. `hf download {repo_id}`)"
+                f"model {text}: not a local folder and not in the local Hugging Face cache (not available "
+                f"offline: download it first, e.g. `hf download {repo_id}`)"
             ) from None
     if not (path / "config.json").is_file():
-        raise ModelNotAvailableError(f"model {ref!s}: {path} has no config.json")
+        raise ModelNotAvailableError(f"model {text}: {path} has no config.json")
     try:
         ShardedTensorIndex.from_disk(str(path))
     except RuntimeError:
         raise ModelNotAvailableError(
-            f"model {ref!s}: {path} has no model.safetensors or pytorch_model.bin"
+            f"model {text}: {path} has no model.safetensors or pytorch_model.bin"
         ) from None
     return path.resolve()
 
