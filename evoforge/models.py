@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evoforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evoforge.config import EvolutionConfig
 
 
 def local_model_dir(path_or_id: str, what: str = "model") -> Path:
@@ -35,3 +39,13 @@ def read_model_config(path_or_id: str, what: str = "model") -> dict:
         raise ConfigError(f"{what}: {config_file} is missing (not a Hugging Face model folder)") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{what}: {config_file} is not valid JSON (line {exc.lineno})") from None
+
+
+def check_run_models(cfg: EvolutionConfig) -> dict[str, dict]:
+    """Every base model (and the ancestor) of a run is present with a readable config.json: name → config.
+    Errors name the run file and the field, e.g. `run.yaml: base_models[2].path (gamma): ...`."""
+    source = cfg.source or "run"
+    entries = [(f"base_models[{i}]", m) for i, m in enumerate(cfg.base_models)]
+    if cfg.ancestor:
+        entries.append(("ancestor", cfg.ancestor))
+    return {m.name: read_model_config(cfg.resolve(m), what=f"{source}: {field}.path ({m.name})") for field, m in entries}

@@ -26,6 +26,7 @@ from evoforge.evolve.records import (
     write_json_atomic,
 )
 from evoforge.genome import GenomeSpace
+from evoforge.models import check_run_models
 from evoforge.recipe import render
 
 
@@ -122,6 +123,7 @@ class EvoMergePipeline:
         from evoforge.merge.compat import check_compatibility
 
         cfg = self.cfg
+        check_run_models(cfg)
         for warning in check_compatibility(
             {m.name: cfg.resolve(m) for m in cfg.base_models},
             ancestor=cfg.resolve(cfg.ancestor) if cfg.ancestor else None,

@@ -15,6 +15,9 @@ from evoforge.errors import EvoforgeError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve merges of language models.")
 forge_app = typer.Typer(no_args_is_help=True, add_completion=False, help="The seed document's spelling.")
 console = Console(stderr=True)
+"""Progress, warnings and errors."""
+out = Console()
+"""Results: tables and summaries a user may pipe."""
 
 F = TypeVar("F", bound=Callable)
 

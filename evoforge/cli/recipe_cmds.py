@@ -8,15 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from evoforge.cli.app import app, console, user_errors
+from evoforge.cli.app import app, console, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.genome import GenomeSpace, seed_genomes
+from evoforge.models import check_run_models
 from evoforge.recipe import render
 
 
 def seed_recipes(cfg: EvolutionConfig) -> dict[str, str]:
     """label → rendered YAML for the run's 8 seed candidates (everything validated before returning)."""
+    check_run_models(cfg)
     space = GenomeSpace.from_config(cfg)
     seeds = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
     return {label: render(genome, space, title=f"seed of run {cfg.name}") for label, genome in seeds.items()}
@@ -71,13 +73,7 @@ def validate(
 ) -> None:
     """Check a run file, and that its models exist, have one architecture and share an ancestor."""
     cfg = load_config(run_file)
-    table = Table("model", "path", "weight", "specialty", "ancestry", title=f"{run_file}: run {cfg.name!r}")
-    for m in [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]:
-        role = " (ancestor)" if m is cfg.ancestor else ""
-        table.add_row(
-            m.name + role, cfg.resolve(m), f"{m.weight:g}", m.domain_specialty or "", m.ancestry or ""
-        )
-    console.print(table)
+    warnings: list[str] = []
     if models:
         from evoforge.merge.compat import check_compatibility
 
@@ -85,7 +81,12 @@ def validate(
             {m.name: cfg.resolve(m) for m in cfg.base_models},
             ancestor=cfg.resolve(cfg.ancestor) if cfg.ancestor else None,
         )
-        for w in warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
         seed_recipes(cfg)  # the seeds render over these models: depth, sources and layer plans fit
-    console.print(f"{run_file}: ok")
+    table = Table("model", "path", "weight", "specialty", "ancestry", title=f"{run_file}: run {cfg.name!r}")
+    for m in [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]:
+        role = " (ancestor)" if m is cfg.ancestor else ""
+        table.add_row(m.name + role, cfg.resolve(m), f"{m.weight:g}", m.domain_specialty or "", m.ancestry or "")
+    out.print(table)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print(f"{run_file}: ok{'' if models else ' (models not checked)'}")
