@@ -122,22 +122,22 @@ def check_stage_names(documents: Sequence[Mapping[str, Any]], source: str) -> No
     """
     names = {doc["name"] for doc in documents if isinstance(doc.get("name"), str)}
 
-    def walk(value: Any, loc: str) -> None:
+    def walk(value: Any, loc: tuple[Any, ...]) -> None:
         if isinstance(value, Mapping):
             for key, item in value.items():
                 if not (key in MODEL_KEYS and isinstance(item, str)):
-                    walk(item, f"{loc}.{key}" if loc else str(key))
+                    walk(item, (*loc, key))
         elif isinstance(value, list):
             for index, item in enumerate(value):
-                walk(item, f"{loc}.{index}")
+                walk(item, (*loc, index))
         elif isinstance(value, str) and value in names:
             raise ConfigError(
-                f"{source}: stage name {value!r} is also used as {loc}; mergekit would replace it with the "
-                "stage's output path: rename the stage"
+                f"{source}: document {loc[0] + 1}: field {'.'.join(map(str, loc[1:]))}: {value!r} is also a stage "
+                "name, and mergekit would replace it with that stage's output path: rename the stage"
             )
 
     for index, doc in enumerate(documents):
-        walk({key: item for key, item in doc.items() if key != "name"}, f"document {index + 1}: ")
+        walk({key: item for key, item in doc.items() if key != "name"}, (index,))
 
 
 # (d) ------------------------------------------------------------------------------------------------------
