@@ -62,15 +62,15 @@ _UID_SPAN = 1 << 24
 # How long to wait for output still in the pipes after the program ended.
 _DRAIN_S = 1.0
 
-# The bootstrap runs as `python -I -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`,
-# reads the program from stdin, contains itself, writes b"1" to status_fd and closes it (the parent tells
-# setup failures from program failures by it), then runs the program as __main__. uid 0 means "the parent
-# is not root": fallback mode.
+# The bootstrap runs as `python -I -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`
+# (uid 0: the parent is not root, fallback mode). It reads the program from stdin, enters the namespaces,
+# forks an init (pid 1 of a new pid namespace, stays root there) that forks the program's process. Status
+# lines on status_fd tell the parent what the exit code alone cannot: b"1" once the program's process is
+# set up (so a setup failure is not mistaken for a failing program), b"=<code>" when it ended.
 _BOOT = r"""
-import ctypes, os, resource, runpy, stat, sys
+import ctypes, os, resource, stat, sys
 
 def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
-    source = sys.stdin.buffer.read()
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(ret, what):
@@ -82,20 +82,20 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
         enc = lambda s: None if s is None else s.encode()
         check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(opts)), f"mount {target}")
 
+    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # PR_SET_PDEATHSIG SIGKILL: die with the parent
+    source = sys.stdin.buffer.read()
     work = os.getcwd()
     if uid:
-        check(libc.unshare(0x00020000 | 0x40000000 | 0x08000000), "unshare")  # NEWNS | NEWNET | NEWIPC
+        check(libc.unshare(0x00020000 | 0x40000000 | 0x08000000 | 0x20000000), "unshare")  # NS NET IPC PID
         mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing propagates back
         # Python's own files must stay readable once we are nobody in particular: over a directory that
-        # others cannot traverse, lay a tmpfs holding only the Python directories below it.
+        # others cannot traverse (e.g. /root), lay a tmpfs holding only the Python directories below it.
         plan = {}
         for path in {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if p}:
-            if not os.path.isdir(path):
-                continue
             parts = path.split("/")
             for i in range(2, len(parts)):
                 ancestor = "/".join(parts[:i])
-                if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                if os.path.isdir(path) and not os.stat(ancestor).st_mode & stat.S_IXOTH:
                     plan.setdefault(ancestor, set()).add(path)
                     break
         for hidden, paths in plan.items():
@@ -118,7 +118,21 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
             mount("tmpfs", "/dev/shm", "tmpfs", 0x2 | 0x4, f"size={disk_mb}m,nr_inodes=1024,mode=1777")
         os.chdir(work)
     else:
-        libc.unshare(0x10000000 | 0x40000000)  # NEWUSER | NEWNET where allowed; the parent warned
+        libc.unshare(0x10000000 | 0x40000000 | 0x20000000)  # USER NET PID where allowed; the parent warned
+    init = os.fork()
+    if init:  # the bootstrap stays outside the new pid namespace until its init ends
+        os.waitpid(init, 0)
+        os._exit(0)
+    # init: pid 1 of the namespace. When it exits, the kernel kills and reaps every process left in it.
+    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")
+    if uid:
+        mount("proc", "/proc", "proc", 0x1 | 0x2 | 0x4 | 0x8)  # this namespace's processes only, read-only
+    prog = os.fork()
+    while prog:
+        pid, status = os.wait()  # reaps orphans too, until the program's own process ends
+        if pid == prog:
+            os.write(status_fd, b"=%d" % os.waitstatus_to_exitcode(status))
+            os._exit(0)
     for res, value in [(resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_mb << 20),
                        (resource.RLIMIT_FSIZE, file_mb << 20), (resource.RLIMIT_NOFILE, nofile),
                        (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)]:
@@ -127,14 +141,20 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
-    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # PR_SET_PDEATHSIG, SIGKILL (after setuid, which clears it)
+    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing
+    import site  # only now: the pages it fills are this process's own, not copied at exit (see above)
+
+    site.main()
     with open("main.py", "wb") as f:
         f.write(source)
+    # Run as `python main.py` would: in a fresh __main__ module (the bootstrap's own names stay out).
+    main = type(sys)("__main__")
+    main.__file__ = sys.argv[0] = "main.py"
+    del sys.argv[1:]
+    sys.modules["__main__"] = main
     os.write(status_fd, b"1")
     os.close(status_fd)
-    sys.argv = ["main.py"]
-    runpy.run_path("main.py", run_name="__main__")
+    exec(compile(source, "main.py", "exec", dont_inherit=True), vars(main))
 
 boot(*map(int, sys.argv[1:]))
 """
@@ -168,18 +188,18 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
     if not privileged and not _warned_unprivileged:
         _warned_unprivileged = True
         _log.warning(
-            "code sandbox runs without root: programs can write wherever this user can; "
-            "network is blocked only where unprivileged user namespaces are allowed"
+            "code sandbox runs without root: programs can write wherever this user can; network and "
+            "leftover processes are contained only where unprivileged user namespaces are allowed"
         )
-    uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if privileged else 0
     data = source.encode()
+    uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if privileged else 0
     limits = [uid, math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
     workdir = tempfile.mkdtemp(prefix="evoforge-sandbox-")
     status_r, status_w = os.pipe()
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, str(status_w), *map(str, limits)],
+            [sys.executable, "-I", "-S", "-c", _BOOT, str(status_w), *map(str, limits)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -195,24 +215,25 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
     finally:
         os.close(status_w)
     try:
-        stdout, stderr, started, timed_out, overflow = _communicate(proc, data, status_r, timeout_s, uid)
+        stdout, stderr, status, timed_out, overflow = _communicate(proc, data, status_r, timeout_s)
     finally:
         proc.wait()
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            pipe.close()
+            pipe.close()  # type: ignore[union-attr]
         os.close(status_r)
         shutil.rmtree(workdir, ignore_errors=True)
     duration = time.monotonic() - start
-    if not started and not timed_out:
+    if not status.startswith(b"1") and not timed_out:
         raise SandboxError(f"code sandbox setup failed: {stderr.decode(errors='replace').strip()[-2000:]}")
+    returncode = int(status[2:]) if status.startswith(b"1=") else proc.returncode
     note = ""
     if timed_out:
         note = f"\n[sandbox: killed after the {timeout_s:g} s timeout]"
     elif overflow:
         note = f"\n[sandbox: killed for writing more than {_OUTPUT_LIMIT} bytes]"
     return SandboxResult(
-        passed=proc.returncode == 0 and not timed_out and not overflow,
-        returncode=proc.returncode,
+        passed=returncode == 0 and not timed_out and not overflow,
+        returncode=returncode,
         timed_out=timed_out,
         stdout=stdout.decode(errors="replace"),
         stderr=stderr.decode(errors="replace") + note,
@@ -221,28 +242,26 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
 
 
 def _communicate(
-    proc: subprocess.Popen[bytes], data: bytes, status_fd: int, timeout_s: float, uid: int
-) -> tuple[bytes, bytes, bool, bool, bool]:
+    proc: subprocess.Popen[bytes], data: bytes, status_fd: int, timeout_s: float
+) -> tuple[bytes, bytes, bytes, bool, bool]:
     """Feed the program, read its output up to the cap, stop at exit/timeout/overflow, kill all, drain.
 
-    Returns (stdout, stderr, started, timed_out, overflow). The end of the main process is seen through a
-    pidfd, not through EOF on the pipes: a grandchild holding them open must not stretch the run.
+    Returns (stdout, stderr, status lines, timed_out, overflow). The end is seen through a pidfd, not
+    through EOF on the pipes, and whatever is left is killed at once: a grandchild holding the pipes open
+    must not stretch the run.
     """
     assert proc.stdin and proc.stdout and proc.stderr
     deadline = time.monotonic() + timeout_s
-    out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), status_fd: bytearray()}
     stdin = proc.stdin.fileno()
     os.set_blocking(stdin, False)
     pending = memoryview(data)
-    started = timed_out = exited = False
+    timed_out = exited = False
 
     def read(fd: int) -> None:
-        nonlocal started
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             sel.unregister(fd)
-        elif fd == status_fd:
-            started = chunk == b"1"
         else:  # keep one byte past the limit: that is how overflow shows
             out[fd] += chunk[: _OUTPUT_LIMIT + 1 - len(out[fd])]
 
@@ -252,7 +271,7 @@ def _communicate(
     with selectors.DefaultSelector() as sel:
         pidfd = os.pidfd_open(proc.pid)
         try:
-            for fd in [*out, status_fd, pidfd]:
+            for fd in [*out, pidfd]:
                 sel.register(fd, selectors.EVENT_READ)
             sel.register(stdin, selectors.EVENT_WRITE)
             while not (exited or overflow()):
@@ -274,7 +293,12 @@ def _communicate(
                     else:
                         read(key.fd)
         finally:
-            _kill_all(proc, uid)
+            # The bootstrap, its init and whatever stayed in the group; the init's death ends the pid
+            # namespace. The main process is unreaped here, so its pid (the group id) is not reused.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             sel.unregister(pidfd)
             os.close(pidfd)
         if not proc.stdin.closed:
@@ -283,40 +307,5 @@ def _communicate(
         while sel.get_map() and (remaining := drain_end - time.monotonic()) > 0:
             for key, _ in sel.select(remaining):
                 read(key.fd)
-    stdout, stderr = (bytes(buf[:_OUTPUT_LIMIT]) for buf in out.values())
-    return stdout, stderr, started, timed_out, overflow()
-
-
-def _kill_all(proc: subprocess.Popen[bytes], uid: int) -> None:
-    """SIGKILL the program's process group, then (as root) every live process of its uid, until none is left.
-
-    Runs while the main process is unreaped (a zombie at worst), so its pid, which is the group id, cannot
-    have been reused. A uid is ours for the call only, so nothing else is hit.
-    """
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if not uid:
-        return
-    give_up = time.monotonic() + 2.0
-    while _kill_uid(uid) and time.monotonic() < give_up:
-        pass
-
-
-def _kill_uid(uid: int) -> bool:
-    """SIGKILL every process whose real, effective or saved uid is `uid` and is not yet a zombie."""
-    hit = False
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-            if fields[b"State"].split()[0] in b"ZX" or str(uid).encode() not in fields[b"Uid"].split()[:3]:
-                continue
-            os.kill(int(name), signal.SIGKILL)
-            hit = True
-        except (OSError, KeyError, IndexError):
-            continue
-    return hit
+    stdout, stderr, status = (bytes(buf[:_OUTPUT_LIMIT]) for buf in out.values())
+    return stdout, stderr, status, timed_out, overflow()

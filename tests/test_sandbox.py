@@ -1,0 +1,270 @@
+"""The code sandbox: hostile programs fail and leave the host, this test process and its files untouched.
+
+Every hostile program first prints its uid (unique to the call), so each test can check afterwards that no
+process of that uid is left, zombies included.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from evoforge.evaluate import sandbox
+from evoforge.evaluate.sandbox import SandboxError, SandboxResult, run_python
+
+REPO = Path(__file__).resolve().parents[1]
+SHOW_UID = "import os, sys\nprint(os.getuid(), flush=True)\n"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the contained mode needs root (as in CI)")
+
+
+def run(body: str, **kwargs: float) -> tuple[SandboxResult, int]:
+    """Run `body` after the uid-printing prelude; return the result and the program's uid."""
+    result = run_python(SHOW_UID + textwrap.dedent(body), **kwargs)
+    return result, int(result.stdout.split("\n", 1)[0])
+
+
+def processes_of(uid: int) -> list[int]:
+    """Pids of every process (zombies too) whose real, effective or saved uid is `uid`."""
+    pids = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        uids = next(line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:"))
+        if str(uid) in uids:
+            pids.append(int(name))
+    return pids
+
+
+def assert_contained(result: SandboxResult, uid: int) -> None:
+    assert not result.passed
+    assert processes_of(uid) == []
+
+
+def test_correct_program_passes_with_stdout_and_stdlib() -> None:
+    result = run_python(
+        "import json, math, decimal\nprint(json.dumps([math.isqrt(49), str(decimal.Decimal(1) / 4)]))"
+    )
+    assert result == SandboxResult(True, 0, False, '[7, "0.25"]\n', "", result.duration_s)
+    assert result.duration_s < 5
+
+
+def test_site_packages_are_importable() -> None:
+    assert run_python("import numpy\nassert numpy.arange(4).sum() == 6").passed
+
+
+@pytest.mark.parametrize(
+    ("source", "returncode", "stderr"),
+    [
+        ("assert sorted([3, 1]) == [3, 1], 'unsorted'", 1, "AssertionError: unsorted"),
+        ("import sys\nsys.exit(3)", 3, ""),
+        ("import sys\nsys.exit('bad input')", 1, "bad input"),
+        ("def f(:\n    pass", 1, "SyntaxError"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", -9, ""),
+    ],
+)
+def test_failures_report_returncode_and_stderr(source: str, returncode: int, stderr: str) -> None:
+    result = run_python(source)
+    assert (result.passed, result.returncode, result.timed_out) == (False, returncode, False)
+    assert stderr in result.stderr
+
+
+def test_multiprocessing_works_inside() -> None:
+    source = "from multiprocessing import Pool\nwith Pool(2) as p:\n    print(p.map(abs, [-1, -2]))"
+    result = run_python(source, timeout_s=10)
+    assert (result.passed, result.stdout) == (True, "[1, 2]\n"), result.stderr
+
+
+def test_concurrent_calls_from_threads() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: run_python(f"print({i} * 2)"), range(8)))
+    assert [r.stdout for r in results] == [f"{i * 2}\n" for i in range(8)]
+
+
+def test_infinite_loop_is_killed_at_the_timeout() -> None:
+    result, uid = run("while True:\n    pass", timeout_s=1.0)
+    assert result.timed_out and result.returncode == -9
+    assert 1.0 <= result.duration_s < 2.0
+    assert "timeout" in result.stderr
+    assert_contained(result, uid)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "while True:\n    os.fork()",
+        # Forks that survive errors and leave the process group: the pid namespace still ends them.
+        """
+        import time
+        while True:
+            try:
+                if os.fork() == 0:
+                    os.setsid()
+            except OSError:
+                time.sleep(0.01)
+        """,
+    ],
+    ids=["plain", "setsid"],
+)
+def test_fork_bomb_is_bounded_and_leaves_nothing(body: str) -> None:
+    result, uid = run(body, timeout_s=2.0)
+    assert result.duration_s < 3.0
+    assert_contained(result, uid)
+
+
+def test_grandchild_holding_the_pipes_is_killed_when_main_ends() -> None:
+    result, uid = run(
+        "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)\nprint('done')"
+    )
+    assert result.stdout.endswith("done\n") and result.duration_s < 2.0
+    assert processes_of(uid) == []
+
+
+def test_ten_gigabytes_fail_with_memory_error() -> None:
+    result, uid = run("x = bytearray(10 << 30)")
+    assert "MemoryError" in result.stderr
+    assert_contained(result, uid)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_gigabytes_of_output_are_capped_and_killed(stream: str) -> None:
+    result, uid = run(f"chunk = 'x' * (1 << 20)\nfor _ in range(4096):\n    sys.{stream}.write(chunk)")
+    assert len(getattr(result, stream)) <= sandbox._OUTPUT_LIMIT + 100  # + the sandbox's note on stderr
+    assert "killed for writing more than" in result.stderr
+    assert result.duration_s < 5
+    assert_contained(result, uid)
+
+
+@pytest.mark.parametrize("where", ["test tmp_path", "repo", "/tmp", "/var/tmp"])
+def test_writing_outside_its_folder_fails(where: str, tmp_path: Path) -> None:
+    name = f"evoforge-sandbox-escape-{uuid.uuid4().hex}"
+    folder = {"test tmp_path": tmp_path, "repo": REPO, "/tmp": Path("/tmp"), "/var/tmp": Path("/var/tmp")}[
+        where
+    ]
+    target = folder / name
+    result, uid = run(f"open({str(target)!r}, 'w').write('pwned')")
+    assert "Read-only file system" in result.stderr or "Permission denied" in result.stderr
+    assert not target.exists()
+    assert_contained(result, uid)
+
+
+def test_existing_files_cannot_be_changed(tmp_path: Path) -> None:
+    ours = tmp_path / "ours.txt"
+    ours.write_text("original")
+    ours.chmod(0o666)  # even world-writable: the whole system is read-only to the program
+    result, uid = run(f"open({str(ours)!r}, 'a').write('pwned')")
+    assert ours.read_text() == "original"
+    assert_contained(result, uid)
+
+
+def test_own_folder_and_shm_are_private_and_gone_afterwards() -> None:
+    name = f"evoforge-sandbox-{uuid.uuid4().hex}"
+    source = f"""
+    import pathlib
+    pathlib.Path('note.txt').write_text('kept')
+    assert pathlib.Path('note.txt').read_text() == 'kept'
+    pathlib.Path('/dev/shm/{name}').write_text('shm')
+    print(os.getcwd())
+    """
+    result, _ = run(source)
+    assert result.passed, result.stderr
+    workdir = Path(result.stdout.split()[1])
+    assert not workdir.exists()
+    assert not Path(f"/dev/shm/{name}").exists()
+
+
+def test_parent_environment_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("EVOFORGE_TEST_SECRET", secret)
+    env_before = dict(os.environ)
+    source = f"""
+    print(dict(os.environ))
+    print(open('/proc/{os.getpid()}/environ', 'rb').read())
+    """
+    result, uid = run(source)
+    assert secret not in result.stdout + result.stderr
+    assert "EVOFORGE_TEST_SECRET" not in result.stdout
+    assert dict(os.environ) == env_before
+    assert_contained(result, uid)
+
+
+def test_network_connect_to_host_loopback_fails() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result, uid = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert "Network is unreachable" in result.stderr
+    assert_contained(result, uid)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "os.kill(os.getppid(), 9)",
+        "os.killpg(os.getpgid(os.getppid()), 9)",
+        "os.kill({test_pid}, 9)",
+        "os.kill({sentinel_pid}, 9)",
+        "os.kill(-1, 9)",
+    ],
+)
+def test_killing_the_parent_or_our_processes_fails(attack: str) -> None:
+    sentinel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        result, uid = run(attack.format(test_pid=os.getpid(), sentinel_pid=sentinel.pid) + "\nprint('alive')")
+        assert sentinel.poll() is None
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+    assert "alive" not in result.stdout
+    assert_contained(result, uid)
+
+
+def test_setup_failure_raises_instead_of_scoring() -> None:
+    with pytest.raises(SandboxError, match="setup failed"):
+        run_python("print('never')", memory_mb=1)
+
+
+def test_unprivileged_fallback_states_what_it_contains(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without root: network and leftover processes are contained (user namespace), writes are not."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run_python("print('ok')").stdout == "ok\n"
+    assert (
+        "Network is unreachable"
+        in run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))").stderr
+    )
+    marker = f"evo{uuid.uuid4().hex[:12]}"  # the orphan's name (comm), to find it from here
+    source = f"""
+    import ctypes, os, time
+    if os.fork() == 0:
+        os.setsid()
+        ctypes.CDLL(None).prctl(15, b"{marker}")  # PR_SET_NAME
+        time.sleep(60)
+    time.sleep(0.2)
+    """
+    result = run_python(textwrap.dedent(source))
+    assert result.passed and result.duration_s < 2.0
+    assert [p for p in os.listdir("/proc") if p.isdigit() and comm(p) == marker] == []
+    target = tmp_path / "written-by-fallback"
+    assert run_python(f"open({str(target)!r}, 'w').write('x')").passed
+    assert target.exists()  # not contained: the program writes as the calling user
+
+
+def comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
