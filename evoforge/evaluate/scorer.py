@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from lm_eval.api.model import LM
 from lm_eval.api.task import Task
 from lm_eval.evaluator import evaluate
 from lm_eval.models.huggingface import HFLM
@@ -125,14 +126,15 @@ class Scorer:
 
     def __init__(
         self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel | LM,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         evaluation: EvaluationConfig | None = None,
         weights: Mapping[str, float] | None = None,
         tasks_dir: str | Path | None = None,
         seed: int = SEED,
     ) -> None:
-        """`tasks_dir` overrides `evaluation.tasks_dir` (which resolves against the working directory);
+        """`model` is an HF model (wrapped once in HFLM with `tokenizer`) or any lm-eval LM, scored as is.
+        `tasks_dir` overrides `evaluation.tasks_dir` (which resolves against the working directory);
         `weights` default to the run file's defaults (every built-in domain equal)."""
         self.evaluation = evaluation or EvaluationConfig()
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
@@ -146,10 +148,15 @@ class Scorer:
                     f"(domains there: {', '.join(domains)})"
                 )
         compute_fitness(dict.fromkeys(domains, 0.0), self.weights)
-        self.model = model
-        self.tokenizer = tokenizer
         self.seed = seed
-        self.lm = self._wrap()
+        self.model: PreTrainedModel | None = None
+        if isinstance(model, LM):
+            self.lm = model
+        elif tokenizer is None:
+            raise TypeError("Scorer: an HF model needs its tokenizer")
+        else:
+            self.model, self.tokenizer = model, tokenizer
+            self.lm = self._wrap()
         self._tasks: dict[str, dict[str, Task]] = {}
 
     @classmethod
@@ -183,6 +190,8 @@ class Scorer:
         Same architecture and shapes are required. A folder whose config differs only in depth (a
         frankenmerge or DFS path) resizes the decoder's layer list in place; one that differs otherwise
         (rope, norms, tied embeddings) gets a model rebuilt from its config and a new wrapper."""
+        if self.model is None:
+            raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if isinstance(source, Mapping):
             state = source
         else:
