@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from evoforge.evolve.records import (
 )
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models
+from evoforge.quiet import quiet_libraries
 from evoforge.recipe import render
 
 
@@ -228,10 +230,11 @@ class EvoMergePipeline:
             on_candidate=on_candidate, on_generation=on_generation, on_new_best=on_new_best
         )
         try:
-            with progress:
+            with quiet_libraries(), progress:
                 evolution.run(state)
         finally:
             tracker.finish()
+            shutil.rmtree(run_dir / ".work", ignore_errors=True)
         return self.best(baselines)
 
     def best(self, baselines: Baselines) -> BestCandidate:

@@ -68,6 +68,8 @@ class State(BaseModel):
     best_hash: str | None = None
     cache: dict[str, Outcome]
     """`<genome hash>:<split>` → outcome; a genome is never evaluated twice on a split."""
+    seen: list[str] = []
+    """Hashes of every genome put in a population so far: mutation avoids them."""
     wandb_id: str | None = None
 
     def rng(self) -> random.Random:

@@ -60,7 +60,7 @@ def next_population(
     known: set[str],
 ) -> list[Member]:
     """Generation `generation` from the ranked previous one (best first): mutants of the top 2, then one
-    child per triple of the shuffled rest. Mutants avoid genomes already evaluated (`known` hashes)."""
+    child per triple of the shuffled rest. Mutants avoid genomes seen before (`known` hashes, updated)."""
     size = cfg.population_size
     n_children = (size - ELITE) // 3
     n_mutants = size - n_children
@@ -124,13 +124,15 @@ class Evolution:
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
+        population = seed_population(self.cfg, self.space)
         return State(
             config_fingerprint=ckpt.fingerprint(self.cfg),
             generation=0,
-            population=seed_population(self.cfg, self.space),
+            population=population,
             rng_state=ckpt.rng_state(rng),
             best_history=[],
             cache={},
+            seen=[m.genome.hash for m in population],
         )
 
     def restore_cache(self, state: State) -> None:
@@ -244,8 +246,10 @@ class Evolution:
             self.hooks.on_generation(record)
             stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
             rng = state.rng()
-            known = {k.split(":")[0] for k in state.cache}
-            state.population = next_population(ranked, state.generation + 1, self.cfg, self.space, rng, known)
+            state.population = next_population(
+                ranked, state.generation + 1, self.cfg, self.space, rng, set(state.seen)
+            )
+            state.seen += [m.genome.hash for m in state.population]
             state.rng_state = ckpt.rng_state(rng)
             state.generation += 1
             ckpt.save(self.run_dir, state)

@@ -1,0 +1,36 @@
+"""Keep library chatter (tqdm bars of lm-eval, mergekit, transformers, datasets; INFO logs) out of a Rich
+display. Warnings and errors still show."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+NOISY_LOGGERS = ("lm-eval", "lm_eval", "mergekit", "multimerge", "datasets", "transformers", "accelerate")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Progress bars off (tqdm honours TQDM_DISABLE at each bar's creation), noisy loggers at WARNING."""
+    from transformers.utils import logging as hf_logging
+
+    previous_env = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if previous_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous_env
