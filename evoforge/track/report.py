@@ -1,0 +1,430 @@
+"""The run report: plots and a markdown summary drawn only from what the run wrote (`evolve.records`).
+
+It reads any prefix of a run (one generation, a run stopped by Ctrl-C or a plateau) and failed candidates.
+Figures are drawn on `matplotlib.figure.Figure` objects, which save PNGs through the Agg canvas: no pyplot,
+no GUI backend, no global figure state in a long-lived process.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TypeVar
+
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from pydantic import BaseModel, ValidationError
+
+from evoforge.config import DOMAINS, format_validation_error, read_mapping
+from evoforge.errors import ConfigError
+from evoforge.evolve.records import Baselines, EvaluationRecord, GenerationRecord, Scores
+
+REPORT_DIR = "report"
+OPERATOR_COLOURS = {"seed": "#9ecae1", "mutation": "#a1d99b", "recombination": "#fdae6b"}
+BEST_COLOUR = "#d62728"
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def _read_jsonl(path: Path, kind: type[R]) -> list[R]:
+    """Every line of a records file, strictly: a bad line is an error naming file:line and field.
+
+    Unlike `records.read_records` (which the loop uses to resume), a report must not silently drop
+    evaluations; only a torn last line, the trace of a crash mid-write, is skipped.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    out: list[R] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(kind.model_validate_json(line))
+        except ValidationError as err:
+            if n == len(lines) and err.errors()[0]["type"] == "json_invalid":
+                continue
+            raise ConfigError(format_validation_error(f"{path}:{n}", err)) from None
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}"
+
+
+@dataclass
+class Run:
+    """One run directory, loaded and checked."""
+
+    run_dir: Path
+    name: str
+    ancestor: str | None
+    evaluations: list[EvaluationRecord]
+    generations: list[GenerationRecord]
+    baselines: Baselines
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Run:
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: no such run directory")
+        gen_path = run_dir / "generations.jsonl"
+        if not gen_path.is_file():
+            raise ConfigError(
+                f"{gen_path}: missing (not an evoforge run directory, or no generation finished)"
+            )
+        generations = _read_jsonl(gen_path, GenerationRecord)
+        if not generations:
+            raise ConfigError(f"{gen_path}: no finished generation")
+        base_path = run_dir / "baselines.json"
+        if not base_path.is_file():
+            raise ConfigError(f"{base_path}: missing (the base models are scored before generation 0)")
+        try:
+            baselines = Baselines.model_validate_json(base_path.read_text(encoding="utf-8"))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(base_path, err)) from None
+        # The population's evaluations: fitness split, finished generations (a crash can leave part of the
+        # next one, and each new best also has a held-out line, which GenerationRecord.best_heldout carries).
+        finished = {g.generation for g in generations}
+        evaluations = [
+            e
+            for e in _read_jsonl(run_dir / "evaluations.jsonl", EvaluationRecord)
+            if e.split == baselines.fitness_split and e.generation in finished
+        ]
+        known = {(e.generation, e.id) for e in evaluations}
+        for g in generations:
+            if (g.generation, g.best_id) not in known:
+                raise ConfigError(
+                    f"{gen_path}: generation {g.generation}: best_id {g.best_id!r} has no "
+                    f"{baselines.fitness_split!r} evaluation in evaluations.jsonl"
+                )
+        cfg_path = run_dir / "config.yaml"
+        cfg = read_mapping(cfg_path) if cfg_path.is_file() else {}
+        ancestor = cfg.get("ancestor")
+        return cls(
+            run_dir=run_dir,
+            name=str(cfg.get("name") or run_dir.name),
+            ancestor=ancestor.get("name") if isinstance(ancestor, dict) else None,
+            evaluations=evaluations,
+            generations=sorted(generations, key=lambda g: g.generation),
+            baselines=baselines,
+        )
+
+    @cached_property
+    def best_generation(self) -> GenerationRecord:
+        """The generation holding the run's best candidate (the earliest on a tie): the population has no
+        elitism, so the last generation's best is not necessarily the run's best."""
+        return max(self.generations, key=lambda g: (g.best_fitness, -g.generation))
+
+    @cached_property
+    def best(self) -> EvaluationRecord:
+        g = self.best_generation
+        return next(e for e in self.evaluations if (e.generation, e.id) == (g.generation, g.best_id))
+
+    @property
+    def best_heldout(self) -> Scores | None:
+        return self.best_generation.best_heldout
+
+    @cached_property
+    def domains(self) -> list[str]:
+        """Every domain any record scored, in the config's order, others after."""
+        seen = {d for g in self.generations for d in g.domain_avg}
+        seen |= {d for splits in self.baselines.models.values() for s in splits.values() for d in s.domains}
+        return [d for d in DOMAINS if d in seen] + sorted(seen - set(DOMAINS))
+
+    def base_models(self) -> list[str]:
+        """Baseline models the run merged (the declared ancestor is scored but is not one of them)."""
+        return [m for m in self.baselines.models if m != self.ancestor]
+
+    def best_base(self, split: str) -> tuple[str, Scores] | None:
+        scored = [
+            (m, self.baselines.models[m][split])
+            for m in self.base_models()
+            if split in self.baselines.models[m]
+        ]
+        return max(scored, key=lambda ms: ms[1].fitness, default=None)
+
+    def by_hash(self) -> dict[str, EvaluationRecord]:
+        """Each genome's first evaluation (later ones are cache hits of the same genome)."""
+        first: dict[str, EvaluationRecord] = {}
+        for e in sorted(self.evaluations, key=lambda e: (e.generation, e.cached)):
+            first.setdefault(e.genome_hash, e)
+        return first
+
+    def ancestry(self) -> dict[str, EvaluationRecord]:
+        """The best candidate and every ancestor back to the seeds, by genome hash."""
+        known = self.by_hash()
+        found: dict[str, EvaluationRecord] = {}
+        todo = [self.best.genome_hash]
+        while todo:
+            h = todo.pop()
+            if h in found or h not in known:
+                continue
+            found[h] = known[h]
+            todo.extend(known[h].parents)
+        return found
+
+
+def plot_fitness(run: Run, path: Path) -> None:
+    """Best and average fitness per generation, every candidate as a dot, the best base model as a line."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ok = [e for e in run.evaluations if e.error is None]
+    failed = [e for e in run.evaluations if e.error is not None]
+    ax.scatter(
+        [e.generation for e in ok], [e.fitness for e in ok], s=14, color="0.6", alpha=0.6, label="candidates"
+    )
+    if failed:
+        ax.scatter(
+            [e.generation for e in failed],
+            [e.fitness for e in failed],
+            s=30,
+            marker="x",
+            color="black",
+            label="failed",
+        )
+    gens = [g.generation for g in run.generations]
+    ax.plot(gens, [g.avg_fitness for g in run.generations], "o-", color="#1f77b4", label="average")
+    ax.plot(gens, [g.best_fitness for g in run.generations], "o-", color=BEST_COLOUR, label="best")
+    base = run.best_base(run.baselines.fitness_split)
+    if base is not None:
+        ax.axhline(
+            base[1].fitness, ls="--", color="0.3", label=f"best base model: {base[0]} ({base[1].fitness:.3f})"
+        )
+    ax.set_xlim(min(gens) - 0.5, max(gens) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"fitness ({run.baselines.fitness_split} split)")
+    ax.set_title(f"{run.name}: fitness per generation")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def plot_domains(run: Run, path: Path) -> None:
+    """The best candidate against each base model, per domain, on the fitness and the held-out split."""
+    groups = ["fitness", *run.domains]
+    best_label = f"best: {run.best.label}"
+    panels = [
+        (run.baselines.fitness_split, "fitness split", run.best.scores),
+        (run.baselines.heldout_split, "held-out split", run.best_heldout),
+    ]
+    models = list(run.baselines.models)
+    series = [best_label, *models]
+    colours = {best_label: BEST_COLOUR}
+    for i, m in enumerate(models):
+        colours[m] = "0.7" if m == run.ancestor else f"C{i % 10 if i % 10 != 3 else 9}"
+    fig = Figure(figsize=(max(9.0, 1.3 * len(groups) * 2 + 2), 4.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    width = 0.8 / len(series)
+    for ax, (split, what, best_scores) in zip(axes, panels):
+        rows: dict[str, Scores | None] = {best_label: best_scores}
+        rows.update({m: run.baselines.models[m].get(split) for m in models})
+        for i, name in enumerate(series):
+            scores = rows[name]
+            if scores is None:
+                continue
+            values = [scores.fitness if g == "fitness" else scores.domains.get(g, 0.0) for g in groups]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+            ax.bar(xs, values, width, color=colours[name], edgecolor="white", linewidth=0.5)
+        ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 5 else 0)
+        note = "" if best_scores is not None else "\n(best candidate not scored on this split)"
+        ax.set_title(f"{what}: {split}{note}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("score")
+    labels = [s if s != run.ancestor else f"{s} (ancestor)" for s in series]
+    fig.legend(
+        [Patch(color=colours[s]) for s in series],
+        labels,
+        loc="outside lower center",
+        ncols=min(len(series), 5),
+        fontsize=8,
+    )
+    fig.suptitle(f"{run.name}: domain scores of {run.best.id}")
+    fig.savefig(path, dpi=110)
+
+
+def _lineage_layout(nodes: dict[str, EvaluationRecord]) -> dict[str, tuple[float, float]]:
+    """Rows by generation (seeds on top); within a row, nodes ordered by their parents' mean position,
+    which keeps most edges from crossing, then spread evenly and centred."""
+    rows: dict[int, list[str]] = defaultdict(list)
+    for h, e in nodes.items():
+        rows[e.generation].append(h)
+    pos: dict[str, tuple[float, float]] = {}
+    for gen in sorted(rows):
+
+        def key(h: str) -> tuple[float, str]:
+            xs = [pos[p][0] for p in nodes[h].parents if p in pos]
+            return (sum(xs) / len(xs) if xs else 0.0, h)
+
+        row = sorted(rows[gen], key=key)
+        for i, h in enumerate(row):
+            pos[h] = (i - (len(row) - 1) / 2, -gen)
+    return pos
+
+
+def plot_lineage(run: Run, path: Path) -> None:
+    """The ancestry graph of the best candidate, back to the seeds; nodes: short hash, generation, fitness."""
+    nodes = run.ancestry()
+    pos = _lineage_layout(nodes)
+    gens = sorted({e.generation for e in nodes.values()})
+    widest = max(sum(1 for e in nodes.values() if e.generation == g) for g in gens)
+    fig = Figure(
+        figsize=(max(6.0, 1.5 * widest + 1.5), max(3.0, 1.1 * len(gens) + 1.2)), layout="constrained"
+    )
+    ax = fig.add_subplot()
+    for h, e in nodes.items():
+        for p in e.parents:
+            if p in pos:
+                ax.annotate(
+                    "",
+                    xy=pos[h],
+                    xytext=pos[p],
+                    arrowprops={"arrowstyle": "-|>", "color": "0.5", "shrinkA": 16, "shrinkB": 16, "lw": 0.8},
+                )
+    best_hash = run.best.genome_hash
+    for h, e in nodes.items():
+        status = "failed" if e.error is not None else f"{e.fitness:.3f}"
+        ax.text(
+            *pos[h],
+            f"{h[:7]}\ngen {e.generation} · {status}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            family="monospace",
+            bbox={
+                "boxstyle": "round,pad=0.4",
+                "facecolor": OPERATOR_COLOURS[e.operator],
+                "edgecolor": BEST_COLOUR if h == best_hash else ("black" if e.error else "0.4"),
+                "linewidth": 2.2 if h == best_hash else 0.8,
+                "linestyle": "--" if e.error else "-",
+            },
+        )
+    xs = [x for x, _ in pos.values()]
+    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
+    ax.set_ylim(-max(gens) - 0.6, -min(gens) + 0.6)
+    ax.set_yticks([-g for g in gens], [f"gen {g}" for g in gens])
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [Patch(facecolor=c, edgecolor="0.4", label=op) for op, c in OPERATOR_COLOURS.items()]
+    handles.append(Patch(facecolor="white", edgecolor=BEST_COLOUR, linewidth=2, label="best"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    ax.set_title(f"ancestry of the best candidate {run.best.id} ({run.best.label})", fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def _improvement_row(split: str, kind: str, best: float | None, base: tuple[str, Scores] | None) -> str:
+    if base is None:
+        return f"| {split} ({kind}) | no base model scored | | | | |"
+    name, scores = base
+    if best is None:
+        return f"| {split} ({kind}) | {name} | {_fmt(scores.fitness)} | not scored | | |"
+    delta = best - scores.fitness
+    relative = f"{100 * delta / scores.fitness:+.2f}%" if scores.fitness else "n/a"
+    return (
+        f"| {split} ({kind}) | {name} | {_fmt(scores.fitness)} | {_fmt(best)} | {delta:+.4f} | {relative} |"
+    )
+
+
+def _scores_table(run: Run, split: str, best_scores: Scores | None) -> list[str]:
+    head = ["model", "fitness", *run.domains]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows: list[tuple[str, Scores | None]] = [(f"**best: {run.best.id}**", best_scores)]
+    rows += [
+        (m if m != run.ancestor else f"{m} (ancestor)", run.baselines.models[m].get(split))
+        for m in run.baselines.models
+    ]
+    for name, scores in rows:
+        if scores is None:
+            cells = ["not scored"] + [""] * len(run.domains)
+        else:
+            cells = [_fmt(scores.fitness)] + [
+                _fmt(scores.domains[d]) if d in scores.domains else "–" for d in run.domains
+            ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(run: Run) -> str:
+    """The summary: the best candidate, its improvement over the best base model on both splits, tables."""
+    best, gen, held = run.best, run.best_generation, run.best_heldout
+    fit_split, held_split = run.baselines.fitness_split, run.baselines.heldout_split
+    failed = [e for e in run.evaluations if e.error is not None]
+    cached = sum(e.cached for e in run.evaluations)
+    first, last = run.generations[0].generation, run.generations[-1].generation
+    recipe = run.run_dir / best.recipe
+    lines = [
+        f"# evoforge run `{run.name}`",
+        "",
+        f"- Generations: {len(run.generations)} (gen {first}–{last}); evaluations: {len(run.evaluations)} "
+        f"({len(run.by_hash())} distinct genomes, {cached} cached, {len(failed)} failed)",
+        f"- Best candidate: `{best.id}` — {best.label}, genome `{best.genome_hash}`, {best.operator} "
+        f"in generation {gen.generation}",
+        f"- Fitness ({fit_split}): {_fmt(gen.best_fitness)}",
+        f"- Held-out fitness ({held_split}): " + (_fmt(held.fitness) if held else "not scored"),
+        f"- Recipe: `{best.recipe}`" + ("" if recipe.is_file() else " (file missing)"),
+        f"- Model: `{gen.best_model}/`" if gen.best_model else "- Model: not written",
+        "",
+        "## Improvement over the best base model",
+        "",
+        "| split | best base model | base fitness | best candidate | Δ absolute | Δ relative |",
+        "|---|---|---|---|---|---|",
+        _improvement_row(fit_split, "fitness", gen.best_fitness, run.best_base(fit_split)),
+        _improvement_row(held_split, "held-out", held.fitness if held else None, run.best_base(held_split)),
+        "",
+        f"## Domain scores, {fit_split} (fitness) split",
+        "",
+        *_scores_table(run, fit_split, best.scores),
+        "",
+        f"## Domain scores, {held_split} (held-out) split",
+        "",
+        *_scores_table(run, held_split, held),
+        "",
+        "## Generations",
+        "",
+        "| gen | best fitness | avg fitness | best candidate | held-out fitness | population | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    failed_by_gen = defaultdict(int)
+    for e in failed:
+        failed_by_gen[e.generation] += 1
+    for g in run.generations:
+        h = _fmt(g.best_heldout.fitness) if g.best_heldout else "–"
+        lines.append(
+            f"| {g.generation} | {_fmt(g.best_fitness)} | {_fmt(g.avg_fitness)} | `{g.best_id}` | {h} "
+            f"| {g.population_size} | {failed_by_gen[g.generation]} |"
+        )
+    if failed:
+        lines += ["", "## Failed candidates", ""]
+        for e in failed:
+            reason = (e.error.splitlines() or [""])[0][:200] if e.error else ""
+            lines.append(f"- `{e.id}` (gen {e.generation}, {e.label}): {reason}")
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![Fitness per generation](fitness.png)",
+        "",
+        "![Domain scores](domains.png)",
+        "",
+        "![Ancestry of the best candidate](lineage.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    """Write `run_dir/report/`: fitness.png, domains.png, lineage.png, summary.md; return their paths."""
+    run = Run.load(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    paths = [out / "fitness.png", out / "domains.png", out / "lineage.png", out / "summary.md"]
+    plot_fitness(run, paths[0])
+    plot_domains(run, paths[1])
+    plot_lineage(run, paths[2])
+    paths[3].write_text(summary_markdown(run), encoding="utf-8")
+    return paths
