@@ -13,9 +13,18 @@ NOISY_LOGGERS = ("lm-eval", "lm_eval", "mergekit", "multimerge", "datasets", "tr
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Progress bars off (tqdm honours TQDM_DISABLE at each bar's creation), noisy loggers at WARNING."""
+    """Every tqdm bar disabled (lm-eval passes `disable=` explicitly, so TQDM_DISABLE alone is not enough),
+    noisy loggers at WARNING."""
+    import tqdm
     from transformers.utils import logging as hf_logging
 
+    original_init = tqdm.tqdm.__init__
+
+    def silent_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original_init(self, *args, **kwargs)
+
+    tqdm.tqdm.__init__ = silent_init
     previous_env = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     bars = hf_logging.is_progress_bar_enabled()
@@ -26,6 +35,7 @@ def quiet_libraries() -> Iterator[None]:
     try:
         yield
     finally:
+        tqdm.tqdm.__init__ = original_init
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         if bars:
