@@ -236,6 +236,30 @@ def test_report_of_a_one_generation_run_with_ancestor(tmp_path: Path) -> None:
     assert f"`{best.id}`" in text
 
 
+def test_report_when_every_candidate_failed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    make_run(run_dir, generations=1)
+    evals = [json.loads(x) for x in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    failed = [
+        dict(e, fitness=0.0, scores=None, error="CUDA out of memory")
+        for e in evals
+        if e["split"] == "validation"
+    ]
+    (run_dir / "evaluations.jsonl").write_text("".join(json.dumps(e) + "\n" for e in failed))
+    gen = json.loads((run_dir / "generations.jsonl").read_text())
+    gen.update(
+        best_fitness=0.0, avg_fitness=0.0, domain_avg={}, domain_best={}, best_heldout=None, best_model=None
+    )
+    (run_dir / "generations.jsonl").write_text(json.dumps(gen) + "\n")
+    paths = write_report(run_dir)
+    for png in paths[:3]:
+        check_png(png)
+    text = paths[3].read_text()
+    assert f"`{gen['best_id']}`" in text and "(it failed: CUDA out of memory)" in text
+    assert "8 failed" in text and "- Model: not written" in text
+    assert table_row(text, "test (held-out)")[3] == "not scored"
+
+
 def test_report_cli(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     make_run(run_dir, generations=2)

@@ -56,6 +56,11 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
 
+def _first_line(error: str) -> str:
+    """An error's first line, capped: a traceback's detail belongs in evaluations.jsonl, not the summary."""
+    return (error.splitlines() or [""])[0][:200]
+
+
 @dataclass
 class Run:
     """One run directory, loaded and checked."""
@@ -174,9 +179,15 @@ def plot_fitness(run: Run, path: Path) -> None:
     ax = fig.add_subplot()
     ok = [e for e in run.evaluations if e.error is None]
     failed = [e for e in run.evaluations if e.error is not None]
-    ax.scatter(
-        [e.generation for e in ok], [e.fitness for e in ok], s=14, color="0.6", alpha=0.6, label="candidates"
-    )
+    if ok:
+        ax.scatter(
+            [e.generation for e in ok],
+            [e.fitness for e in ok],
+            s=14,
+            color="0.6",
+            alpha=0.6,
+            label="candidates",
+        )
     if failed:
         ax.scatter(
             [e.generation for e in failed],
@@ -195,7 +206,7 @@ def plot_fitness(run: Run, path: Path) -> None:
             base[1].fitness, ls="--", color="0.3", label=f"best base model: {base[0]} ({base[1].fitness:.3f})"
         )
     ax.set_xlim(min(gens) - 0.5, max(gens) + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("generation")
     ax.set_ylabel(f"fitness ({run.baselines.fitness_split} split)")
     ax.set_title(f"{run.name}: fitness per generation")
@@ -217,7 +228,7 @@ def plot_domains(run: Run, path: Path) -> None:
     colours = {best_label: BEST_COLOUR}
     for i, m in enumerate(models):
         colours[m] = "0.7" if m == run.ancestor else f"C{i % 10 if i % 10 != 3 else 9}"
-    fig = Figure(figsize=(max(9.0, 1.3 * len(groups) * 2 + 2), 4.8), layout="constrained")
+    fig = Figure(figsize=(max(9.0, 2.4 * len(groups) + 1), 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / len(series)
     for ax, (split, what, best_scores) in zip(axes, panels):
@@ -276,19 +287,11 @@ def plot_lineage(run: Run, path: Path) -> None:
         figsize=(max(6.0, 1.5 * widest + 1.5), max(3.0, 1.1 * len(gens) + 1.2)), layout="constrained"
     )
     ax = fig.add_subplot()
-    for h, e in nodes.items():
-        for p in e.parents:
-            if p in pos:
-                ax.annotate(
-                    "",
-                    xy=pos[h],
-                    xytext=pos[p],
-                    arrowprops={"arrowstyle": "-|>", "color": "0.5", "shrinkA": 16, "shrinkB": 16, "lw": 0.8},
-                )
     best_hash = run.best.genome_hash
+    boxes = {}
     for h, e in nodes.items():
         status = "failed" if e.error is not None else f"{e.fitness:.3f}"
-        ax.text(
+        label = ax.text(
             *pos[h],
             f"{h[:7]}\ngen {e.generation} · {status}",
             ha="center",
@@ -303,11 +306,32 @@ def plot_lineage(run: Run, path: Path) -> None:
                 "linestyle": "--" if e.error else "-",
             },
         )
+        boxes[h] = label.get_bbox_patch()
+    # Drawn after the boxes, each arrow is clipped to the two boxes' outlines (patchA/patchB), so every
+    # arrowhead lands on its child's edge whatever the angle.
+    for h, e in nodes.items():
+        for p in e.parents:
+            if p in pos:
+                ax.annotate(
+                    "",
+                    xy=pos[h],
+                    xytext=pos[p],
+                    arrowprops={
+                        "arrowstyle": "-|>",
+                        "color": "0.45",
+                        "lw": 0.8,
+                        "patchA": boxes[p],
+                        "patchB": boxes[h],
+                        "shrinkA": 1,
+                        "shrinkB": 1,
+                    },
+                )
     xs = [x for x, _ in pos.values()]
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
     ax.set_ylim(-max(gens) - 0.6, -min(gens) + 0.6)
     ax.set_yticks([-g for g in gens], [f"gen {g}" for g in gens])
     ax.set_xticks([])
+    ax.tick_params(axis="y", length=0)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=c, edgecolor="0.4", label=op) for op, c in OPERATOR_COLOURS.items()]
@@ -362,8 +386,9 @@ def summary_markdown(run: Run) -> str:
         "",
         f"- Generations: {len(run.generations)} (gen {first}–{last}); evaluations: {len(run.evaluations)} "
         f"({len(run.by_hash())} distinct genomes, {cached} cached, {len(failed)} failed)",
-        f"- Best candidate: `{best.id}` — {best.label}, genome `{best.genome_hash}`, {best.operator} "
-        f"in generation {gen.generation}",
+        f"- Best candidate: `{best.id}` — {best.label}, genome `{best.genome_hash}`, made by {best.operator} "
+        f"in generation {gen.generation}"
+        + (f" (it failed: {_first_line(best.error)})" if best.error is not None else ""),
         f"- Fitness ({fit_split}): {_fmt(gen.best_fitness)}",
         f"- Held-out fitness ({held_split}): " + (_fmt(held.fitness) if held else "not scored"),
         f"- Recipe: `{best.recipe}`" + ("" if recipe.is_file() else " (file missing)"),
@@ -401,8 +426,7 @@ def summary_markdown(run: Run) -> str:
     if failed:
         lines += ["", "## Failed candidates", ""]
         for e in failed:
-            reason = (e.error.splitlines() or [""])[0][:200] if e.error else ""
-            lines.append(f"- `{e.id}` (gen {e.generation}, {e.label}): {reason}")
+            lines.append(f"- `{e.id}` (gen {e.generation}, {e.label}): {_first_line(e.error or '')}")
     lines += [
         "",
         "## Plots",
