@@ -59,6 +59,22 @@ def test_correct_program_passes_with_stdout_and_stdlib() -> None:
     assert result.duration_s < 5
 
 
+def test_program_runs_unprivileged() -> None:
+    source = """
+    import os
+    assert os.getuid() == os.geteuid() == os.getgid() > 0 and os.getgroups() == []
+    assert "CapEff:\\t0000000000000000" in open("/proc/self/status").read()
+    assert os.getppid() == 1 and sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()]
+    """
+    result = run_python(textwrap.dedent(source))
+    assert result.passed, result.stderr
+
+
+def test_large_source_and_empty_stdin() -> None:
+    result = run_python(f"x = {'a' * 300_000!r}\nprint(len(x))\ninput()")
+    assert result.stdout == "300000\n" and "EOFError" in result.stderr
+
+
 def test_site_packages_are_importable() -> None:
     assert run_python("import numpy\nassert numpy.arange(4).sum() == 6").passed
 
@@ -119,6 +135,8 @@ def test_infinite_loop_is_killed_at_the_timeout() -> None:
 def test_fork_bomb_is_bounded_and_leaves_nothing(body: str) -> None:
     result, uid = run(body, timeout_s=2.0)
     assert result.duration_s < 3.0
+    if "setsid" not in body:  # RLIMIT_NPROC stops it long before the timeout
+        assert not result.timed_out and "Resource temporarily unavailable" in result.stderr
     assert_contained(result, uid)
 
 
@@ -231,9 +249,10 @@ def test_killing_the_parent_or_our_processes_fails(attack: str) -> None:
     assert_contained(result, uid)
 
 
-def test_setup_failure_raises_instead_of_scoring() -> None:
-    with pytest.raises(SandboxError, match="setup failed"):
-        run_python("print('never')", memory_mb=1)
+def test_setup_failure_raises_instead_of_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "_NOFILE", 3)  # the bootstrap cannot open main.py: no program ever runs
+    with pytest.raises(SandboxError, match=r"setup failed.*Too many open files"):
+        run_python("print('never')")
 
 
 def test_unprivileged_fallback_states_what_it_contains(

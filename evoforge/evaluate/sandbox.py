@@ -2,32 +2,34 @@
 
 Why so much machinery: code-scoring tasks execute whatever a candidate model wrote, so a program must not
 reach the host (files, network, our secrets, our processes) and must not take it down (memory, disk,
-processes, output, time). Each call starts `sys.executable -I` (isolated mode: no user site, no PYTHON*
+processes, output, time). Each call starts `sys.executable -I -S` (isolated: no user site, no PYTHON*
 variables) with an empty environment, in its own session, under a short bootstrap that sets up the
-containment and then runs the program with `runpy` in the same interpreter (one interpreter start a
-program: this is what keeps the cost near the ~35 ms baseline).
+containment, forks, and runs the program in the same interpreter after `site.main()` (one interpreter
+start a program, and site's pages belong to the program's process: copy-on-write faults at exit stay few).
 
-When the parent is root (our CI and GPU machines), the bootstrap, before it runs anything of the program:
-- enters new mount, network and IPC namespaces: the network has only a loopback that is down, so every
-  connect fails (127.0.0.1 included) and abstract Unix sockets and SysV IPC of the host are out of reach;
+When the parent is root (our CI and GPU machines), the bootstrap, before anything of the program runs:
+- enters new mount, network, IPC and pid namespaces. The network has only a loopback that is down: every
+  connect fails, 127.0.0.1 and abstract Unix sockets included. The program's process is a child of a
+  small init (pid 1, root, our code) that reports its exit status and then exits, and the kernel kills
+  every process left in the namespace: grandchildren die when the program ends, setsid() or not, and
+  none is left as a zombie. A fresh /proc shows only the namespace's processes;
 - makes every mount read-only and nosuid, then mounts a fresh size-capped tmpfs on the working folder
-  (and on /dev/shm): the only writable places, gone when the program's last process dies;
-- hides directories the program cannot traverse behind a tmpfs that shows only the Python install
-  (e.g. Python under /root, which is 0700), so the unprivileged program can still import the stdlib;
+  (and on /dev/shm): the only writable places, gone with the namespace;
+- lays a tmpfs over directories the program could not traverse that shows only the Python install below
+  them (Python under /root, which is 0700, on our machines), so the stdlib stays importable;
 - sets rlimits (CPU seconds, address space = `memory_mb`, file size, open files, processes, no core);
-- drops to a uid/gid of its own, unique to the call (no passwd entry, no groups): file permissions keep
-  it out of our files and our /proc entries (environ included), it cannot signal our processes, and
-  RLIMIT_NPROC counts only this program's processes, so concurrent calls do not share the limit;
-- sets no_new_privs (setuid binaries give nothing) and a parent-death signal.
-Afterwards the parent kills the process group and then every process still owned by that uid (a
-grandchild that called setsid() escapes the group, not the uid), before reaping the program.
+- drops to a uid/gid unique to the call (no passwd entry, no groups, no capabilities, no_new_privs): file
+  permissions keep it from our files, it cannot signal our processes, and RLIMIT_NPROC counts only this
+  program's processes, so concurrent calls do not share the limit.
+The parent kills the process group (bootstrap and init) at the timeout, at an output overflow, or once
+the program ended; the init's death ends the namespace.
 
-What is not contained: the program can read world-readable files of the host (read-only) and see the
-host's process list in /proc; CPU time is bounded per process and by the wall timeout, not shared out.
+Not contained: the program can read world-readable files of the host. Root without CAP_SYS_ADMIN (e.g. a
+default Docker container) cannot create the namespaces: `SandboxError`, no program runs uncontained.
 When the parent is not root, there is no uid to drop to and no mount namespace: the program runs as the
-calling user with the same rlimits, process group kill and fresh working folder, and the network is
-blocked only where unprivileged user namespaces are allowed; it can write wherever that user can, and a
-grandchild that calls setsid() survives. A warning says so once.
+calling user with the same rlimits and a fresh working folder, and can write wherever that user can; the
+network and leftover processes are contained where unprivileged user namespaces are allowed (else not).
+A warning says so once.
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
             "code sandbox runs without root: programs can write wherever this user can; network and "
             "leftover processes are contained only where unprivileged user namespaces are allowed"
         )
-    data = source.encode()
+    data = source.encode(errors="surrogatepass")  # a lone surrogate fails the program, not the caller
     uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if privileged else 0
     limits = [uid, math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
     workdir = tempfile.mkdtemp(prefix="evoforge-sandbox-")
@@ -224,7 +226,8 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
         shutil.rmtree(workdir, ignore_errors=True)
     duration = time.monotonic() - start
     if not status.startswith(b"1") and not timed_out:
-        raise SandboxError(f"code sandbox setup failed: {stderr.decode(errors='replace').strip()[-2000:]}")
+        last_line = stderr.decode(errors="replace").strip().rsplit("\n", 1)[-1]
+        raise SandboxError(f"code sandbox setup failed: {last_line or f'exit status {proc.returncode}'}")
     returncode = int(status[2:]) if status.startswith(b"1=") else proc.returncode
     note = ""
     if timed_out:
