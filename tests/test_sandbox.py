@@ -95,6 +95,25 @@ def test_failures_report_returncode_and_stderr(source: str, returncode: int, std
     assert stderr in result.stderr
 
 
+def test_exits_as_python_main_py_would() -> None:
+    """Threads are joined, atexit runs, output is flushed, tracebacks start at main.py."""
+    source = """
+    import atexit, sys, threading, time
+    atexit.register(print, "atexit ran")
+    threading.Thread(target=lambda: (time.sleep(0.2), print("thread done"))).start()
+    sys.stdout.write("no newline; ")
+    def check():
+        assert 1 == 2, "wrong"
+    check()
+    """
+    result = run_python(textwrap.dedent(source))
+    assert (result.returncode, result.stdout) == (1, "no newline; thread done\natexit ran\n")
+    assert result.stderr.startswith(
+        'Traceback (most recent call last):\n  File "main.py", line 8, in <module>'
+    )
+    assert result.stderr.endswith("AssertionError: wrong\n")
+
+
 def test_multiprocessing_works_inside() -> None:
     source = "from multiprocessing import Pool\nwith Pool(2) as p:\n    print(p.map(abs, [-1, -2]))"
     result = run_python(source, timeout_s=10)

@@ -70,7 +70,7 @@ _DRAIN_S = 1.0
 # lines on status_fd tell the parent what the exit code alone cannot: b"1" once the program's process is
 # set up (so a setup failure is not mistaken for a failing program), b"=<code>" when it ended.
 _BOOT = r"""
-import ctypes, os, resource, stat, sys
+import atexit, ctypes, os, resource, stat, sys
 
 def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
     libc = ctypes.CDLL(None, use_errno=True)
@@ -156,7 +156,28 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
     sys.modules["__main__"] = main
     os.write(status_fd, b"1")
     os.close(status_fd)
-    exec(compile(source, "main.py", "exec", dont_inherit=True), vars(main))
+    try:
+        exec(compile(source, "main.py", "exec", dont_inherit=True), vars(main))
+        code = 0
+    except SystemExit as exc:  # the interpreter's rules: None is 0, an int is itself, else printed and 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
+    except BaseException as exc:
+        exc.with_traceback(exc.__traceback__.tb_next)  # from main.py down, as `python main.py` shows it
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        code = 1
+    # Exit as multiprocessing's forked children do: threads joined, atexit run, streams flushed, then
+    # os._exit. The interpreter's own teardown would fault in a copy of every inherited page, for nothing.
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            code = 120
+    os._exit(code & 0xFF)
 
 boot(*map(int, sys.argv[1:]))
 """
