@@ -1,9 +1,4 @@
-"""Scoring: task discovery, the oracle and random-model sanity checks, fitness, weight swapping.
-
-The oracle is an lm-eval model that answers every prompt with its gold completion; it must score 1.0 on
-every task through evoforge's Scorer and through lm-eval's own CLI, which holds the tasks, their filters and
-metrics, and evoforge's split selection and aggregation together.
-"""
+"""Scoring: task discovery, the oracle and random-model sanity checks, fitness, weight swapping."""
 
 from __future__ import annotations
 
@@ -15,170 +10,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from eval_support import (
+    MINI_WEIGHTS,
+    REAL_TASKS,
+    needs_real_tasks,
+    one_torch_thread,
+    oracle,
+    write_mini_tasks,
+    write_task,
+)
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evoforge.config import DOMAINS, EvaluationConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
-from evoforge.evaluate import DEFAULT_TASKS_DIR, Scorer, TaskError, TaskSuite, compute_fitness
-
-REAL_TASKS = DEFAULT_TASKS_DIR
-needs_real_tasks = pytest.mark.skipif(
-    not any(REAL_TASKS.glob("**/*.yaml")),
-    reason=f"{REAL_TASKS} has no task YAML yet (the data is built apart)",
-)
-WRONG = "\N{REPLACEMENT CHARACTER}"
-
-
-def gold_completion(task, doc: dict) -> str:
-    """What a perfect model writes after the prompt: the target, or for code the canonical solution."""
-    if "canonical_solution" in doc:
-        return doc["canonical_solution"]
-    target = task.doc_to_target(doc)
-    if isinstance(target, list):
-        target = target[0]
-    if isinstance(target, int) and task.config.doc_to_choice is not None:
-        target = task.doc_to_choice(doc)[target]
-    return task.config.target_delimiter + str(target)
-
-
-@register_model("evoforge-oracle")
-class OracleLM(LM):
-    """Looks every prompt up among the task docs (all splits) and answers with its gold completion;
-    tasks named in `wrong` ("a+b") get a wrong answer instead."""
-
-    def __init__(self, tasks_dir: str, wrong: str = "", **_lm_eval_settings: object) -> None:
-        super().__init__()
-        self.wrong = set(filter(None, wrong.split("+")))
-        manager = TaskManager(include_path=tasks_dir, include_defaults=False)
-        self.gold: dict[tuple[str, str], str] = {}
-        for name, task in manager.load(manager.all_subtasks)["tasks"].items():
-            process = task.config.process_docs
-            for docs in task.dataset.values():
-                for doc in process(docs) if process else docs:
-                    self.gold[(name, task.doc_to_text(doc))] = gold_completion(task, doc)
-
-    def generate_until(self, requests) -> list[str]:
-        answers = []
-        for req in requests:
-            gold = self.gold[(req.task_name, req.args[0])]  # KeyError = a prompt the docs do not make
-            answers.append(WRONG if req.task_name in self.wrong else gold)
-        return answers
-
-    def loglikelihood(self, requests):
-        raise NotImplementedError("the oracle answers generate_until tasks only")
-
-    def loglikelihood_rolling(self, requests):
-        raise NotImplementedError("the oracle answers generate_until tasks only")
-
-
-# ---------------------------------------------------------------------- a small task folder of our own
-
-_UTILS = '''
-import difflib
-
-
-def similarity(doc, results):
-    """Exact match and a continuous string similarity (moves with every change of the output)."""
-    answer = results[0].strip()
-    return {"exact_match": float(answer == doc["answer"]),
-            "similarity": difflib.SequenceMatcher(None, answer, doc["answer"]).ratio()}
-'''
-
-
-def _write_task(root: Path, name: str, domain: str | list[str], rows: dict[str, list[dict]], **extra) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    for split, items in rows.items():
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {s: str(folder / f"{s}.jsonl") for s in rows}},
-        "output_type": "generate_until",
-        "validation_split": "validation",
-        "test_split": "test",
-        "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 12},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "filter_list": [
-            {"name": "strict", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}
-        ],
-        "metadata": {"domain": domain, "primary_metric": "exact_match", "level": "easy"},
-        **extra,
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
-    return path
-
-
-def _rows(make, start: int, n: int) -> list[dict]:
-    return [make(i) for i in range(start, start + n)]
-
-
-def write_mini_tasks(root: Path) -> Path:
-    """Four tasks, splits of 6 (validation) and 4 (test) items: math, multilingual, a cross-domain task
-    tagged [math, multilingual], and a structured-data task scored by a continuous similarity."""
-    french = "zéro un deux trois quatre cinq six sept huit neuf dix onze douze treize quatorze quinze seize".split()
-
-    def arith(i):
-        return {"question": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3)}
-
-    def words(i):
-        return {"question": f"How do you write {i} in French?", "answer": french[i]}
-
-    def cross(i):
-        return {"question": f"What is {i} + 2? Answer in French.", "answer": french[i + 2]}
-
-    def record(i):
-        return {"question": f'In {{"id": {i}, "name": "item{i}x"}}, what is "name"?', "answer": f"item{i}x"}
-
-    splits = {"validation": (0, 6), "test": (6, 4)}
-    for name, domain, make in (
-        ("arith", "math", arith),
-        ("numwords", "multilingual", words),
-        ("arith_fr", ["math", "multilingual"], cross),
-    ):
-        _write_task(root, name, domain, {s: _rows(make, *span) for s, span in splits.items()})
-    path = _write_task(
-        root,
-        "json_field",
-        "structured_data",
-        {s: _rows(record, *span) for s, span in splits.items()},
-        process_results="!function utils.similarity",
-        metric_list=[
-            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "similarity", "aggregation": "mean", "higher_is_better": True},
-        ],
-        metadata={"domain": "structured_data", "primary_metric": "similarity,strict", "level": "medium"},
-    )
-    path.write_text(path.read_text().replace('"!function utils.similarity"', "!function utils.similarity"))
-    (path.parent / "utils.py").write_text(_UTILS)
-    return root
+from evoforge.evaluate import Scorer, TaskError, TaskSuite, compute_fitness
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and two OpenMP threads spin-wait badly on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def mini_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_mini_tasks(tmp_path_factory.mktemp("mini_tasks"))
-
-
-MINI_WEIGHTS = {"math": 1.0, "multilingual": 1.0, "structured_data": 1.0}
-
-
-def _oracle(tasks_dir: Path, wrong: str = "") -> OracleLM:
-    return OracleLM(tasks_dir=str(tasks_dir), wrong=wrong)
 
 
 def _scores(result) -> dict:
@@ -212,11 +69,11 @@ def test_new_domain_is_picked_up_from_a_dropped_yaml(tmp_path: Path) -> None:
         {"question": f"Which word rhymes with {w}?", "answer": r}
         for w, r in (("cat", "hat"), ("moon", "june"))
     ]
-    _write_task(tmp_path / "tasks" / "poetry", "rhymes", "poetry", {"validation": rows, "test": rows[:1]})
+    write_task(tmp_path / "tasks" / "poetry", "rhymes", "poetry", {"validation": rows, "test": rows[:1]})
     suite = TaskSuite.discover(tmp_path / "tasks")
     assert [t.name for t in suite.domains["poetry"]] == ["rhymes"]
     assert "poetry" not in DOMAINS
-    scorer = Scorer(_oracle(tmp_path / "tasks"), weights={"poetry": 1.0}, tasks_dir=tmp_path / "tasks")
+    scorer = Scorer(oracle(tmp_path / "tasks"), weights={"poetry": 1.0}, tasks_dir=tmp_path / "tasks")
     result = scorer.score("validation")
     assert result.domains["poetry"] == 1.0 and result.tasks["rhymes"].n_items == 2
     assert result.fitness == 1.0
@@ -238,7 +95,7 @@ def test_broken_yaml_is_named_with_file_and_line(mini_tasks: Path, tmp_path: Pat
     assert suite.errors[nodomain] == f"{nodomain}: metadata.domain: expected a domain name or a list of them"
     assert sorted(suite.tasks) == ["arith", "arith_fr", "json_field"]  # the good files still load
     with pytest.raises(TaskError, match=r"broken\.yaml:3: invalid YAML.*\(and 1 more broken task files\)"):
-        Scorer(_oracle(mini_tasks), weights=MINI_WEIGHTS, tasks_dir=tmp_path / "tasks")
+        Scorer(oracle(mini_tasks), weights=MINI_WEIGHTS, tasks_dir=tmp_path / "tasks")
 
 
 def test_bad_metric_or_function_reference_is_named(mini_tasks: Path, tmp_path: Path) -> None:
@@ -254,18 +111,18 @@ def test_bad_metric_or_function_reference_is_named(mini_tasks: Path, tmp_path: P
 
 def test_weighted_domain_without_tasks_is_an_error(mini_tasks: Path) -> None:
     with pytest.raises(ConfigError, match=r"evaluation_weights\.code: no task .* has this domain"):
-        Scorer(_oracle(mini_tasks), tasks_dir=mini_tasks)  # default weights include code
+        Scorer(oracle(mini_tasks), tasks_dir=mini_tasks)  # default weights include code
 
 
 def test_run_file_task_selection(mini_tasks: Path) -> None:
     """`evaluation.tasks` picks tasks per domain and decides their domains."""
     evaluation = EvaluationConfig(tasks={"math": ["arith"], "structured_data": ["json_field"]})
     weights = {"math": 1, "structured_data": 1}
-    scorer = Scorer(_oracle(mini_tasks), evaluation=evaluation, weights=weights, tasks_dir=mini_tasks)
+    scorer = Scorer(oracle(mini_tasks), evaluation=evaluation, weights=weights, tasks_dir=mini_tasks)
     assert sorted(scorer.score().tasks) == ["arith", "json_field"]
     with pytest.raises(ConfigError, match=r"evaluation\.tasks\.math: unknown task 'nope'"):
         Scorer(
-            _oracle(mini_tasks), evaluation=EvaluationConfig(tasks={"math": ["nope"]}), tasks_dir=mini_tasks
+            oracle(mini_tasks), evaluation=EvaluationConfig(tasks={"math": ["nope"]}), tasks_dir=mini_tasks
         )
 
 
@@ -273,7 +130,7 @@ def test_run_file_task_selection(mini_tasks: Path) -> None:
 
 
 def test_oracle_scores_one_on_every_mini_task_and_split(mini_tasks: Path) -> None:
-    scorer = Scorer(_oracle(mini_tasks), weights=MINI_WEIGHTS, tasks_dir=mini_tasks)
+    scorer = Scorer(oracle(mini_tasks), weights=MINI_WEIGHTS, tasks_dir=mini_tasks)
     for split, n in (("validation", 6), ("test", 4)):
         result = scorer.score(split)
         assert {t: (s.value, s.n_items) for t, s in result.tasks.items()} == {
@@ -285,7 +142,7 @@ def test_oracle_scores_one_on_every_mini_task_and_split(mini_tasks: Path) -> Non
 def test_fitness_is_the_weighted_mean_of_domain_means(mini_tasks: Path) -> None:
     """A cross-domain task counts in both domains; an unweighted domain is reported, not counted."""
     weights = {"math": 1.0, "structured_data": 3.0}
-    result = Scorer(_oracle(mini_tasks, wrong="arith_fr"), weights=weights, tasks_dir=mini_tasks).score()
+    result = Scorer(oracle(mini_tasks, wrong="arith_fr"), weights=weights, tasks_dir=mini_tasks).score()
     assert result.tasks["arith_fr"].value == 0.0 and result.tasks["arith"].value == 1.0
     assert result.domains == {"math": 0.5, "multilingual": 0.5, "structured_data": 1.0}
     assert result.fitness == pytest.approx((1.0 * 0.5 + 3.0 * 1.0) / 4.0)
@@ -294,7 +151,7 @@ def test_fitness_is_the_weighted_mean_of_domain_means(mini_tasks: Path) -> None:
 
 def test_split_selection_does_not_leak(mini_tasks: Path) -> None:
     """Validation and test are separate task objects; the YAML as lm-eval reads it is untouched."""
-    scorer = Scorer(_oracle(mini_tasks, wrong="numwords"), weights=MINI_WEIGHTS, tasks_dir=mini_tasks)
+    scorer = Scorer(oracle(mini_tasks, wrong="numwords"), weights=MINI_WEIGHTS, tasks_dir=mini_tasks)
     first = _scores(scorer.score("validation"))
     assert _scores(scorer.score("test"))["n_items"] == 16
     assert _scores(scorer.score("validation")) == first and first["n_items"] == 24
@@ -308,7 +165,7 @@ def test_oracle_scores_one_on_every_real_task() -> None:
     assert suite.errors == {}
     assert set(DOMAINS) <= set(suite.domains)
     assert any(len(t.domains) > 1 for t in suite.tasks.values()), "no cross-domain task"
-    scorer = Scorer(_oracle(REAL_TASKS), tasks_dir=REAL_TASKS)
+    scorer = Scorer(oracle(REAL_TASKS), tasks_dir=REAL_TASKS)
     for split in ("validation", "test"):
         result = scorer.score(split)
         assert {t: s.value for t, s in result.tasks.items()} == dict.fromkeys(suite.tasks, 1.0), split
@@ -437,5 +294,5 @@ def test_yaml_written_by_a_user_is_accepted_as_is(tmp_path: Path) -> None:
     suite = TaskSuite.discover(tmp_path / "tasks")
     assert suite.errors == {}
     assert suite.tasks["hand_written"].primary_metric == "exact_match,none"
-    result = Scorer(_oracle(tmp_path / "tasks"), weights={"math": 1}, tasks_dir=tmp_path / "tasks").score()
+    result = Scorer(oracle(tmp_path / "tasks"), weights={"math": 1}, tasks_dir=tmp_path / "tasks").score()
     assert result.tasks["hand_written"].value == 1.0

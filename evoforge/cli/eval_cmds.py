@@ -1,1 +1,138 @@
-"""`evoforge tasks` and `evoforge eval`."""
+"""`evoforge tasks` and `evoforge eval`: list the task suite, score one model on it.
+
+lm-eval is imported inside the commands: it takes seconds, and `evoforge --help` should not wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from evoforge.cli.app import app, console, out, user_errors
+from evoforge.config import DOMAINS, EvaluationConfig, EvolutionConfig, format_validation_error
+from evoforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from evoforge.evaluate import EvalResult
+
+TasksDir = Annotated[
+    Path | None, typer.Option("--tasks-dir", help="Folder of task YAMLs (default: evoforge's tasks/).")
+]
+
+
+def _split_order(splits: set[str]) -> list[str]:
+    return sorted(splits, key=lambda s: ({"validation": 0, "test": 1}.get(s, 2), s))
+
+
+@app.command()
+@user_errors
+def tasks(tasks_dir: TasksDir = None) -> None:
+    """List the tasks per domain: level, primary metric, items per split. Exit 2 if a YAML is broken."""
+    from evoforge.evaluate import TaskSuite
+
+    with console.status("reading tasks and their data"):
+        suite = TaskSuite.discover(tasks_dir)
+        counts = suite.item_counts()
+    splits = _split_order({s for c in counts.values() for s in c})
+    table = Table("domain", "task", "level", "metric", *splits, title=str(suite.root))
+    for domain, infos in suite.domains.items():
+        label = domain if domain in DOMAINS else f"{domain} (new)"
+        for info in infos:
+            cells = [str(counts[info.name].get(s, "-")) for s in splits]
+            table.add_row(label, info.name, info.level or "", info.primary_metric, *cells)
+            label = ""
+    out.print(table)
+    out.print(f"{len(suite.tasks)} tasks in {len(suite.domains)} domains")
+    for error in suite.errors.values():
+        console.print(f"[bold red]broken:[/] {error}", highlight=False, soft_wrap=True)
+    if suite.errors:
+        raise typer.Exit(2)
+
+
+def parse_weights(specs: list[str]) -> dict[str, float]:
+    """`DOMAIN=W` options → weights; none given → the run file's defaults."""
+    if not specs:
+        return dict(EvolutionConfig.model_fields["evaluation_weights"].default)
+    weights: dict[str, float] = {}
+    for spec in specs:
+        domain, sep, value = spec.partition("=")
+        try:
+            weights[domain.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not domain.strip() or weights[domain.strip()] < 0:
+            raise ConfigError(f"--weight: expected DOMAIN=NUMBER (a number >= 0), got {spec!r}")
+    return weights
+
+
+def print_result(result: EvalResult) -> None:
+    """Per-domain and per-task tables, then the fitness."""
+    domains = Table("domain", "weight", "score", "tasks", title=f"split {result.split}")
+    for domain, score in result.domains.items():
+        names = [n for n, t in result.tasks.items() if domain in t.domains]
+        weight = result.weights.get(domain, 0.0)
+        domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}", ", ".join(names))
+    per_task = Table("task", "domains", "level", "metric", "value", "± stderr", "items")
+    for name, t in result.tasks.items():
+        stderr = f"{t.stderr:.4f}" if t.stderr is not None else ""
+        per_task.add_row(
+            name, ", ".join(t.domains), t.level or "", t.metric, f"{t.value:.4f}", stderr, str(t.n_items)
+        )
+    out.print(per_task)
+    out.print(domains)
+    out.print(
+        f"fitness {result.fitness:.4f}  ({result.n_items} items, {result.wall_s:.1f} s"
+        f"{f', first {result.limit} per task' if result.limit else ''})"
+    )
+
+
+@app.command("eval")
+@user_errors
+def eval_model(
+    model: Annotated[str, typer.Argument(help="Model folder or Hugging Face id.")],
+    split: Annotated[
+        str, typer.Option(help="validation (the fitness split) or test (held out).")
+    ] = "validation",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    tasks_dir: TasksDir = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="Fixed batch size.")] = EvaluationConfig().batch_size,
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the result as JSON here.")
+    ] = None,
+) -> None:
+    """Score one model on the task suite: per-task metrics, per-domain scores, fitness."""
+    try:
+        evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("evoforge eval", err)) from None
+    weights = parse_weights(weight or [])
+    from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about wrapping a loaded model
+    suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
+    suite.check()
+    check_weights(weights, suite)
+    with console.status(f"loading {model}"):
+        loaded, tokenizer = load_model(model, device, dtype)
+    scorer = Scorer(loaded, tokenizer, evaluation=evaluation, weights=weights, tasks_dir=tasks_dir)
+    with console.status(f"building {len(scorer.suite.tasks)} tasks for split {split!r}"):
+        scorer.tasks(split)
+    with console.status(f"scoring {model} on {split}"):
+        result = scorer.score(split)
+    print_result(result)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": model, **result.model_dump(mode="json")}, indent=2) + "\n")
+        console.print(f"wrote {json_out}")

@@ -17,13 +17,21 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "H
     os.environ.setdefault(_var, "1")
 
 if TYPE_CHECKING:
-    from evoforge.evaluate.scorer import EvalResult, Scorer, TaskScore, compute_fitness, load_model
+    from evoforge.evaluate.scorer import (
+        EvalResult,
+        Scorer,
+        TaskScore,
+        check_weights,
+        compute_fitness,
+        load_model,
+    )
     from evoforge.evaluate.suite import DEFAULT_TASKS_DIR, TaskError, TaskInfo, TaskSuite, resolve_tasks_dir
 
 _EXPORTS = {
     "EvalResult": "scorer",
     "Scorer": "scorer",
     "TaskScore": "scorer",
+    "check_weights": "scorer",
     "compute_fitness": "scorer",
     "load_model": "scorer",
     "DEFAULT_TASKS_DIR": "suite",
@@ -40,6 +48,7 @@ __all__ = [
     "TaskInfo",
     "TaskScore",
     "TaskSuite",
+    "check_weights",
     "compute_fitness",
     "load_model",
     "resolve_tasks_dir",

@@ -78,7 +78,21 @@ def compute_fitness(domain_scores: Mapping[str, float], weights: Mapping[str, fl
     return sum(w * domain_scores[d] for d, w in weights.items() if w > 0) / total
 
 
+def check_weights(weights: Mapping[str, float], suite: TaskSuite) -> None:
+    """Every weighted domain must have a task: fitness over a domain nothing scores is meaningless."""
+    domains = suite.domains
+    for domain, weight in weights.items():
+        if weight > 0 and domain not in domains:
+            raise ConfigError(
+                f"evaluation_weights.{domain}: no task in {suite.root} has this domain "
+                f"(domains there: {', '.join(domains)})"
+            )
+    compute_fitness(dict.fromkeys(domains, 0.0), weights)
+
+
 def resolve_device(device: Device | str) -> torch.device:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -97,6 +111,8 @@ def load_model(
     if not path.exists() and (src.startswith((".", "/", "~")) or src.count("/") != 1):
         raise ConfigError(f"{source}: model folder not found")
     target = resolve_device(device)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
@@ -140,14 +156,7 @@ class Scorer:
         self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
         self.suite = TaskSuite.discover(tasks_dir or self.evaluation.tasks_dir).select(self.evaluation.tasks)
         self.suite.check()
-        domains = self.suite.domains
-        for domain, weight in self.weights.items():
-            if weight > 0 and domain not in domains:
-                raise ConfigError(
-                    f"evaluation_weights.{domain}: no task in {self.suite.root} has this domain "
-                    f"(domains there: {', '.join(domains)})"
-                )
-        compute_fitness(dict.fromkeys(domains, 0.0), self.weights)
+        check_weights(self.weights, self.suite)
         self.seed = seed
         self.model: PreTrainedModel | None = None
         if isinstance(model, LM):

@@ -206,14 +206,20 @@ class TaskSuite:
         files = tuple((p.as_posix(), p.stat().st_mtime_ns) for p in TaskIndex._iter_yaml_files(self.root))
         return _task_manager(self.root, files)
 
-    def _load(self, name: str, spec: str | dict[str, Any], what: str) -> Task:
+    def _load(self, name: str, split: str | None = None) -> Task:
+        spec: str | dict[str, Any] = name
+        if split is not None:
+            spec = {"group": f"evoforge_{split}", "task": [{"task": name, "test_split": split}]}
+        path = self.tasks[name].path
         try:
             return self._manager().load(spec)["tasks"][name]
+        except KeyError as exc:
+            if split is not None and exc.args == (split,):
+                raise TaskError(f"{path}: task {name!r} has no split {split!r} in its data") from None
+            raise TaskError(f"{path}: cannot build task {name!r} (KeyError: {exc})") from exc
         except Exception as exc:  # whatever lm-eval, datasets or a task's utils.py raise
             text = str(exc).splitlines()[0] if str(exc) else ""
-            raise TaskError(
-                f"{self.tasks[name].path}: cannot build task {name!r}{what} ({type(exc).__name__}: {text})"
-            ) from exc
+            raise TaskError(f"{path}: cannot build task {name!r} ({type(exc).__name__}: {text})") from exc
 
     def build(self, split: str) -> dict[str, Task]:
         """Fresh lm-eval task objects that evaluate `split`.
@@ -222,20 +228,13 @@ class TaskSuite:
         overridden (an inline group is TaskManager's public way to pass per-task overrides), so objects for
         different splits share nothing and the YAMLs stay as written."""
         self.check()
-        return {
-            name: self._load(
-                name,
-                {"group": f"evoforge_{split}", "task": [{"task": name, "test_split": split}]},
-                f" for {split!r}",
-            )
-            for name in self.tasks
-        }
+        return {name: self._load(name, split) for name in self.tasks}
 
     def item_counts(self) -> dict[str, dict[str, int]]:
         """Task → split → number of documents (after the task's `process_docs`)."""
         counts: dict[str, dict[str, int]] = {}
         for name in self.tasks:
-            task = self._load(name, name, "")
+            task = self._load(name)
             process = task.config.process_docs
             counts[name] = {
                 split: len(process(docs) if process else docs) for split, docs in task.dataset.items()
