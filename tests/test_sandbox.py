@@ -64,6 +64,7 @@ def test_program_runs_unprivileged() -> None:
     import os
     assert os.getuid() == os.geteuid() == os.getgid() > 0 and os.getgroups() == []
     assert "CapEff:\\t0000000000000000" in open("/proc/self/status").read()
+    assert open("/proc/self/oom_score_adj").read() == "1000\\n"
     assert os.getppid() == 1 and sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()]
     """
     result = run_python(textwrap.dedent(source))
@@ -213,8 +214,10 @@ def test_own_folder_and_shm_are_private_and_gone_afterwards() -> None:
     pathlib.Path('/dev/shm/{name}').write_text('shm')
     print(os.getcwd())
     """
+    mounts = Path("/proc/self/mountinfo").read_text()
     result, _ = run(source)
     assert result.passed, result.stderr
+    assert Path("/proc/self/mountinfo").read_text() == mounts  # its mounts never reach the host
     workdir = Path(result.stdout.split()[1])
     assert not workdir.exists()
     assert not Path(f"/dev/shm/{name}").exists()

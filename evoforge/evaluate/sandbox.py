@@ -17,7 +17,9 @@ When the parent is root (our CI and GPU machines), the bootstrap, before anythin
   (and on /dev/shm): the only writable places, gone with the namespace;
 - lays a tmpfs over directories the program could not traverse that shows only the Python install below
   them (Python under /root, which is 0700, on our machines), so the stdlib stays importable;
-- sets rlimits (CPU seconds, address space = `memory_mb`, file size, open files, processes, no core);
+- sets rlimits (CPU seconds, address space = `memory_mb`, file size, open files, processes, no core)
+  and oom_score_adj 1000: memory is bounded per process, so up to `_NPROC` x `memory_mb` in all, and
+  should that exhaust the host, the OOM killer takes the program's processes first;
 - drops to a uid/gid unique to the call (no passwd entry, no groups, no capabilities, no_new_privs): file
   permissions keep it from our files, it cannot signal our processes, and RLIMIT_NPROC counts only this
   program's processes, so concurrent calls do not share the limit.
@@ -56,7 +58,7 @@ _OUTPUT_LIMIT = 256 * 1024
 # RLIMIT_FSIZE and the size of the tmpfs working folder (and /dev/shm).
 _FILE_MB = 16
 _DISK_MB = 64
-_NPROC = 64
+_NPROC = 32  # processes and threads
 _NOFILE = 256
 # Each call runs as a fresh uid drawn from this range (far above any account's uid).
 _UID_BASE = 0x5E000000
@@ -64,7 +66,7 @@ _UID_SPAN = 1 << 24
 # How long to wait for output still in the pipes after the program ended.
 _DRAIN_S = 1.0
 
-# The bootstrap runs as `python -I -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`
+# The bootstrap runs as `python -I -S -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`
 # (uid 0: the parent is not root, fallback mode). It reads the program from stdin, enters the namespaces,
 # forks an init (pid 1 of a new pid namespace, stays root there) that forks the program's process. Status
 # lines on status_fd tell the parent what the exit code alone cannot: b"1" once the program's process is
@@ -85,9 +87,11 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
         check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(opts)), f"mount {target}")
 
     check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # PR_SET_PDEATHSIG SIGKILL: die with the parent
+    with open("/proc/self/oom_score_adj", "w") as f:  # inherited: the OOM killer takes us, not the host
+        f.write("1000")
     source = sys.stdin.buffer.read()
-    work = os.getcwd()
     if uid:
+        work = os.getcwd()
         check(libc.unshare(0x00020000 | 0x40000000 | 0x08000000 | 0x20000000), "unshare")  # NS NET IPC PID
         mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing propagates back
         # Python's own files must stay readable once we are nobody in particular: over a directory that
@@ -95,9 +99,9 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
         plan = {}
         for path in {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if p}:
             parts = path.split("/")
-            for i in range(2, len(parts)):
+            for i in range(2, len(parts) if os.path.isdir(path) else 0):
                 ancestor = "/".join(parts[:i])
-                if os.path.isdir(path) and not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                if not os.stat(ancestor).st_mode & stat.S_IXOTH:
                     plan.setdefault(ancestor, set()).add(path)
                     break
         for hidden, paths in plan.items():
@@ -144,7 +148,7 @@ def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
         os.setgid(uid)
         os.setuid(uid)
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing
-    import site  # only now: the pages it fills are this process's own, not copied at exit (see above)
+    import site  # only now (the interpreter ran with -S): its pages are this process's own, not copied
 
     site.main()
     with open("main.py", "wb") as f:
