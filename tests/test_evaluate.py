@@ -243,6 +243,17 @@ def test_weight_swapping_reproduces_scores(
     assert len(scorer.model.model.layers) == 6 and _scored(scorer) == a
 
 
+def test_candidate_with_another_config_gets_a_rebuilt_model(
+    qwen_family: dict[str, Path], llama_family: dict[str, Path], mini_tasks: Path
+) -> None:
+    """A folder whose config differs beyond depth (here Llama, untied embeddings) is still scored right."""
+    kwargs = {"weights": MINI_WEIGHTS, "tasks_dir": mini_tasks}
+    scorer = Scorer.from_pretrained(qwen_family["alpha"], device="cpu", **kwargs)
+    scorer.load_weights(llama_family["alpha"])
+    assert type(scorer.model).__name__ == "LlamaForCausalLM" and scorer.lm.model is scorer.model
+    assert _scored(scorer) == _scored(Scorer.from_pretrained(llama_family["alpha"], device="cpu", **kwargs))
+
+
 def test_incompatible_candidate_is_refused(
     qwen_family: dict[str, Path], llama_family, mini_tasks: Path
 ) -> None:

@@ -159,12 +159,13 @@ class Scorer:
         check_weights(self.weights, self.suite)
         self.seed = seed
         self.model: PreTrainedModel | None = None
+        self.tokenizer = tokenizer
         if isinstance(model, LM):
             self.lm = model
         elif tokenizer is None:
             raise TypeError("Scorer: an HF model needs its tokenizer")
         else:
-            self.model, self.tokenizer = model, tokenizer
+            self.model = model
             self.lm = self._wrap()
         self._tasks: dict[str, dict[str, Task]] = {}
 
@@ -198,7 +199,8 @@ class Scorer:
 
         Same architecture and shapes are required. A folder whose config differs only in depth (a
         frankenmerge or DFS path) resizes the decoder's layer list in place; one that differs otherwise
-        (rope, norms, tied embeddings) gets a model rebuilt from its config and a new wrapper."""
+        (rope, norms, tied embeddings) gets a model rebuilt from its config and a new wrapper. After an
+        error the resident weights are undefined until the next successful load."""
         if self.model is None:
             raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if isinstance(source, Mapping):
