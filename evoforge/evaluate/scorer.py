@@ -224,12 +224,14 @@ class Scorer:
         depth = config.num_hidden_layers
         del layers[depth:]
         layer_cls = type(layers[0])
-        for idx in range(len(layers), depth):
-            layers.append(layer_cls(self.model.config, idx).to(device=first.device, dtype=first.dtype))
+        with torch.device(first.device):  # initialised where they live: no host copy of a big layer
+            for idx in range(len(layers), depth):
+                layers.append(layer_cls(self.model.config, idx).to(dtype=first.dtype))
 
     def _rebuild(self, config: PretrainedConfig) -> None:
         first = next(self.model.parameters())
-        self.model = AutoModelForCausalLM.from_config(config, dtype=first.dtype).to(first.device).eval()
+        with torch.device(first.device):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=first.dtype).eval()
         self.lm = self._wrap()
 
     def _copy(self, state: Mapping[str, torch.Tensor]) -> None:
