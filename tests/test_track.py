@@ -391,6 +391,8 @@ def test_wandb_offline_run_holds_history_config_and_model(tmp_path: Path) -> Non
     # A resumed run (a new tracker on the same folder) appends generation 2 to the same W&B run.
     with WandbTracker(run_dir, "evoforge-test", "offline", config, run_name="synthetic") as resumed:
         resumed.log_generation(gens[2])
+    assert resumed.local_dir is not None and resumed.local_dir.parent == run_dir / "wandb"
+    assert (resumed.local_dir / f"run-{run_id}.wandb").is_file()
     first, second = read_offline_runs(run_dir)
     assert first["id"] == second["id"] == run_id
     assert first["project"] == "evoforge-test" and first["name"] == "synthetic"
@@ -440,5 +442,5 @@ def test_wandb_disabled_writes_nothing(tmp_path: Path) -> None:
     )
     tracker.log_best_model(0, run_dir, {})
     tracker.finish()
-    assert tracker.run_id is None
+    assert tracker.run_id is None and tracker.local_dir is None
     assert list(run_dir.iterdir()) == []

@@ -210,8 +210,9 @@ def plot_fitness(run: Run, path: Path) -> None:
     ax.set_xlabel("generation")
     ax.set_ylabel(f"fitness ({run.baselines.fitness_split} split)")
     ax.set_title(f"{run.name}: fitness per generation")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # fitness is ≥ 0: bars of progress start at zero
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     fig.savefig(path, dpi=110)
 
 

@@ -55,6 +55,8 @@ class WandbTracker:
     ) -> None:
         self.mode = mode
         self.run_id: str | None = None
+        self.local_dir: Path | None = None
+        """This session's W&B folder (`wandb sync <it>` uploads an offline run); None when disabled."""
         self._run = None
         if mode == "disabled":
             return
@@ -96,6 +98,7 @@ class WandbTracker:
                 f"W&B {mode} run could not start: {str(exc).splitlines()[0]} "
                 "(run `wandb login`, or set wandb_mode: offline)"
             ) from None
+        self.local_dir = Path(self._run.settings.sync_dir)
         # The run's summary keeps the best generation, not the last one.
         self._run.define_metric("best_fitness", summary="max")
 
