@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def test_program_runs_unprivileged() -> None:
     import os
     assert os.getuid() == os.geteuid() == os.getgid() > 0 and os.getgroups() == []
     assert "CapEff:\\t0000000000000000" in open("/proc/self/status").read()
+    assert "NoNewPrivs:\\t1" in open("/proc/self/status").read()
     assert open("/proc/self/oom_score_adj").read() == "1000\\n"
     assert os.getppid() == 1 and sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()]
     """
@@ -166,6 +169,45 @@ def test_grandchild_holding_the_pipes_is_killed_when_main_ends() -> None:
     )
     assert result.stdout.endswith("done\n") and result.duration_s < 2.0
     assert processes_of(uid) == []
+
+
+def test_program_dies_with_a_killed_caller() -> None:
+    marker = f"evo{uuid.uuid4().hex[:12]}"  # the program's name (comm), to find it from here
+    program = f"import ctypes, time\nctypes.CDLL(None).prctl(15, b'{marker}')\ntime.sleep(60)"
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from evoforge.evaluate.sandbox import run_python\nrun_python({program!r}, 60)",
+        ]
+    )
+    try:
+        assert wait_until(lambda: named(marker), 20), "the program never started"
+    finally:
+        caller.kill()
+        caller.wait()
+    assert wait_until(lambda: not named(marker), 2)
+
+
+def wait_until(condition: Callable[[], object], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def named(comm: str) -> list[str]:
+    """Pids of the processes whose name (as PR_SET_NAME sets it) is `comm`."""
+    return [p for p in os.listdir("/proc") if p.isdigit() and read_comm(p) == comm]
+
+
+def read_comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def test_ten_gigabytes_fail_with_memory_error() -> None:
@@ -298,14 +340,7 @@ def test_unprivileged_fallback_states_what_it_contains(
     """
     result = run_python(textwrap.dedent(source))
     assert result.passed and result.duration_s < 2.0
-    assert [p for p in os.listdir("/proc") if p.isdigit() and comm(p) == marker] == []
+    assert named(marker) == []
     target = tmp_path / "written-by-fallback"
     assert run_python(f"open({str(target)!r}, 'w').write('x')").passed
     assert target.exists()  # not contained: the program writes as the calling user
-
-
-def comm(pid: str) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
