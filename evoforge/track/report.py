@@ -226,9 +226,10 @@ def plot_domains(run: Run, path: Path) -> None:
     ]
     models = list(run.baselines.models)
     series = [best_label, *models]
+    palette = [f"C{i}" for i in range(10) if i != 3]  # C3 is the best candidate's red
     colours = {best_label: BEST_COLOUR}
     for i, m in enumerate(models):
-        colours[m] = "0.7" if m == run.ancestor else f"C{i % 10 if i % 10 != 3 else 9}"
+        colours[m] = "0.7" if m == run.ancestor else palette[i % len(palette)]
     fig = Figure(figsize=(max(9.0, 2.4 * len(groups) + 1), 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / len(series)
