@@ -171,16 +171,12 @@ def test_grandchild_holding_the_pipes_is_killed_when_main_ends() -> None:
     assert processes_of(uid) == []
 
 
-def test_program_dies_with_a_killed_caller() -> None:
+def test_program_dies_with_a_killed_caller(tmp_path: Path) -> None:
     marker = f"evo{uuid.uuid4().hex[:12]}"  # the program's name (comm), to find it from here
     program = f"import ctypes, time\nctypes.CDLL(None).prctl(15, b'{marker}')\ntime.sleep(60)"
-    caller = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"from evoforge.evaluate.sandbox import run_python\nrun_python({program!r}, 60)",
-        ]
-    )
+    call = f"from evoforge.evaluate.sandbox import run_python\nrun_python({program!r}, 60)"
+    # A killed caller cannot remove its (empty) working folder: let it be one under tmp_path.
+    caller = subprocess.Popen([sys.executable, "-c", call], env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         assert wait_until(lambda: named(marker), 20), "the program never started"
     finally:
