@@ -266,6 +266,11 @@ def test_refuses_to_replace_a_folder_that_is_not_a_model(qwen_family, tmp_path):
             "exactly one document without `name`",
         ),
         ("slices:", "linear_weights: 1\nslices:", r"final document: field linear_weights: unknown key"),
+        (
+            "base_model: evoforge_interp",
+            "base_model: evoforge_crossover",
+            "stages depend on each other in a cycle",
+        ),
     ],
 )
 def test_bad_recipes_are_one_line_errors_naming_file_and_field(qwen_family, tmp_path, old, new, message):

@@ -161,7 +161,8 @@ def _check_document(doc: dict[str, Any], stage_names: set[str], where: str) -> M
             try:
                 mapping[key] = str(resolve_model(mapping[key]))
             except ModelNotAvailableError as error:
-                raise ConfigError(f"{where}: field {_loc(loc)}: {error}") from None
+                stages = f" (stages: {', '.join(sorted(stage_names))})" if stage_names else ""
+                raise ConfigError(f"{where}: field {_loc(loc)}: {error}{stages}") from None
     return config
 
 
@@ -207,15 +208,13 @@ def merge_options(device: str = "auto", random_seed: int | None = None, quiet: b
     return MergeOptions(device="cpu", random_seed=random_seed, quiet=quiet)
 
 
-def _replace_folder(new: Path, out_dir: Path, trash: Path) -> None:
-    """Move `new` to `out_dir`; an existing model folder there is moved into `trash` first."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (
-            any(out_dir.iterdir()) and not any((out_dir / m).exists() for m in _MODEL_MARKERS)
-        ):
-            raise ConfigError(f"{out_dir}: exists and is not a model folder; refusing to replace it")
-        os.replace(out_dir, trash)
-    os.replace(new, out_dir)
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse an output path holding anything but a model: replacing it would delete the user's files."""
+    if out_dir.exists() and (
+        not out_dir.is_dir()
+        or (any(out_dir.iterdir()) and not any((out_dir / marker).exists() for marker in _MODEL_MARKERS))
+    ):
+        raise ConfigError(f"{out_dir}: exists and is not a model folder; refusing to replace it")
 
 
 def merge_recipe(
@@ -239,6 +238,7 @@ def merge_recipe(
     documents = validate_recipe(recipe_yaml, source=source)
     options = merge_options(device, random_seed, quiet)
     out_dir = Path(out_dir).expanduser().resolve()
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -256,7 +256,9 @@ def merge_recipe(
                 run_merge(configs[name], str(path), options=options)
                 mergekit_fixes.copy_generation_config(configs[name], path)
         (final / "mergekit_config.yml").write_text(recipe_yaml)
-        _replace_folder(final, out_dir, staging / "previous")
+        if out_dir.exists():
+            os.replace(out_dir, staging / "previous")  # deleted with the staging folder
+        os.replace(final, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -107,6 +107,8 @@ def stage_dir(parent: Path | None = None) -> Iterator[Path]:
     `mergekit-multi` skips any stage whose folder already holds a model (`lazy=True`, the default), so a
     re-run with changed weights silently reuses the old stage. Use a fresh folder per merge and `lazy=False`.
     """
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix="evoforge-stages-", dir=parent))
     try:
         yield path
@@ -224,7 +226,10 @@ def global_rng_preserved() -> Iterator[None]:
 
 @contextmanager
 def applied() -> Iterator[None]:
-    """Every workaround a merge run needs: patches active, loader cache empty before and after, RNG kept."""
+    """Every workaround a merge run needs: patches active, loader cache empty before and after, RNG kept.
+
+    The patches are process-wide: run one merge at a time (evoforge merges sequentially).
+    """
     clear_loader_cache()
     try:
         with global_rng_preserved(), layer_types_follow_slices(), zero_safe_multislerp():
