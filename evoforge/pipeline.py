@@ -167,8 +167,13 @@ class EvoMergePipeline:
         return baselines
 
     def run(self) -> BestCandidate:
+        with quiet_libraries():
+            return self._run()
+
+    def _run(self) -> BestCandidate:
         from evoforge.evolve.candidates import CandidateEvaluator
         from evoforge.evolve.loop import Evolution, Hooks
+        from evoforge.track.report import write_report
         from evoforge.track.wandb_log import WandbTracker
 
         cfg, run_dir = self.cfg, self.run_dir
@@ -230,11 +235,13 @@ class EvoMergePipeline:
             on_candidate=on_candidate, on_generation=on_generation, on_new_best=on_new_best
         )
         try:
-            with quiet_libraries(), progress:
+            with tracker, progress:
                 evolution.run(state)
         finally:
-            tracker.finish()
             shutil.rmtree(run_dir / ".work", ignore_errors=True)
+        write_report(run_dir)
+        if tracker.local_dir:
+            self.console.print(f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)")
         return self.best(baselines)
 
     def best(self, baselines: Baselines) -> BestCandidate:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from evoforge.cli.app import app, console, forge_app, user_errors
+from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.checkpoint import CHECKPOINT_DIR
@@ -33,7 +33,7 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
 
     if resume is not None and not resume.exists():
         raise ConfigError(f"{resume}: --resume: no such checkpoint or run directory")
-    console.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
+    out.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
     best = EvoMergePipeline(cfg, resume=resume, console=console).run()
     gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
     held = best.heldout_fitness
