@@ -77,6 +77,7 @@ def validate(
     if models:
         from evoforge.merge.compat import check_compatibility
 
+        check_run_models(cfg)
         warnings = check_compatibility(
             {m.name: cfg.resolve(m) for m in cfg.base_models},
             ancestor=cfg.resolve(cfg.ancestor) if cfg.ancestor else None,

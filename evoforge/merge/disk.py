@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from evoforge.errors import ConfigError
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.compat import ModelNotAvailableError, resolve_model
+from evoforge.models import read_model_config
 
 # Values of a model-reference key that are not models (`tokenizer_source: union`).
 _NOT_MODELS = frozenset({"union", "base"})
@@ -176,12 +177,44 @@ def validate_recipe(recipe_yaml: str, *, source: str = "recipe") -> list[dict[st
     """
     documents = _parse(recipe_yaml, source)
     stage_names = {doc["name"] for doc in documents if "name" in doc}
+    configs = {}
     for doc in documents:
         body = {key: value for key, value in doc.items() if key != "name"}
         where = f"{source}: stage {doc['name']}" if "name" in doc else f"{source}: final document"
-        _check_document(body, stage_names, where)
+        configs[doc.get("name")] = (where, _check_document(body, stage_names, where))
         doc.update(body)  # the localised model paths
+    _check_layer_ranges(configs)
     return documents
+
+
+def _check_layer_ranges(configs: dict[str | None, tuple[str, MergeConfiguration]]) -> None:
+    """Every slice's layer_range lies inside its source model (mergekit only finds out mid-merge, with a
+    missing-tensor error). A stage's depth is its slices' total, else the depth of its first input."""
+    depths: dict[str, int] = {}
+
+    def depth(model: str) -> int:
+        if model not in depths:
+            if model in configs:
+                cfg = configs[model][1]
+                depths[model] = (
+                    sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in cfg.slices)
+                    if cfg.slices
+                    else depth(str((cfg.base_model or cfg.models[0].model).model.path))
+                )
+            else:
+                depths[model] = int(read_model_config(model, what=f"model {model}")["num_hidden_layers"])
+        return depths[model]
+
+    for where, cfg in configs.values():
+        for i, out_slice in enumerate(cfg.slices or []):
+            for j, src in enumerate(out_slice.sources):
+                start, end = src.layer_range
+                n = depth(str(src.model.model.path))
+                if not 0 <= start < end <= n:
+                    raise ConfigError(
+                        f"{where}: field slices.{i}.sources.{j}.layer_range: [{start}, {end}] is outside "
+                        f"{src.model.model.path}'s {n} layers"
+                    )
 
 
 def merge_options(device: str = "auto", random_seed: int | None = None, quiet: bool = True) -> MergeOptions:
