@@ -183,6 +183,13 @@ def validate_recipe(recipe_yaml: str, *, source: str = "recipe") -> list[dict[st
         where = f"{source}: stage {doc['name']}" if "name" in doc else f"{source}: final document"
         configs[doc.get("name")] = (where, _check_document(body, stage_names, where))
         doc.update(body)  # the localised model paths
+    graph = {
+        name: {str(m.model.path) for m in cfg.referenced_models()} & stage_names for name, (_, cfg) in configs.items()
+    }
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as error:
+        raise ConfigError(f"{source}: stages depend on each other in a cycle: {error.args[1]}") from None
     _check_layer_ranges(configs)
     return documents
 
@@ -278,13 +285,7 @@ def merge_recipe(
         final = staging / "model"
         with mergekit_fixes.stage_dir(work_dir or staging) as stages, mergekit_fixes.applied():
             configs, dependencies = load_config(yaml.safe_dump_all(documents, sort_keys=False), str(stages))
-            try:
-                order = list(TopologicalSorter(dependencies).static_order())
-            except CycleError as error:
-                raise ConfigError(
-                    f"{source}: stages depend on each other in a cycle: {error.args[1]}"
-                ) from None
-            for name in order:
+            for name in TopologicalSorter(dependencies).static_order():
                 path = final if name is None else stages / name
                 run_merge(configs[name], str(path), options=options)
                 mergekit_fixes.copy_generation_config(configs[name], path)
