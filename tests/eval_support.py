@@ -30,15 +30,15 @@ WRONG = "\N{REPLACEMENT CHARACTER}"
 
 
 def gold_completion(task, doc: dict) -> str:
-    """What a perfect model writes after the prompt: the target, or for code the canonical solution."""
-    if "canonical_solution" in doc:
-        return doc["canonical_solution"]
+    """What a perfect model writes after the prompt: the target, after the target delimiter (" 19" after
+    "Answer:") unless the prompt already ends in whitespace (a code prompt ends inside the function)."""
     target = task.doc_to_target(doc)
     if isinstance(target, list):
         target = target[0]
     if isinstance(target, int) and task.config.doc_to_choice is not None:
         target = task.doc_to_choice(doc)[target]
-    return task.config.target_delimiter + str(target)
+    prompt = task.doc_to_text(doc)
+    return ("" if prompt[-1:].isspace() else task.config.target_delimiter) + str(target)
 
 
 @register_model("evoforge-oracle")
