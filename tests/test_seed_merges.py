@@ -1,0 +1,128 @@
+"""The 8 seeds as real merges: disk path == stock mergekit-multi, hand edits, and exact DFS input scaling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evoforge.config import MergeOperators
+from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
+from evoforge.merge.disk import merge_recipe
+from evoforge.recipe import parse, random_seed, render
+
+NAMES = ("alpha", "beta", "gamma")
+
+
+def space_of(family: dict[str, Path], ancestor: bool) -> GenomeSpace:
+    return GenomeSpace(
+        models=NAMES,
+        paths=tuple(str(family[n]) for n in NAMES),
+        num_layers=6,
+        ancestor=str(family["ancestor"]) if ancestor else None,
+        dtype="float32",
+    )
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+STOCK = """
+import sys
+from mergekit.scripts.multimerge import main
+for recipe, out, seed in zip(*[iter(sys.argv[1:])] * 3):
+    main([recipe, "--intermediate-dir", out + ".stages", "--out-path", out, "--no-lazy", "--random-seed", seed],
+         standalone_mode=False)
+"""
+
+
+@pytest.mark.parametrize("arch,ancestor", [("qwen", False), ("llama", True)])
+def test_all_eight_seeds_merge_load_run_and_equal_stock_mergekit_multi(arch, ancestor, request, tmp_path):
+    family = request.getfixturevalue(f"{arch}_family")
+    space = space_of(family, ancestor)
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    argv = []
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    for label, genome in seeds.items():
+        text = render(genome, space)
+        (tmp_path / f"{label}.yaml").write_text(text)
+        merged = merge_recipe(text, tmp_path / "ours" / label, device="cpu", random_seed=random_seed(text))
+        model = AutoModelForCausalLM.from_pretrained(merged)
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape == (1, 5, model.config.vocab_size) and torch.isfinite(logits).all()
+        argv += [str(tmp_path / f"{label}.yaml"), str(tmp_path / "stock" / label), str(random_seed(text))]
+    subprocess.run([sys.executable, "-c", STOCK, *argv], check=True, capture_output=True, timeout=600)
+    for label in seeds:
+        ours, stock = tensors(tmp_path / "ours" / label), tensors(tmp_path / "stock" / label)
+        assert ours.keys() == stock.keys()
+        for name in ours:
+            assert torch.equal(ours[name], stock[name]), (label, name)
+
+
+def test_hand_edited_seed_merges_differently_and_round_trips(qwen_family, tmp_path):
+    space = space_of(qwen_family, ancestor=False)
+    genome = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)["linear-ties-frankenmerge"]
+    text = render(genome, space)
+    edited = text.replace(
+        "parameters: {weight: 0.333333, density: 0.9}", "parameters: {weight: 0.8, density: 0.9}", 1
+    )
+    assert edited != text
+    a = tensors(merge_recipe(text, tmp_path / "a", device="cpu"))
+    b = tensors(merge_recipe(edited, tmp_path / "b", device="cpu"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    hand = parse(edited, space, source="edited.yaml")
+    assert hand != genome and hand.crossover.weights[0] == (0.8,)
+    assert parse(render(hand, space), space) == hand
+
+
+def dfs_forward(models: dict[str, torch.nn.Module], path: list[Step], ids: torch.Tensor) -> torch.Tensor:
+    """Sakana's data-flow path by hand: layer `step.layer` of model `step.source`, its input × step.scale."""
+    first, last = models[path[0].source].model, models[path[-1].source]
+    h = first.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1])[None]
+    rope = first.rotary_emb(h, positions)
+    for step in path:
+        layer = models[step.source].model.layers[step.layer]
+        out = layer(h * step.scale, position_embeddings=rope, position_ids=positions, attention_mask=None)
+        h = out[0] if isinstance(out, tuple) else out
+    h = last.model.norm(h)
+    head = first.embed_tokens.weight if last.config.tie_word_embeddings else last.lm_head.weight
+    return h @ head.T
+
+
+@pytest.mark.parametrize("arch", ["qwen", "llama"])
+def test_dfs_scales_reproduce_input_scaling_exactly(arch, request, tmp_path):
+    family = request.getfixturevalue(f"{arch}_family")
+    space = space_of(family, ancestor=False)
+    seed = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)["linear-ties-dfs"]
+    path = [
+        Step(source="alpha", layer=0, scale=1.0),
+        Step(source="beta", layer=1, scale=1.7),
+        Step(source="beta", layer=1, scale=0.6),  # a repeated layer
+        Step(source="gamma", layer=3, scale=1.25),
+        Step(source="alpha", layer=2, scale=0.8),
+        Step(source="gamma", layer=5, scale=1.1),
+        Step(source="beta", layer=4, scale=0.9),
+    ]
+    genome = Genome(
+        interp=seed.interp, crossover=seed.crossover, structure=StructureGene(method="dfs", path=path)
+    )
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_recipe(render(genome, space), tmp_path / "dfs", device="cpu")
+    )
+    assert merged.config.num_hidden_layers == len(path)
+    models = {n: AutoModelForCausalLM.from_pretrained(family[n]).eval() for n in NAMES}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with torch.no_grad():
+        expected = dfs_forward(models, path, ids)
+        got = merged.eval()(ids).logits
+        unscaled = dfs_forward(models, [s.model_copy(update={"scale": 1.0}) for s in path], ids)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert (unscaled - expected).abs().max() > 100 * (got - expected).abs().max()  # the scales matter
