@@ -180,7 +180,12 @@ _MULTI_MATH: dict[str, dict] = {
     },
     "es": {
         "names": ["María", "Lucía", "Carmen", "Sofía", "Pablo", "Javier", "Diego", "Carlos"],
-        "objects": [("manzanas", "Cuántas"), ("libros", "Cuántos"), ("canicas", "Cuántas"), ("lápices", "Cuántos")],
+        "objects": [
+            ("manzanas", "Cuántas"),
+            ("libros", "Cuántos"),
+            ("canicas", "Cuántas"),
+            ("lápices", "Cuántos"),
+        ],
         "items": [("Un cuaderno", "cuadernos"), ("Un bolígrafo", "bolígrafos"), ("Una taza", "tazas")],
         "add": "¿Cuánto es {a} más {b}?",
         "sub": "¿Cuánto es {a} menos {b}?",
@@ -222,12 +227,21 @@ def math_multilingual(rng: random.Random) -> Iterator[Doc]:
             answer = {"add": a + b, "buy": a + b, "sub": a - b, "give": a - b, "two": a + b - c}[kind]
         obj, how_many = rng.choice(t["objects"])
         item, items = rng.choice(t["items"])
-        question = t[kind].format(n=rng.choice(t["names"]), a=a, b=b, c=c, o=obj, q=how_many, i1=item, i2=items)
+        question = t[kind].format(
+            n=rng.choice(t["names"]), a=a, b=b, c=c, o=obj, q=how_many, i1=item, i2=items
+        )
         yield {"question": question, "answer": str(answer), "language": lang}
 
 
 # -------------------------------------------------------------------------------------- multilingual
-_LANGUAGE_NAMES = {"fr": "French", "es": "Spanish", "de": "German", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
+_LANGUAGE_NAMES = {
+    "fr": "French",
+    "es": "Spanish",
+    "de": "German",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+}
 
 
 def multilingual_numbers(rng: random.Random) -> Iterator[Doc]:
@@ -269,7 +283,9 @@ def _cldr_terms() -> list[tuple[str, str, str, str]]:
         terms += [("country", english.territories[c], lang, loc.territories[c]) for c in sorted(countries)]
         terms += [("language", english.languages[c], lang, loc.languages[c]) for c in languages]
         for i in range(1, 13):
-            terms.append(("month", english.months["format"]["wide"][i], lang, loc.months["format"]["wide"][i]))
+            terms.append(
+                ("month", english.months["format"]["wide"][i], lang, loc.months["format"]["wide"][i])
+            )
         for i in range(7):
             terms.append(("day", english.days["format"]["wide"][i], lang, loc.days["format"]["wide"][i]))
     return terms
@@ -367,7 +383,9 @@ def structured_json(rng: random.Random) -> Iterator[Doc]:
             chosen = rng.sample(list(record), 2)
             data = _render([record], fmt, inline=False)
             expected = {k: record[k] for k in chosen}
-            ask = f"Convert this {fmt.upper()} record into a JSON object with only the keys {_quoted(chosen)}."
+            ask = (
+                f"Convert this {fmt.upper()} record into a JSON object with only the keys {_quoted(chosen)}."
+            )
         else:
             keys = ["name", *rng.sample([f for f in _FIELDS if f != "name"], 3)]
             records = [_record(fake, rng, keys) for _ in range(3)]
