@@ -8,7 +8,9 @@ temp cache where the specialist tests build, corrupt and repair.
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from evoforge.demo import (
     prepare,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 LORA_R, LORA_ALPHA, LORA_TARGETS = 2, 4, ["q_proj", "v_proj"]
 
 
@@ -275,3 +278,39 @@ def test_cli_prints_folders_or_one_line_error(built: Built, tmp_path: Path) -> N
     )
     assert bad.exit_code == 2
     assert bad.stderr.strip() == f"error: {tmp_path / 'x'}: no such file (given by --wheel)"
+
+
+def _train_adapters_cli():
+    """scripts/train_adapters.py's Typer app (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_adapters", ROOT / "scripts" / "train_adapters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cli
+
+
+def test_train_adapters_learns_the_answers_and_prepare_can_merge_it(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """A few steps on a tiny Llama: the answer loss falls, replay runs, and the adapter merges as prepare does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    items = tmp_path / "items.jsonl"
+    rows = [{"text": f"Question: What is {a} + {a}?\nAnswer: {2 * a}"} for a in range(10, 18)]
+    items.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "adapter"
+    args = [str(llama_family["ancestor"]), "tiny", "--jsonl", str(items), "--out", str(out), "--steps", "12"]
+    args += ["--batch-size", "8", "--lr", "1e-2", "--r", "2", "--alpha", "4", "--replay-weight", "0.5"]
+    result = CliRunner().invoke(
+        _train_adapters_cli(), [*args, "--replay-batch-size", "2", "--max-length", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "training.json").read_text())
+    assert info["items"] == 8 and info["replay_texts"] > 0
+    assert info["log"][-1]["task_loss"] < 0.9 * info["log"][0]["task_loss"]
+    assert info["log"][-1]["replay_kl"] > 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    base = AutoModelForCausalLM.from_pretrained(llama_family["ancestor"], dtype=torch.float32)
+    before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, before)

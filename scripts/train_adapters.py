@@ -1,0 +1,252 @@
+"""Train one LoRA specialist of the demo ancestor and save the adapter (a few MB) for `evoforge demo prepare`.
+
+Runs unchanged on any CUDA machine with evoforge's dependencies (on CPU too, slowly: a smoke test).
+
+    python scripts/train_adapters.py ~/.cache/evoforge/smollm2-135m-instruct math \\
+        --task <task> [--task <task> ...] [--jsonl items.jsonl] --steps 300 --replay-weight 0.5
+
+Items come from `scripts/build_tasks.py`'s `training_items(task, n, seed)` (disjoint from the tasks'
+validation and test splits) and/or JSONL files: each item is the text "Question: ...\\nAnswer: <answer>"
+(a string, or in JSONL `{"text": ...}`), or a mapping with `prompt` and `answer`. The loss is on the answer
+only (plus EOS), with the question as context, as the tasks' evaluation sees it.
+
+Replay (`--replay-weight` > 0): KL divergence to the ancestor — the same model with the adapter switched
+off — on general text in the chat format (the Python documentation that ships with CPython, or
+`--replay-jsonl`). It keeps the delta small outside the task, so specialists interfere less when merged.
+
+The adapter goes to `recipes/demo/adapters/<name>/` (or `--out`) with `training.json` (options, losses, time).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import typer
+
+ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "adapters"
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+ANSWER_MARK = "\nAnswer:"
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def split_item(item: str | Mapping[str, Any], where: str) -> tuple[str, str]:
+    """(context, completion): "Question: ...\\nAnswer:" and " <answer>"."""
+    if isinstance(item, Mapping) and "prompt" in item and "answer" in item:
+        prompt, answer = str(item["prompt"]), str(item["answer"]).strip()
+        return prompt, answer if prompt.endswith((" ", "\n")) else f" {answer}"
+    text = item.get("text") if isinstance(item, Mapping) else item
+    if not isinstance(text, str) or ANSWER_MARK not in text:
+        raise ValueError(
+            f"{where}: an item must be 'Question: ...\\nAnswer: <answer>' text, got {item!r:.80}"
+        )
+    cut = text.rindex(ANSWER_MARK) + len(ANSWER_MARK)
+    return text[:cut], text[cut:]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per non-empty line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def task_items(tasks: list[str], n: int, seed: int) -> list[tuple[str, str]]:
+    """`n` training items per task from scripts/build_tasks.py (imported only when a task is asked for)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from build_tasks import training_items
+
+    return [
+        split_item(it, f"build_tasks.training_items({t!r})")
+        for t in tasks
+        for it in training_items(t, n, seed)
+    ]
+
+
+def python_docs() -> list[tuple[str, str]]:
+    """General English text present wherever Python is: CPython's bundled documentation topics, as (topic, passage)."""
+    from pydoc_data.topics import topics
+
+    passages = []
+    for name, text in sorted(topics.items()):
+        chunk = ""
+        for paragraph in text.split("\n\n"):
+            chunk = f"{chunk}\n\n{paragraph}" if chunk else paragraph
+            if len(chunk) > 600:
+                passages.append((name, chunk))
+                chunk = ""
+        if chunk:
+            passages.append((name, chunk))
+    return passages
+
+
+def replay_texts(tokenizer: Any, jsonl: list[Path]) -> list[str]:
+    """Chat-formatted general text: JSONL `{"text": ...}` lines as they are, else the Python docs as Q&A turns."""
+    if jsonl:
+        return [row["text"] for path in jsonl for row in read_jsonl(path)]
+    texts = []
+    for topic, passage in python_docs():
+        turns = [
+            {"role": "user", "content": f"Explain the Python topic '{topic}'."},
+            {"role": "assistant", "content": passage},
+        ]
+        texts.append(
+            tokenizer.apply_chat_template(turns, tokenize=False) if tokenizer.chat_template else passage
+        )
+    return texts
+
+
+def answer_batch(tokenizer: Any, items: Iterable[tuple[str, str]], max_length: int, device: str) -> dict:
+    """Right-padded ids with labels on the completion and EOS only (context and padding are -100)."""
+    rows = []
+    for context, completion in items:
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ans = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (ctx + ans)[-max_length:]
+        rows.append((ids, ([-100] * len(ctx) + ans)[-max_length:]))
+    return _pad(rows, tokenizer.pad_token_id, device)
+
+
+def text_batch(tokenizer: Any, texts: Iterable[str], max_length: int, device: str) -> dict:
+    """Right-padded ids of whole texts (labels unused: the replay loss reads the attention mask)."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        rows.append((ids, ids))
+    return _pad(rows, tokenizer.pad_token_id, device)
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str) -> dict:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_labels) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def kl_to_ancestor(model: Any, batch: dict) -> torch.Tensor:
+    """Mean per-token KL(ancestor ‖ model) over the batch's real tokens; the ancestor is the adapter switched off."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad(), model.disable_adapter():
+        reference = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+    current = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+    per_token = (reference.exp() * (reference - current)).sum(-1)
+    mask = batch["attention_mask"].float()
+    return (per_token * mask).sum() / mask.sum()
+
+
+@cli.command()
+def main(
+    ancestor: Path = typer.Argument(..., help="The ancestor's HF folder (from `evoforge demo prepare`)."),
+    name: str = typer.Argument(..., help="Specialist name: the adapter's folder name."),
+    task: list[str] = typer.Option([], "--task", help="build_tasks.py task to draw training items from."),
+    jsonl: list[Path] = typer.Option([], "--jsonl", help="JSONL file of training items."),
+    n: int = typer.Option(10_000, help="Training items per task."),
+    out: Path | None = typer.Option(None, help="Adapter folder (default recipes/demo/adapters/NAME)."),
+    steps: int = typer.Option(300),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(5e-4),
+    r: int = typer.Option(16, help="LoRA rank."),
+    alpha: float = typer.Option(32.0, help="LoRA alpha (scale = alpha / r)."),
+    dropout: float = typer.Option(0.0),
+    target_modules: str = typer.Option(ALL_LINEAR, help="Comma-separated module names to adapt."),
+    replay_weight: float = typer.Option(0.0, help="Weight of the KL-to-ancestor replay loss (0: off)."),
+    replay_batch_size: int = typer.Option(8),
+    replay_jsonl: list[Path] = typer.Option(
+        [], "--replay-jsonl", help='JSONL of {"text": ...} replay texts.'
+    ),
+    max_length: int = typer.Option(256, help="Tokens per sequence at most."),
+    seed: int = typer.Option(0),
+    log_every: int = typer.Option(25),
+    device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
+    dtype: str = typer.Option("bfloat16", help="Base weights' dtype (float32 is much faster on CPU)."),
+) -> None:
+    """Train the LoRA adapter NAME on top of ANCESTOR (bf16 base, fp32 adapter, AdamW, constant LR)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    items = task_items(task, n, seed) if task else []
+    items += [split_item(row, str(path)) for path in jsonl for row in read_jsonl(path)]
+    if not items:
+        raise typer.BadParameter("no training items: give --task and/or --jsonl")
+    set_seed(seed)
+    rng = random.Random(seed)
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(ancestor)
+    base = AutoModelForCausalLM.from_pretrained(ancestor, dtype=getattr(torch, dtype)).to(device)
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    model.train()
+    replay = replay_texts(tokenizer, replay_jsonl) if replay_weight > 0 else []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    log: list[dict[str, float]] = []
+    for step in range(1, steps + 1):
+        batch = answer_batch(tokenizer, rng.choices(items, k=batch_size), max_length, device)
+        task_loss = model(**batch).loss
+        loss = task_loss
+        kl = torch.zeros(())
+        if replay:
+            kl = kl_to_ancestor(
+                model, text_batch(tokenizer, rng.choices(replay, k=replay_batch_size), max_length, device)
+            )
+            loss = task_loss + replay_weight * kl
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step in (1, steps):
+            entry = {"step": step, "task_loss": round(task_loss.item(), 4), "replay_kl": round(kl.item(), 4)}
+            log.append(entry | {"seconds": round(time.time() - started, 1)})
+            print(json.dumps(log[-1]), flush=True)
+    target = out or ADAPTERS_DIR / name
+    model.peft_config["default"].base_model_name_or_path = "smollm2-135m-instruct"  # not this machine's path
+    # bf16 halves the committed size; `prepare` merges in fp32 and saves bf16 anyway. No embedding check:
+    # it would look the ancestor up on the hub.
+    model.to(torch.bfloat16).save_pretrained(target, save_embedding_layers=False)
+    (target / "README.md").unlink(missing_ok=True)  # peft's blank model card; training.json says what this is
+    info = {
+        "name": name,
+        "tasks": task,
+        "jsonl": [str(p) for p in jsonl],
+        "items": len(items),
+        "replay_texts": len(replay),
+        "options": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "r": r,
+            "alpha": alpha,
+            "dropout": dropout,
+            "target_modules": sorted(lora.target_modules),
+            "replay_weight": replay_weight,
+            "replay_batch_size": replay_batch_size,
+            "max_length": max_length,
+            "seed": seed,
+            "n": n,
+            "dtype": dtype,
+        },
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "seconds": round(time.time() - started, 1),
+        "log": log,
+    }
+    (target / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"saved {target}", flush=True)
+
+
+if __name__ == "__main__":
+    cli()
