@@ -542,12 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            stale = [
-                str(p.relative_to(tmp))
-                for p in build(Path(tmp), args.tasks)
-                if p.read_bytes() != (TASKS_DIR / p.relative_to(tmp)).read_bytes()
-            ]
-        print("\n".join(f"differs: tasks/{p}" for p in stale) or "task data is up to date")
+            built = {p.relative_to(tmp): p.read_bytes() for p in build(Path(tmp), args.tasks)}
+        stale = [
+            rel
+            for rel, data in built.items()
+            if not (TASKS_DIR / rel).is_file() or (TASKS_DIR / rel).read_bytes() != data
+        ]
+        print("\n".join(f"differs: tasks/{rel}" for rel in stale) or "task data is up to date")
         return 1 if stale else 0
     for path in build(args.out, args.tasks):
         print(path)

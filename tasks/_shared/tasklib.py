@@ -68,7 +68,7 @@ def score_numeric(doc: dict, results: list[str]) -> dict[str, float]:
 
 
 def score_text(doc: dict, results: list[str]) -> dict[str, float]:
-    """lm-eval `process_results`: the first line of the completion equals the gold answer, normalized."""
+    """lm-eval `process_results`: the completion equals the gold answer once both are normalized."""
     return {"exact_match": float(normalize_text(results[0]) == normalize_text(doc["answer"]))}
 
 
