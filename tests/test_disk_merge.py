@@ -1,4 +1,4 @@
-"""The disk merge path: evoforge-shaped recipes merge into loadable models, equal to stock `mergekit-multi`."""
+"""The disk merge path: evoforge-shaped recipes give loadable models, equal to stock `mergekit-multi`'s."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def recipe(
     """A recipe shaped like evoforge's: interp stage, crossover stage, final passthrough."""
     a, b, g, anc = f["alpha"], f["beta"], f["gamma"], f["ancestor"]
     if interp == "slerp":
-        first = f"merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{t: 0.3}}"
+        first = f"merge_method: slerp\nbase_model: {a}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+        first += "parameters: {t: 0.3}"
     else:
         weights = f"models:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n" + "".join(
             f"  - {{model: {m}, parameters: {{weight: 0.25}}}}\n" for m in (b, g)
@@ -38,7 +39,8 @@ def recipe(
         f"  - {{model: {m}, parameters: {{weight: {w}, density: 0.6}}}}\n"
         for m, w in ((a, 0.5), (b, 0.4), (g, 0.3))
     )
-    scale = f"{{scale: [{{filter: o_proj, value: {SCALE}}}, {{filter: down_proj, value: {SCALE}}}, {{value: 1.0}}]}}"
+    filtered = f"{{filter: o_proj, value: {SCALE}}}, {{filter: down_proj, value: {SCALE}}}"
+    scale = f"{{scale: [{filtered}, {{value: 1.0}}]}}"
     if structure == "frankenmerge":
         layers = "  - sources: [{model: evoforge_crossover, layer_range: [0, 2]}]\n"
         layers += f"  - sources: [{{model: {b}, layer_range: [2, 4]}}]\n"
@@ -49,7 +51,8 @@ def recipe(
         layers += f"  - sources: [{{model: evoforge_crossover, layer_range: [2, 6], parameters: {scale}}}]\n"
     return (
         f"name: evoforge_interp\n{first}\ndtype: float32\n---\n"
-        f"name: evoforge_crossover\n{second}parameters: {{normalize: true, lambda: 1.0}}\ndtype: float32\n---\n"
+        f"name: evoforge_crossover\n{second}"
+        "parameters: {normalize: true, lambda: 1.0}\ndtype: float32\n---\n"
         f"merge_method: passthrough\nbase_model: evoforge_crossover\nslices:\n{layers}dtype: float32\n"
     )
 
@@ -160,7 +163,11 @@ def test_dare_with_a_seed_is_reproducible(qwen_family, tmp_path):
 
 
 def linear(a: Path, b: Path, weight_a: float) -> str:
-    return f"merge_method: linear\nbase_model: {a}\nmodels:\n  - {{model: {a}, parameters: {{weight: {weight_a}}}}}\n  - {{model: {b}, parameters: {{weight: {1 - weight_a}}}}}\n"
+    return (
+        f"merge_method: linear\nbase_model: {a}\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: {weight_a}}}}}\n"
+        f"  - {{model: {b}, parameters: {{weight: {1 - weight_a}}}}}\n"
+    )
 
 
 def test_remerge_into_a_path_read_earlier_gives_the_new_weights(qwen_family, tmp_path):

@@ -52,7 +52,8 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def linear(a: Path, b: Path, weight_a: float = 0.5) -> str:
     return (
-        f"merge_method: linear\nbase_model: {a}\nmodels:\n  - {{model: {a}, parameters: {{weight: {weight_a}}}}}\n"
+        f"merge_method: linear\nbase_model: {a}\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: {weight_a}}}}}\n"
         f"  - {{model: {b}, parameters: {{weight: {1 - weight_a}}}}}\ndtype: float32\n"
     )
 
@@ -63,7 +64,7 @@ def slices(*sources: tuple[Path, int, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# (a) depth-changing slice merges and transformers 5's layer_types ---------------------------------------------
+# (a) depth-changing slice merges and transformers 5's layer_types
 def test_upstream_depth_change_loses_config_json(qwen_family, tmp_path):
     text = slices((qwen_family["alpha"], 0, 4), (qwen_family["beta"], 2, 6))
     with pytest.raises(
@@ -91,7 +92,7 @@ def test_layer_types_follow_their_source_layers(qwen_family, tmp_path):
     assert torch.isfinite(merged(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-# (b) LoaderCache -----------------------------------------------------------------------------------------------
+# (b) LoaderCache
 def _read_rewrite_read(family: dict[str, Path], tmp_path: Path, clear: bool) -> tuple[dict, dict, dict]:
     middle = tmp_path / "middle"
     stock_merge(linear(family["alpha"], family["beta"]), middle)
@@ -119,10 +120,11 @@ def test_clear_loader_cache_reads_the_rewritten_model(qwen_family, tmp_path):
         torch.testing.assert_close(second[name], 0.5 * middle[name] + 0.5 * gamma[name])
 
 
-# (c) multi-stage: lazy stage reuse, stage names that rewrite other strings -----------------------------------
+# (c) multi-stage: lazy stage reuse, stage names that rewrite other strings
 def two_stage(family: dict[str, Path], weight: float) -> str:
     stage = linear(family["alpha"], family["beta"], weight_a=weight)
-    return f"name: evoforge_interp\n{stage}---\nmerge_method: passthrough\nmodels: [{{model: evoforge_interp}}]\n"
+    final = "merge_method: passthrough\nmodels: [{model: evoforge_interp}]\n"
+    return f"name: evoforge_interp\n{stage}---\n{final}"
 
 
 def test_upstream_lazy_stages_reuse_stale_outputs(qwen_family, tmp_path):
@@ -161,7 +163,7 @@ def test_upstream_stage_name_rewrites_other_strings(qwen_family, tmp_path):
         check_stage_names(list(yaml.safe_load_all(text)), "recipe.yaml")
 
 
-# (d) in-memory planning ----------------------------------------------------------------------------------------
+# (d) in-memory planning
 def ties_config(family: dict[str, Path]) -> MergeConfiguration:
     models = "\n".join(
         f"  - {{model: {family[n]}, parameters: {{weight: 0.4, density: 0.7}}}}" for n in "abg"
@@ -197,7 +199,7 @@ def test_plan_in_memory_equals_run_merge(family_abg, tmp_path):
     assert all(torch.equal(in_memory[name], on_disk[name]) for name in on_disk)
 
 
-# (e) multislerp on tensors no input changes --------------------------------------------------------------------
+# (e) multislerp on tensors no input changes
 def multislerp(inputs: list[torch.Tensor], base_index: int | None = None) -> torch.Tensor:
     return merge_tensors(inputs, "multislerp", parameters={"weight": 1.0}, base_index=base_index)
 
@@ -220,7 +222,7 @@ def test_zero_safe_multislerp_returns_the_unchanged_tensor_and_nothing_else_chan
         assert torch.equal(multislerp(varied, base_index=0), expected)
 
 
-# (f) generation_config.json with tokenizer_source ------------------------------------------------------------
+# (f) generation_config.json with tokenizer_source
 def test_upstream_tokenizer_source_drops_generation_config(qwen_family, tmp_path):
     stock_merge(
         linear(qwen_family["alpha"], qwen_family["beta"]) + "tokenizer_source: base\n", tmp_path / "out"
@@ -238,7 +240,7 @@ def test_copy_generation_config_takes_the_donors(qwen_family, tmp_path):
     assert (tmp_path / "generation_config.json").read_text() == donor
 
 
-# (g) a seeded merge re-seeds the caller's random generators --------------------------------------------------
+# (g) a seeded merge re-seeds the caller's random generators
 def test_upstream_seeded_merge_reseeds_global_generators(qwen_family, tmp_path):
     random.seed(1234)
     stock_merge(linear(qwen_family["alpha"], qwen_family["beta"]), tmp_path / "out", seed=7)
@@ -257,7 +259,7 @@ def test_global_rng_preserved_keeps_the_callers_stream(qwen_family, tmp_path):
     assert (random.random(), torch.rand(1)) == expected
 
 
-# (h) cached Hugging Face ids ---------------------------------------------------------------------------------
+# (h) cached Hugging Face ids
 def test_upstream_mergekit_asks_the_hub_for_a_cached_model(offline_hf_cache):
     with pytest.raises(Exception, match="offline mode is enabled"):
         ModelReference.model_validate(offline_hf_cache).local_path()

@@ -134,8 +134,9 @@ def check_stage_names(documents: Sequence[Mapping[str, Any]], source: str) -> No
                 walk(item, (*loc, index))
         elif isinstance(value, str) and value in names:
             raise ConfigError(
-                f"{source}: document {loc[0] + 1}: field {'.'.join(map(str, loc[1:]))}: {value!r} is also a stage "
-                "name, and mergekit would replace it with that stage's output path: rename the stage"
+                f"{source}: document {loc[0] + 1}: field {'.'.join(map(str, loc[1:]))}: "
+                f"{value!r} is also a stage name, and mergekit would replace it with that stage's output "
+                "path: rename the stage"
             )
 
     for index, doc in enumerate(documents):
