@@ -26,6 +26,16 @@ TasksDir = Annotated[
 ]
 
 
+def _quiet_lm_eval() -> None:
+    """lm-eval warns on every task with a custom loader and on wrapping a loaded model: noise here."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _metric(key: str) -> str:
+    """`metric,filter` as lm-eval reports it, less lm-eval's default filter name."""
+    return key.removesuffix(",none")
+
+
 def _split_order(splits: set[str]) -> list[str]:
     return sorted(splits, key=lambda s: ({"validation": 0, "test": 1}.get(s, 2), s))
 
@@ -36,16 +46,19 @@ def tasks(tasks_dir: TasksDir = None) -> None:
     """List the tasks per domain: level, primary metric, items per split. Exit 2 if a YAML is broken."""
     from evoforge.evaluate import TaskSuite
 
+    _quiet_lm_eval()
     with console.status("reading tasks and their data"):
         suite = TaskSuite.discover(tasks_dir)
         counts = suite.item_counts()
     splits = _split_order({s for c in counts.values() for s in c})
-    table = Table("domain", "task", "level", "metric", *splits, title=str(suite.root))
+    table = Table(title=str(suite.root))
+    for header in ("domain", "task", "level", "metric", *splits):
+        table.add_column(header, no_wrap=header in ("domain", "task"))
     for domain, infos in suite.domains.items():
         label = domain if domain in DOMAINS else f"{domain} (new)"
         for info in infos:
             cells = [str(counts[info.name].get(s, "-")) for s in splits]
-            table.add_row(label, info.name, info.level or "", info.primary_metric, *cells)
+            table.add_row(label, info.name, info.level or "", _metric(info.primary_metric), *cells)
             label = ""
     out.print(table)
     out.print(f"{len(suite.tasks)} tasks in {len(suite.domains)} domains")
@@ -72,18 +85,20 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
 
 
 def print_result(result: EvalResult) -> None:
-    """Per-domain and per-task tables, then the fitness."""
-    domains = Table("domain", "weight", "score", "tasks", title=f"split {result.split}")
+    """Per-task and per-domain tables, then the fitness."""
+    per_task = Table(title=f"split {result.split}")
+    for header in ("task", "domains", "metric", "value ± stderr", "items"):
+        per_task.add_column(header, no_wrap=header == "task")
+    for name, t in result.tasks.items():
+        stderr = f" ± {t.stderr:.3f}" if t.stderr is not None else ""
+        per_task.add_row(
+            name, ", ".join(t.domains), _metric(t.metric), f"{t.value:.3f}{stderr}", str(t.n_items)
+        )
+    domains = Table("domain", "weight", "score", "tasks")
     for domain, score in result.domains.items():
         names = [n for n, t in result.tasks.items() if domain in t.domains]
         weight = result.weights.get(domain, 0.0)
         domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}", ", ".join(names))
-    per_task = Table("task", "domains", "level", "metric", "value", "± stderr", "items")
-    for name, t in result.tasks.items():
-        stderr = f"{t.stderr:.4f}" if t.stderr is not None else ""
-        per_task.add_row(
-            name, ", ".join(t.domains), t.level or "", t.metric, f"{t.value:.4f}", stderr, str(t.n_items)
-        )
     out.print(per_task)
     out.print(domains)
     out.print(
@@ -120,7 +135,7 @@ def eval_model(
     weights = parse_weights(weight or [])
     from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about wrapping a loaded model
+    _quiet_lm_eval()
     suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
     suite.check()
     check_weights(weights, suite)
