@@ -194,19 +194,23 @@ class Scorer:
 
     # ------------------------------------------------------------------ candidates
 
-    def load_weights(self, source: Mapping[str, torch.Tensor] | str | Path) -> None:
+    def load_weights(
+        self, source: Mapping[str, torch.Tensor] | str | Path, config: PretrainedConfig | None = None
+    ) -> None:
         """Copy a candidate's tensors into the resident model (a state dict, or a model folder).
 
-        Same architecture and shapes are required. A folder whose config differs only in depth (a
-        frankenmerge or DFS path) resizes the decoder's layer list in place; one that differs otherwise
-        (rope, norms, tied embeddings) gets a model rebuilt from its config and a new wrapper. After an
-        error the resident weights are undefined until the next successful load."""
+        Same architecture and shapes are required. A folder whose config (or a state dict's `config`, as the
+        memory merge path gives it) differs only in depth (a frankenmerge or DFS path) resizes the decoder's
+        layer list in place; one that differs otherwise (rope, norms, tied embeddings) gets a model rebuilt
+        from its config and a new wrapper. After an error the resident weights are undefined until the next
+        successful load."""
         if self.model is None:
             raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if isinstance(source, Mapping):
             state = source
         else:
             config, state = _read_weights(Path(source))
+        if config is not None:
             diff = _config_diff(self.model.config, config)
             if diff - _DEPTH:
                 self._rebuild(config)
