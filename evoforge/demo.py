@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -203,8 +204,15 @@ def _check_stream(source: Path, fh: BinaryIO, size: int, sink: BinaryIO | None, 
         )
 
 
+def _require(module: str) -> None:
+    """`gguf` and `peft` come with the `data` extra; say so instead of a traceback deep in transformers."""
+    if importlib.util.find_spec(module) is None:
+        raise DemoError(f"the demo needs the `{module}` package: pip install 'evoforge[data]'")
+
+
 def _dequantize(gguf: Path, out: Path) -> None:
     """GGUF → bf16 HF folder with tokenizer and chat template (transformers dequantizes on load)."""
+    _require("gguf")
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,6 +241,7 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 def _apply_adapter(ancestor: Path, adapter: Path, out: Path) -> None:
     """Ancestor + LoRA adapter, merged in fp32 and saved bf16, with the ancestor's tokenizer."""
+    _require("peft")
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
