@@ -205,6 +205,26 @@ def test_random_tiny_model_scores_near_chance(qwen_family: dict[str, Path], mini
     assert result.fitness == pytest.approx(expected) and result.fitness < 0.2
 
 
+def test_generation_budget_from_the_run_file(qwen_family: dict[str, Path], mini_tasks: Path) -> None:
+    """The tasks' own max_gen_toks (12) by default; an explicit `max_new_tokens` replaces it."""
+
+    def budgets(evaluation: EvaluationConfig) -> set[int]:
+        scorer = Scorer.from_pretrained(
+            qwen_family["alpha"],
+            device="cpu",
+            evaluation=evaluation,
+            weights=MINI_WEIGHTS,
+            tasks_dir=mini_tasks,
+        )
+        scorer.score(limit=2)
+        return {
+            i.args[1]["max_gen_toks"] for task in scorer.tasks("validation").values() for i in task.instances
+        }
+
+    assert budgets(EvaluationConfig()) == {12}
+    assert budgets(EvaluationConfig(max_new_tokens=3)) == {3}
+
+
 def _shallow_copy(src: Path, dst: Path, depth: int) -> Path:
     """The model at `src` with its first `depth` layers only (what a shorter frankenmerge looks like)."""
     model = AutoModelForCausalLM.from_pretrained(src)

@@ -187,9 +187,18 @@ class Scorer:
         )
 
     def tasks(self, split: str) -> dict[str, Task]:
-        """The task objects evaluating `split`, built on first use."""
+        """The task objects evaluating `split`, built on first use.
+
+        `evaluation.max_new_tokens` is the generation budget of tasks that set none; written explicitly in
+        the run file, it replaces every task's own `max_gen_toks` (these objects are this Scorer's alone)."""
         if split not in self._tasks:
-            self._tasks[split] = self.suite.build(split)
+            tasks = self.suite.build(split)
+            if "max_new_tokens" in self.evaluation.model_fields_set:
+                budget = {"max_gen_toks": self.evaluation.max_new_tokens}
+                for task in tasks.values():
+                    if task.OUTPUT_TYPE == "generate_until":
+                        task.set_config("generation_kwargs", budget, update=True)
+            self._tasks[split] = tasks
         return self._tasks[split]
 
     # ------------------------------------------------------------------ candidates
