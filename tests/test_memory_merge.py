@@ -1,0 +1,202 @@
+"""The memory merge path gives the disk path's tensors: seeds, mutants, ancestors, DFS depth changes, DARE."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from evoforge.config import MergeOperators
+from evoforge.errors import ConfigError
+from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
+from evoforge.merge.disk import merge_recipe
+from evoforge.merge.memory import MemoryMerger, NotInMemory
+from evoforge.recipe import random_seed, render
+
+NAMES = ("alpha", "beta", "gamma")
+BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+
+
+def space_of(family: dict[str, Path], ancestor: bool) -> GenomeSpace:
+    return GenomeSpace(
+        models=NAMES,
+        paths=tuple(str(family[n]) for n in NAMES),
+        num_layers=6,
+        ancestor=str(family["ancestor"]) if ancestor else None,
+        dtype="float32",
+    )
+
+
+@pytest.fixture(scope="module")
+def mergers(qwen_family, llama_family) -> dict[str, MemoryMerger]:
+    """One merger per family, holding the three base models and the ancestor (float32, CPU)."""
+    return {
+        arch: MemoryMerger([family[n] for n in (*NAMES, "ancestor")], device="cpu")
+        for arch, family in (("qwen", qwen_family), ("llama", llama_family))
+    }
+
+
+def deep_dfs(seed: Genome) -> Genome:
+    """A DARE genome whose DFS path is 9 layers deep (6 in the base models), repeats layers, mixes all
+    sources and scales o_proj/down_proj."""
+    path = (
+        Step(source="crossover", layer=0),
+        Step(source="interp", layer=1, scale=1.3),
+        Step(source="alpha", layer=1, scale=0.7),
+        Step(source="crossover", layer=2),
+        Step(source="crossover", layer=2, scale=0.8),
+        Step(source="beta", layer=3),
+        Step(source="crossover", layer=4, scale=1.1),
+        Step(source="gamma", layer=5),
+        Step(source="crossover", layer=5, scale=0.9),
+    )
+    crossover = seed.crossover.model_copy(update={"method": "dare"})
+    return Genome(interp=seed.interp, crossover=crossover, structure=StructureGene(method="dfs", path=path))
+
+
+def candidates(space: GenomeSpace, with_seeds: bool, mutants: int) -> dict[str, Genome]:
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    rng = random.Random(11)
+    out = dict(seeds) if with_seeds else {}
+    for i in range(mutants):
+        out[f"mutant{i}"] = mutate(rng.choice(list(seeds.values())), space, rng, 0.4)
+    out["deep-dfs"] = deep_dfs(seeds["slerp-dare-dfs"])
+    return out
+
+
+def assert_same_model(memory: tuple[dict, object], disk: Path) -> None:
+    state, config = memory
+    expected = load_file(disk / "model.safetensors")
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1.3e-6, atol=1e-6, msg=name)
+    saved = AutoConfig.from_pretrained(disk).to_dict()
+    ours = config.to_dict()
+    assert {
+        k for k in saved.keys() | ours.keys() if k not in BOOKKEEPING and saved.get(k) != ours.get(k)
+    } == set()
+
+
+@pytest.mark.parametrize(
+    ("arch", "ancestor", "with_seeds", "mutants"),
+    [
+        ("qwen", False, True, 2),
+        ("llama", True, True, 2),
+        ("qwen", True, False, 3),
+        ("llama", False, False, 3),
+    ],
+)
+def test_memory_path_equals_disk_path(request, mergers, tmp_path, arch, ancestor, with_seeds, mutants):
+    family = request.getfixturevalue(f"{arch}_family")
+    space = space_of(family, ancestor)
+    genomes = candidates(space, with_seeds, mutants)
+    depths = {len(g.structure.path) for g in genomes.values()}
+    assert depths - {6} and any(s.scale != 1.0 for s in genomes["deep-dfs"].structure.path)
+    for label, genome in genomes.items():
+        text = render(genome, space)
+        seed = random_seed(text)
+        disk = merge_recipe(text, tmp_path / label, device="cpu", random_seed=seed)
+        assert_same_model(mergers[arch].merge(text, seed), disk)
+
+
+def test_dare_masks_follow_the_seed_and_leave_the_callers_generators_alone(qwen_family, mergers):
+    space = space_of(qwen_family, ancestor=False)
+    text = render(
+        seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-dare-frankenmerge"], space
+    )
+    merger = mergers["qwen"]
+    torch.manual_seed(123)
+    first, _ = merger.merge(text, random_seed=5)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    again, _ = merger.merge(text, random_seed=5)
+    assert torch.equal(torch.rand(3), after)  # merging drew nothing from the caller's stream
+    other, _ = merger.merge(text, random_seed=6)
+    name = "model.layers.0.mlp.up_proj.weight"  # a crossover layer
+    assert torch.equal(first[name], again[name]) and not torch.equal(first[name], other[name])
+
+
+def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):
+    space = space_of(qwen_family, ancestor=False)
+    seed = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-dfs"]
+    path = (Step(source="beta", layer=0), Step(source="beta", layer=1, scale=0.5), *seed.structure.path[2:])
+    genome = seed.model_copy(update={"structure": StructureGene(method="dfs", path=path)})
+    state, _ = mergers["qwen"].merge(render(genome, space))
+    beta = mergers["qwen"].models[str(qwen_family["beta"])].tensors
+    same = "model.layers.0.mlp.down_proj.weight"
+    assert state[same] is beta[same]  # layer 0: input × 1, no copy
+    assert state["model.layers.1.mlp.up_proj.weight"] is beta["model.layers.1.mlp.up_proj.weight"]
+    torch.testing.assert_close(
+        state["model.layers.1.mlp.down_proj.weight"], 2.0 * beta["model.layers.1.mlp.down_proj.weight"]
+    )
+
+
+def test_only_stage_tensors_the_final_path_uses_are_computed(qwen_family, mergers, monkeypatch):
+    space = space_of(qwen_family, ancestor=False)
+    genome = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-frankenmerge"]
+    assert [s.source for s in genome.structure.path[:2]] == ["crossover"] * 2  # then alpha, beta blocks
+    assert all(s.source != "crossover" for s in genome.structure.path[2:])
+    calls: Counter[str] = Counter()
+    execute = ExecuteMergeMethodTask.execute
+
+    def counted(self, **kwargs):
+        calls[self.method_name] += 1
+        return execute(self, **kwargs)
+
+    monkeypatch.setattr(ExecuteMergeMethodTask, "execute", counted)
+    mergers["qwen"].merge(render(genome, space))
+    per_layer = sum(
+        name.startswith("model.layers.0.") for name in load_file(qwen_family["alpha"] / "model.safetensors")
+    )
+    assert calls["ties"] == calls["linear"] == 2 * per_layer + 1  # two layers and the embeddings
+
+
+def test_what_the_memory_path_cannot_reproduce_is_refused(qwen_family, unrelated_qwen_family, mergers):
+    a, b = qwen_family["alpha"], qwen_family["beta"]
+    linear = f"merge_method: linear\nbase_model: {a}\nmodels: [{{model: {a}, parameters: {{weight: 0.5}}}}, "
+    with pytest.raises(NotInMemory, match="not one of the resident models"):
+        mergers["qwen"].merge(
+            linear + f"{{model: {unrelated_qwen_family['beta']}, parameters: {{weight: 0.5}}}}]\n"
+        )
+    with pytest.raises(NotInMemory, match="tokenizer"):
+        mergers["qwen"].merge(
+            linear + f"{{model: {b}, parameters: {{weight: 0.5}}}}]\ntokenizer_source: base\n"
+        )
+    bf16 = MemoryMerger([a, b], device="cpu", dtype="bfloat16")
+    assert bf16.merge(linear + f"{{model: {b}, parameters: {{weight: 0.5}}}}]\ndtype: bfloat16\n")
+    with pytest.raises(NotInMemory, match=r"kept in torch\.bfloat16"):
+        bf16.merge(linear + f"{{model: {b}, parameters: {{weight: 0.5}}}}]\ndtype: float32\n")
+
+
+def test_bad_recipes_fail_as_on_the_disk_path(qwen_family, mergers, tmp_path):
+    space = space_of(qwen_family, ancestor=False)
+    text = render(seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-dfs"], space)
+    bad = text.replace("density:", "densty:", 1)
+    with pytest.raises(ConfigError) as on_disk:
+        merge_recipe(bad, tmp_path / "out", device="cpu", source="r.yaml")
+    with pytest.raises(ConfigError) as in_memory:
+        mergers["qwen"].merge(bad, source="r.yaml")
+    assert str(in_memory.value) == str(on_disk.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_path_equals_gpu_disk_path_resident_or_streamed(llama_family, tmp_path):
+    space = space_of(llama_family, ancestor=True)
+    models = [llama_family[n] for n in (*NAMES, "ancestor")]
+    resident = MemoryMerger(models, device="cuda", stream=False)
+    streamed = MemoryMerger(models, device="cuda", stream=True)
+    assert streamed.stream and not resident.stream
+    for label, genome in candidates(space, with_seeds=True, mutants=1).items():
+        text = render(genome, space)
+        seed = random_seed(text)
+        disk = merge_recipe(text, tmp_path / label, device="cuda", random_seed=seed)
+        ours = resident.merge(text, seed)
+        assert_same_model(ours, disk)
+        again, _ = streamed.merge(text, seed)
+        assert all(torch.equal(again[name], ours[0][name]) for name in ours[0])
