@@ -8,6 +8,7 @@ lm-eval keys them on prompts, so a second candidate would get the first one's an
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -118,7 +119,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{source}: cannot load model ({first})") from None
+        offline = not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = "; evoforge keeps the hub offline unless HF_HUB_OFFLINE=0 is exported" if offline else ""
+        raise ConfigError(f"{source}: cannot load model ({first.rstrip('.')}{hint})") from None
     return model.to(target).eval(), tokenizer
 
 
