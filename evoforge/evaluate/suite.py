@@ -43,7 +43,6 @@ class TaskInfo:
     primary_metric: str
     """Key of the score in lm-eval's results: `metric,filter`."""
     level: str | None = None
-    output_type: str = "generate_until"
 
 
 def resolve_tasks_dir(tasks_dir: str | Path | None = None, base_dir: Path | None = None) -> Path:
@@ -118,7 +117,6 @@ def _task_info(path: Path, cfg: dict[str, Any]) -> TaskInfo:
         domains=tuple(dict.fromkeys(domains)),
         primary_metric=f"{metric},{filt}",
         level=None if level is None else str(level),
-        output_type=str(cfg.get("output_type", "generate_until")),
     )
 
 
