@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from evolution_support import run_config, write_mc_tasks
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from evoforge.config import MergeOperators
+from evoforge.config import EvolutionConfig, MergeOperators
 from evoforge.errors import ConfigError
+from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
 from evoforge.merge.disk import merge_recipe
 from evoforge.merge.memory import MemoryMerger, NotInMemory
@@ -200,3 +202,33 @@ def test_gpu_memory_path_equals_gpu_disk_path_resident_or_streamed(llama_family,
         assert_same_model(ours, disk)
         again, _ = streamed.merge(text, seed)
         assert all(torch.equal(again[name], ours[0][name]) for name in ours[0])
+
+
+def test_memory_loop_scores_candidates_as_the_disk_loop_does(qwen_family, unrelated_qwen_family, tmp_path):
+    tasks = write_mc_tasks(tmp_path / "tasks", items=4)
+    evaluators = {
+        path: CandidateEvaluator(
+            EvolutionConfig.model_validate(run_config(qwen_family, tasks, tmp_path / path, merge_path=path)),
+            str(qwen_family["alpha"]),
+            tmp_path / path / ".work",
+        )
+        for path in ("memory", "disk")
+    }
+    assert evaluators["disk"].memory is None
+    space = space_of(qwen_family, ancestor=True)  # run_config declares the ancestor
+    genomes = candidates(space, with_seeds=True, mutants=0)
+    a, unrelated = qwen_family["alpha"], unrelated_qwen_family["alpha"]
+    foreign = (  # not over the run's models: the memory path hands it to the disk path
+        f"merge_method: linear\nbase_model: {a}\ndtype: float32\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n  - {{model: {unrelated}, parameters: {{weight: 0.5}}}}\n"
+    )
+    with pytest.raises(NotInMemory):
+        evaluators["memory"].memory.merge(foreign)
+    for text in [
+        *(render(genomes[k], space) for k in ("deep-dfs", "linear-ties-frankenmerge", "deep-dfs")),
+        foreign,
+    ]:
+        seed = random_seed(text) or 0
+        memory, disk = (evaluators[p].score_recipe(text, seed, "validation") for p in ("memory", "disk"))
+        assert memory[0] == disk[0] and memory[1] > 0 and memory[2] > 0
+    assert not any((tmp_path / "memory" / ".work").glob("candidate-*"))

@@ -1,9 +1,11 @@
 """Turning a genome into scores: recipe → merged weights → one resident Scorer.
 
-`CandidateEvaluator` owns the only model the run keeps in memory (the Scorer's); candidates are merged
-through the disk path (mergekit's run_merge, the reference) into a scratch folder and copied into it.
-The best model of a generation is written through the same disk path, so what is saved is exactly what its
-YAML makes with plain mergekit.
+`CandidateEvaluator` owns the models the run keeps in memory: the Scorer's, and with `merge_path: memory`
+the base models (and ancestor) that `MemoryMerger` merges from, tensor by tensor, straight into the Scorer's
+weights. A recipe the memory path cannot reproduce exactly (`NotInMemory`: models that are not the run's,
+tokenizer merges) and every recipe with `merge_path: disk` go through the disk path (mergekit's run_merge, the
+reference) into a scratch folder that is copied into the Scorer. The best model of a generation is written
+through the disk path, so what is saved is exactly what its YAML makes with plain mergekit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from evoforge.evaluate.scorer import EvalResult, Scorer
 from evoforge.evaluate.suite import resolve_tasks_dir
 from evoforge.evolve.records import Scores
 from evoforge.merge.disk import merge_recipe
+from evoforge.merge.memory import MemoryMerger, NotInMemory
 
 
 def to_scores(result: EvalResult) -> Scores:
@@ -43,6 +46,12 @@ class CandidateEvaluator:
             weights=cfg.evaluation_weights,
             tasks_dir=resolve_tasks_dir(cfg.evaluation.tasks_dir, cfg.base_dir),
         )
+        models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
+        self.memory = (
+            MemoryMerger([cfg.resolve(m) for m in models], device=cfg.device, dtype=cfg.dtype)
+            if cfg.merge_path == "memory"
+            else None
+        )
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         """A whole model folder (a base model, or a saved candidate) on one split."""
@@ -53,10 +62,21 @@ class CandidateEvaluator:
         return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:
-        """(scores, merge seconds, evaluation seconds) of one candidate recipe."""
+        """(scores, merge seconds, evaluation seconds) of one candidate recipe. On the memory path the merge
+        seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
+        t0 = time.perf_counter()
+        if self.memory is not None:
+            try:
+                state, config = self.memory.merge(recipe, seed)
+            except NotInMemory:
+                pass
+            else:
+                self.scorer.load_weights(state, config)
+                del state
+                t1 = time.perf_counter()
+                return to_scores(self.scorer.score(split)), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)
         out = self.work_dir / f"candidate-{uuid.uuid4().hex[:8]}"
-        t0 = time.perf_counter()
         try:
             self.merge(recipe, seed, out)
             t1 = time.perf_counter()
