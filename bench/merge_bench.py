@@ -1,0 +1,462 @@
+"""Merge latency and loop time: evoforge's memory path vs mergekit run_merge (disk) vs mergekit's in-memory
+planner, on the same recipes in one process. Prints markdown tables to stdout (progress goes to stderr).
+
+    python bench/merge_bench.py --scale tiny                    # CPU smoke: tiny Qwen2 family, < 2 min
+    python bench/merge_bench.py --scale qwen2-1.5b              # GPU: builds 4 random Qwen2-1.5B-shaped models
+
+Sections
+  A. Merge latency per recipe: disk (`merge_recipe`: mergekit run_merge per stage, to a folder), planner
+     (mergekit's MergePlanner + Executor in memory per stage, the `plan_in_memory` workaround; base models
+     read by mergekit's loaders, stage outputs kept in memory), memory (`MemoryMerger.merge`, residents
+     loaded once). Each path's result is fingerprinted (exact, bitwise) and compared. On CUDA: the peak GPU
+     memory each call adds above what was allocated when it started (`max_memory_allocated`).
+  B. One generation of the real loop (`Evolution.run_generation`, population = the 8 seeds, best model
+     written through the disk path as `evoforge run` does) with `merge_path: memory` and `disk`:
+     per-candidate merge and evaluation seconds, generation wall time; both loops must score alike.
+  C. (CUDA) The memory loop under `torch.cuda.set_per_process_memory_fraction` (--cap-gb, 8 by default):
+     the base models do not fit, so they stay in pinned host memory and stream; same fitness as in B.
+
+The qwen2-1.5b models: hidden 1536, 28 layers, 12/2 heads, FFN 8960, vocab 151936, tied embeddings, bf16;
+an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from graphlib import TopologicalSorter
+from pathlib import Path
+
+import mergekit.merge
+import torch
+import yaml
+from mergekit.architecture import get_architecture_info
+from mergekit.graph import Executor
+from mergekit.scripts.multimerge import load_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers.trainer_utils import set_seed
+
+from evoforge.config import EvolutionConfig, MergeOperators
+from evoforge.evolve.candidates import CandidateEvaluator
+from evoforge.evolve.loop import Evolution, Hooks
+from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
+from evoforge.merge import mergekit_fixes
+from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
+from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, models_in_memory
+from evoforge.quiet import quiet_libraries
+from evoforge.recipe import random_seed, render
+from evoforge.tiny import byte_level_tokenizer, make_family
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from evolution_support import TASKS, write_mc_tasks  # noqa: E402  the test suite's multiple-choice tasks
+
+NAMES = ("alpha", "beta", "gamma")
+QWEN2_1_5B = dict(
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    rope_theta=1_000_000.0,
+    eos_token_id=0,
+    pad_token_id=0,
+    bos_token_id=0,
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_family(root: Path, scale: str, device: torch.device) -> dict[str, Path]:
+    """Ancestor + three related children: evoforge.tiny's family, or Qwen2-1.5B-shaped random bf16 models
+    built on `device` (the GPU: seconds instead of minutes)."""
+    if scale == "tiny":
+        return make_family(root, arch="qwen2")
+    paths = {name: root / name for name in ("ancestor", *NAMES)}
+    if all((p / "config.json").exists() for p in paths.values()):
+        return paths
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_1_5B), dtype=torch.bfloat16)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, name in enumerate(("ancestor", *NAMES)):
+        if i:
+            gen = torch.Generator(device).manual_seed(i)
+            with torch.no_grad():
+                for key, param in model.state_dict().items():
+                    noise = torch.randn(param.shape, generator=gen, device=device) * 0.02
+                    std = base[key].float().std().clamp(min=1e-3)
+                    param.copy_(base[key] + (noise * std).to(param.dtype))
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    del model, base
+    return paths
+
+
+def bench_recipes(space: GenomeSpace, count: int) -> dict[str, str]:
+    """`count` of the 8 seeds (spread over the method triples) and a deep DARE DFS path: 1.5× the depth,
+    repeated layers, every source, scaled steps."""
+    seeds = seed_genomes(space, MergeOperators(), [1.0] * len(NAMES), run_seed=7)
+    labels = list(seeds)[:: max(1, 8 // count)][:count] if count < 8 else list(seeds)
+    out = {label: render(seeds[label], space) for label in labels}
+    rng = random.Random(0)
+    sources = ("crossover", "crossover", "interp", *NAMES)
+    path = tuple(
+        Step(source=rng.choice(sources), layer=i % space.num_layers, scale=round(rng.uniform(0.7, 1.3), 3))
+        for i in range(space.max_depth)
+    )
+    seed = seeds["slerp-dare-dfs"]
+    deep = Genome(
+        interp=seed.interp, crossover=seed.crossover, structure=StructureGene(method="dfs", path=path)
+    )
+    out["deep-dfs (dare)"] = render(deep, space)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the paths
+
+
+def planner_merge(recipe: str, seed: int | None, device: str) -> dict[str, torch.Tensor]:
+    """mergekit's in-memory planner, stage by stage: `plan_in_memory` + `Executor` as run_merge runs them
+    (seeded per stage), base models read by mergekit's loaders, each stage's output kept in memory and
+    served to later stages through `models_in_memory`."""
+    options = merge_options(device, seed)
+    configs, dependencies = load_config(
+        yaml.safe_dump_all(validate_recipe(recipe), sort_keys=False), STAGE_DIR
+    )
+    model_configs: dict = {}
+    loaders: dict = {}
+    with mergekit_fixes.applied(), models_in_memory(model_configs, loaders):
+        for name in TopologicalSorter(dependencies).static_order():
+            config = configs[name]
+            if seed is not None:
+                set_seed(seed)
+            arch_info = get_architecture_info(config, options)
+            out_config = mergekit.merge._model_out_config(config, arch_info, options.trust_remote_code)
+            executor = Executor(
+                mergekit_fixes.plan_in_memory(config, options),
+                math_device=options.device,
+                storage_device=options.device if options.low_cpu_memory else "cpu",
+            )
+            outputs = {task.weight_info.name: value for task, value in executor.run(quiet=True)}
+            model_configs[f"{STAGE_DIR}/{name}"] = out_config
+            loaders[f"{STAGE_DIR}/{name}"] = InMemoryLoader(outputs)
+    return {k: v for k, v in outputs.items() if v is not None}
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """An exact, position-sensitive digest of each tensor's bits (integer sums: no rounding)."""
+    out = {}
+    for name, tensor in state.items():
+        bits = tensor.detach().contiguous().flatten()
+        bits = bits.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]).long()
+        index = torch.arange(1, bits.numel() + 1, device=bits.device)
+        out[name] = (int(bits.sum()), int((bits * index).sum()))
+    return out
+
+
+class Clock:
+    """Wall time and the peak GPU memory added during a block (CUDA work waited for at both ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.peak = 0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start_mem = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - start_mem
+        self.seconds = time.perf_counter() - start
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def run_path(
+    path: str, text: str, seed: int | None, merger: MemoryMerger, device: torch.device, work: Path
+) -> dict[str, torch.Tensor] | None:
+    """One merge through one path: the state dict, or None for the disk path (its folder is work/out)."""
+    if path == "disk":
+        merge_recipe(text, work / "out", device=str(device), random_seed=seed)
+        return None
+    if path == "planner":
+        return planner_merge(text, seed, str(device))
+    return merger.merge(text, seed)[0]
+
+
+def section_latency(
+    recipes: dict[str, str], family: dict[str, Path], device: torch.device, work: Path
+) -> None:
+    cuda = device.type == "cuda"
+    clock = Clock(device)
+    with clock():
+        merger = MemoryMerger([family[n] for n in (*NAMES, "ancestor")], device=str(device))
+    print(
+        f"\n### A. Merge latency per recipe ({device.type})\n\nmemory path residents: "
+        f"{gib(merger.resident_bytes)} GiB, loaded once in {clock.seconds:.2f} s (streamed: {merger.stream})\n"
+    )
+    head = "| recipe | disk s | planner s | memory s | disk/memory | planner/memory | same bits |"
+    if cuda:
+        head += " peak GiB disk / planner / memory |"
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    runs: dict[str, list[float]] = {"disk": [], "planner": [], "memory": []}
+    label0 = next(iter(recipes))
+    merger.merge(recipes[label0], random_seed(recipes[label0]))  # warm-up: imports, scheduler cache
+    planner_merge(recipes[label0], random_seed(recipes[label0]), str(device))
+    for label, text in recipes.items():
+        seed, times, peaks, prints = random_seed(text), {}, {}, {}
+        for path in runs:
+            with clock():
+                state = run_path(path, text, seed, merger, device, work)
+            times[path], peaks[path] = clock.seconds, clock.peak
+            if state is None:
+                state = load_file(work / "out" / "model.safetensors", device=str(device))
+            prints[path] = fingerprint(state)
+            del state
+            free_memory()
+            runs[path].append(times[path])
+        same = prints["disk"] == prints["planner"] == prints["memory"]
+        row = (
+            f"| {label} | {times['disk']:.3f} | {times['planner']:.3f} | {times['memory']:.3f} | "
+            f"{times['disk'] / times['memory']:.1f}× | {times['planner'] / times['memory']:.1f}× | {same} |"
+        )
+        if cuda:
+            row += f" {gib(peaks['disk'])} / {gib(peaks['planner'])} / {gib(peaks['memory'])} |"
+        print(row, flush=True)
+    mean = {k: statistics.fmean(v) for k, v in runs.items()}
+    print(
+        f"| **mean** | {mean['disk']:.3f} | {mean['planner']:.3f} | {mean['memory']:.3f} | "
+        f"{mean['disk'] / mean['memory']:.1f}× | {mean['planner'] / mean['memory']:.1f}× | |",
+        flush=True,
+    )
+    shutil.rmtree(work / "out", ignore_errors=True)
+    del merger
+    free_memory()
+
+
+def run_config(
+    family: dict[str, Path], args: argparse.Namespace, out: Path, merge_path: str
+) -> EvolutionConfig:
+    if args.tasks == "mc":
+        tasks, weights = write_mc_tasks(out.parent / "mc_tasks"), dict.fromkeys(TASKS.values(), 0.5)
+    else:
+        tasks, weights = ROOT / "tasks", None
+    return EvolutionConfig.model_validate(
+        {
+            "name": f"bench-{merge_path}",
+            "base_models": [{"name": n, "path": str(family[n])} for n in NAMES],
+            "dtype": args.dtype,
+            "device": args.device,
+            "merge_path": merge_path,
+            "evaluation": {"tasks_dir": str(tasks), "batch_size": args.batch_size, "limit": args.limit},
+            "output_dir": str(out),
+            "wandb_mode": "disabled",
+            **({"evaluation_weights": weights} if weights else {}),
+        }
+    )
+
+
+class Recorder:
+    """Wraps a CandidateEvaluator for the loop and keeps each candidate's (merge s, eval s, fitness)."""
+
+    def __init__(self, evaluator: CandidateEvaluator) -> None:
+        self.evaluator, self.rows = evaluator, []
+
+    def score_recipe(self, recipe: str, seed: int, split: str):
+        scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split)
+        self.rows.append((split, merge_s, eval_s, scores.fitness))
+        return scores, merge_s, eval_s
+
+
+def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: CandidateEvaluator) -> dict:
+    """Generation 0 of the real loop; a new best is written through the disk path, as `evoforge run` does."""
+    run_dir = cfg.run_dir()
+    recorder = Recorder(evaluator)
+    best_s = []
+
+    def on_new_best(gen, member, outcome):
+        start = time.perf_counter()
+        evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir / "best")
+        best_s.append(time.perf_counter() - start)
+
+    evolution = Evolution(cfg, space, run_dir, recorder, Hooks(on_new_best=on_new_best))
+    record, _ = evolution.run_generation(evolution.initial_state())
+    fit = [r for r in recorder.rows if r[0] == cfg.evaluation.fitness_split]
+    return {"rows": fit, "all": recorder.rows, "wall": record.wall_s, "best_s": sum(best_s)}
+
+
+def section_loops(
+    family: dict[str, Path], args: argparse.Namespace, device: torch.device, work: Path
+) -> list:
+    results = {}
+    for merge_path in ("memory", "disk"):
+        cfg = run_config(family, args, work / f"loop-{merge_path}", merge_path)
+        space = GenomeSpace.from_config(cfg)
+        clock = Clock(device)
+        with clock():
+            evaluator = CandidateEvaluator(cfg, space.paths[0], cfg.run_dir() / ".work")
+        evaluator.score_model(space.paths[0], cfg.evaluation.fitness_split)  # warm-up: tasks, wrapper
+        log(f"loop {merge_path}: set up in {clock.seconds:.1f} s; one generation ...")
+        with clock():
+            results[merge_path] = one_generation(cfg, space, evaluator)
+        results[merge_path]["peak"] = clock.peak
+        del evaluator
+        free_memory()
+    print(f"\n### B. One generation of the loop (8 candidates; tasks: {args.tasks}, limit {args.limit})\n")
+    head = "| loop | merge s / candidate | eval s / candidate | candidate s | generation s | best model written s |"
+    cuda = device.type == "cuda"
+    if cuda:
+        head += " peak GiB |"
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    per = {}
+    for merge_path, r in results.items():
+        merge_s = statistics.fmean(x[1] for x in r["rows"])
+        eval_s = statistics.fmean(x[2] for x in r["rows"])
+        per[merge_path] = (merge_s, eval_s, r["wall"])
+        row = f"| {merge_path} | {merge_s:.3f} | {eval_s:.3f} | {merge_s + eval_s:.3f} | {r['wall']:.2f} | {r['best_s']:.2f} |"
+        print(row + (f" {gib(r['peak'])} |" if cuda else ""))
+    (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
+    print(
+        f"\nspeed-up memory vs disk: merge {dm / mm:.1f}×, candidate (merge + eval) {(dm + de) / (mm + me):.1f}×, "
+        f"generation {dw / mw:.1f}×"
+    )
+    same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results["disk"]["all"]]
+    print(f"same fitness for every candidate on both loops: {same}", flush=True)
+    return [x[3] for x in results["memory"]["rows"]]
+
+
+def section_capped(
+    family: dict[str, Path], args: argparse.Namespace, work: Path, expected: list[float]
+) -> None:
+    free_memory()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total))
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        cfg = run_config(family, args, work / "loop-capped", "memory")
+        space = GenomeSpace.from_config(cfg)
+        evaluator = CandidateEvaluator(cfg, space.paths[0], cfg.run_dir() / ".work")
+        merger = evaluator.memory
+        seeds = seed_genomes(space, cfg.merge_operators, [1.0] * len(NAMES), cfg.seed)
+        times, fitness = [], []
+        for genome in list(seeds.values())[: args.capped]:
+            scores, merge_s, eval_s = evaluator.score_recipe(
+                render(genome, space), genome.crossover.seed, cfg.evaluation.fitness_split
+            )
+            times.append((merge_s, eval_s))
+            fitness.append(scores.fitness)
+        print(
+            f"\n### C. Memory loop capped at {args.cap_gb} GiB "
+            f"(`set_per_process_memory_fraction`)\n\nresidents streamed from pinned host memory: {merger.stream}; "
+            f"peak GPU memory {gib(torch.cuda.max_memory_allocated())} GiB; merge s / candidate "
+            f"{statistics.fmean(t[0] for t in times):.3f}, eval s {statistics.fmean(t[1] for t in times):.3f}; "
+            f"same fitness as uncapped: {fitness == expected[: len(fitness)]}"
+        )
+    except torch.OutOfMemoryError as error:
+        print(
+            f"\n### C. Memory loop capped at {args.cap_gb} GiB\n\nout of memory: {str(error).splitlines()[0]}"
+        )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", choices=("tiny", "qwen2-1.5b"), default="tiny")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--recipes", type=int, default=None, help="seed recipes in section A (default 8 tiny, 3 GPU)"
+    )
+    parser.add_argument(
+        "--tasks", choices=("mc", "real"), default=None, help="mc: the tests' 2-task suite; real: tasks/"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="documents per task (default: mc all, real 16)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cap-gb", type=float, default=8.0)
+    parser.add_argument("--capped", type=int, default=3, help="candidates scored in the capped run")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
+    )
+    args = parser.parse_args()
+    gpu = args.scale != "tiny"
+    args.recipes = args.recipes or (3 if gpu else 8)
+    args.tasks = args.tasks or ("real" if gpu else "mc")
+    args.limit = args.limit or (16 if args.tasks == "real" else None)
+    args.dtype = "bfloat16" if gpu else "float32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    args.device = str(device)
+    work = args.work or Path(tempfile.mkdtemp(prefix="evoforge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with quiet_libraries():
+        log(f"building the {args.scale} family in {work} ...")
+        family = build_family(work / "models", args.scale, device)
+        space = GenomeSpace(
+            models=NAMES,
+            paths=tuple(str(family[n]) for n in NAMES),
+            num_layers=6 if args.scale == "tiny" else QWEN2_1_5B["num_hidden_layers"],
+            dtype=args.dtype,
+        )
+        name = (
+            torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads"
+        )
+        print(
+            f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}"
+        )
+        section_latency(bench_recipes(space, args.recipes), family, device, work)
+        expected = section_loops(family, args, device, work)
+        if device.type == "cuda":
+            section_capped(family, args, work, expected)
+        else:
+            print("\n### C. Capped GPU run: skipped (no CUDA device)")
+    print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
