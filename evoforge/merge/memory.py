@@ -128,14 +128,56 @@ def models_in_memory(
 # ---------------------------------------------------------------------------------------------- planning
 
 
+class _Planner(MergePlanner):
+    """mergekit's planner, each tensor planned by mergekit's own `plan_tensor`, but only when first asked for
+    (`task`): a stage tensor the final path does not use costs no parameter resolution. With `lazy=False`
+    every tensor is planned at once, in mergekit's order (what a random stage's schedule needs)."""
+
+    def __init__(self, *args: Any, lazy: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+        self.outputs: dict[str, WeightInfo] = {}
+        """Every output tensor, in plan order."""
+        self._pending: dict[str, tuple] = {}
+        self._planned: dict[str, ExecuteMergeMethodTask] = {}
+
+    def plan_tensor(
+        self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], cfg_reader: Any
+    ) -> None:
+        if self.lazy and not weight.optional:  # mergekit may skip an optional weight: let it decide now
+            self.outputs[weight.name] = weight
+            self._pending[weight.name] = (weight, weights_in, models, cfg_reader)
+            return
+        self._plan_now(weight, weights_in, models, cfg_reader)
+
+    def _plan_now(self, weight: WeightInfo, *args: Any) -> None:
+        planned = len(self._tensors)
+        super().plan_tensor(weight, *args)
+        if len(self._tensors) > planned:
+            task = self._tensors[-1][1]
+            if not isinstance(task, ExecuteMergeMethodTask) or not isinstance(
+                task.gather_tensors, GatherTensors
+            ):
+                raise NotInMemory(f"{weight.name}: vocabulary changes are only run through the disk path")
+            self.outputs[weight.name], self._planned[weight.name] = weight, task
+
+    def task(self, name: str) -> ExecuteMergeMethodTask:
+        if name not in self._planned:
+            self._plan_now(*self._pending.pop(name))
+        return self._planned[name]
+
+    def save_dtype(self, name: str) -> torch.dtype | None:
+        """What mergekit's SaveTensor casts this output to."""
+        return dtype_from_name(self.outputs[name].force_dtype or self.config.out_dtype)
+
+
 @dataclass
 class _Stage:
-    """One merge document, planned by mergekit: output tensor name → the task that computes it."""
+    """One merge document, planned by mergekit."""
 
     path: str
     config: PretrainedConfig
-    tasks: dict[str, ExecuteMergeMethodTask]
-    save_dtype: dict[str, torch.dtype | None]
+    plan: _Planner
     order: list[str] | None
     """The disk executor's task order, for a stage that draws random numbers (None: any order)."""
     position: int = 0
@@ -230,27 +272,19 @@ class MemoryMerger:
         return _Resident(config=ref.config(), tensors=tensors, stored=stored)
 
     def _plan(self, config: MergeConfiguration, path: str, names: Mapping[str, Mapping[str, Any]]) -> _Stage:
-        """Plan one document as `run_merge` does (same planner, same disk targets; for a stage that draws
+        """Plan one document as `run_merge` does (mergekit's planner and disk targets; for a stage that draws
         random numbers, the executor's task order from mergekit's scheduler, cached by the plan's shape).
         `names`: model path → the tensor names it holds."""
         if config.tokenizer_source is not None or config.tokenizer is not None:
             raise NotInMemory("tokenizer merges are only run through the disk path")
         arch_info = get_architecture_info(config, self.options)
         out_config = mergekit.merge._model_out_config(config, arch_info, self.options.trust_remote_code)
-        planner = MergePlanner(config, arch_info, options=self.options, out_model_config=out_config)
-        targets = planner.plan_to_disk(out_path=f"{path}.out")
-        tasks: dict[str, ExecuteMergeMethodTask] = {}
-        save_dtype: dict[str, torch.dtype | None] = {}
-        for weight, task in planner._tensors:
-            if not isinstance(task, ExecuteMergeMethodTask) or not isinstance(
-                task.gather_tensors, GatherTensors
-            ):
-                raise NotInMemory(f"{weight.name}: vocabulary changes are only run through the disk path")
-            tasks[weight.name] = task
-            save_dtype[weight.name] = dtype_from_name(weight.force_dtype or config.out_dtype)
+        random = draws_random_numbers(config.merge_method)
+        plan = _Planner(config, arch_info, options=self.options, out_model_config=out_config, lazy=not random)
+        targets = plan.plan_to_disk(out_path=f"{path}.out")
         order = None
-        if draws_random_numbers(config.merge_method):
-            key = _shape(planner._tensors, names)
+        if random:
+            key = _shape(plan._tensors, names)
             if key not in self._orders:
                 universe = TaskUniverse(targets)
                 schedule = build_schedule([universe.add_task(t) for t in targets], {})
@@ -260,7 +294,7 @@ class MemoryMerger:
                     if isinstance(h.task(), ExecuteMergeMethodTask)
                 ]
             order = self._orders[key]
-        return _Stage(path, out_config, tasks, save_dtype, order)
+        return _Stage(path, out_config, plan, order)
 
     def merge(
         self, recipe_yaml: str, random_seed: int | None = None, source: str = "recipe"
@@ -301,7 +335,7 @@ class MemoryMerger:
                 )
                 stages[path] = stage
                 model_configs[path] = stage.config
-                loaders[path] = InMemoryLoader(dict.fromkeys(stage.tasks))
+                loaders[path] = InMemoryLoader(dict.fromkeys(stage.plan.outputs))
             final = stages.pop(f"{STAGE_DIR}/.final")
             state = _Run(self, stages, random_seed).assemble(final)
         return state, final.config
@@ -331,11 +365,11 @@ class _Run:
         self._counted: set[tuple[str, str]] = set()
         for stage in stages.values():
             for name in stage.order or ():  # every task of a random stage runs, so its inputs are used
-                self._count_inputs(stage.tasks[name])
+                self._count_inputs(stage.plan.task(name))
 
     def _source(self, ref: ModelReference, weight: WeightInfo) -> tuple[str, str] | None:
         path = ref.model.path
-        holder = self.stages[path].tasks if path in self.stages else self.merger.models[path].tensors
+        holder = self.stages[path].plan.outputs if path in self.stages else self.merger.models[path].tensors
         name = _resolve(weight, holder)
         if name is None and not weight.optional:
             raise NotInMemory(f"{weight.name} is not in {path}")  # the disk path names the problem
@@ -348,23 +382,25 @@ class _Run:
                 self.uses[source] += 1
                 if source not in self._counted and self.stages[source[0]].order is None:
                     self._counted.add(source)
-                    self._count_inputs(self.stages[source[0]].tasks[source[1]])
+                    self._count_inputs(self.stages[source[0]].plan.task(source[1]))
 
     def assemble(self, stage: _Stage) -> dict[str, torch.Tensor]:
         """The final stage's tensors, in an order that takes random stages' outputs as they come."""
-        for task in stage.tasks.values():
-            self._count_inputs(task)
+        for name in stage.plan.outputs:
+            self._count_inputs(stage.plan.task(name))
 
         position = {
             (path, name): i for path, st in self.stages.items() for i, name in enumerate(st.order or ())
         }
 
         def first_needed(name: str) -> int:
-            sources = (self._source(r, w) for r, w in stage.tasks[name].gather_tensors.weight_info.items())
+            sources = (
+                self._source(r, w) for r, w in stage.plan.task(name).gather_tensors.weight_info.items()
+            )
             return min((position[s] for s in sources if s in position), default=-1)
 
         state = {}
-        for name in sorted(stage.tasks, key=first_needed):
+        for name in sorted(stage.plan.outputs, key=first_needed):
             tensor = self._execute(stage, name)
             if tensor is not None:
                 state[name] = tensor
@@ -406,7 +442,7 @@ class _Run:
         return tensor
 
     def _execute(self, stage: _Stage, name: str) -> torch.Tensor | None:
-        task = stage.tasks[name]
+        task = stage.plan.task(name)
         gather = task.gather_tensors
         tensors = {}
         for ref, weight in gather.weight_info.items():
@@ -424,7 +460,7 @@ class _Run:
                 result = task.execute(tensors=tensors)
         else:
             result = task.execute(tensors=tensors)
-        dtype = stage.save_dtype[name]
+        dtype = stage.plan.save_dtype(name)
         return result.to(dtype) if result is not None and dtype is not None else result
 
     @contextmanager
