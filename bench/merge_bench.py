@@ -14,7 +14,8 @@ Sections
      written through the disk path as `evoforge run` does) with `merge_path: memory` and `disk`:
      per-candidate merge and evaluation seconds, generation wall time; both loops must score alike.
   C. (CUDA) The memory loop under `torch.cuda.set_per_process_memory_fraction` (--cap-gb, 8 by default):
-     the base models do not fit, so they stay in pinned host memory and stream; same fitness as in B.
+     the base models do not fit, so they stay in pinned host memory and stream. The streamed merges must
+     equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch).
 
 The qwen2-1.5b models: hidden 1536, 28 layers, 12/2 heads, FFN 8960, vocab 151936, tied embeddings, bf16;
 an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`).
@@ -70,7 +71,6 @@ QWEN2_1_5B = dict(
     vocab_size=151936,
     tie_word_embeddings=True,
     max_position_embeddings=4096,
-    rope_theta=1_000_000.0,
     eos_token_id=0,
     pad_token_id=0,
     bos_token_id=0,
@@ -159,6 +159,13 @@ def planner_merge(recipe: str, seed: int | None, device: str) -> dict[str, torch
     return {k: v for k, v in outputs.items() if v is not None}
 
 
+def load_folder(folder: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file, device=str(device)))
+    return state
+
+
 def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     """An exact, position-sensitive digest of each tensor's bits (integer sums: no rounding)."""
     out = {}
@@ -218,8 +225,9 @@ def run_path(
 
 
 def section_latency(
-    recipes: dict[str, str], family: dict[str, Path], device: torch.device, work: Path
-) -> None:
+    recipes: dict[str, str], family: dict[str, Path], device: torch.device, work: Path, keep: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Section A; returns the memory path's output (on the CPU) of the first `keep` recipes."""
     cuda = device.type == "cuda"
     clock = Clock(device)
     with clock():
@@ -233,6 +241,7 @@ def section_latency(
         head += " peak GiB disk / planner / memory |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     runs: dict[str, list[float]] = {"disk": [], "planner": [], "memory": []}
+    kept: dict[str, dict[str, torch.Tensor]] = {}
     label0 = next(iter(recipes))
     merger.merge(recipes[label0], random_seed(recipes[label0]))  # warm-up: imports, scheduler cache
     planner_merge(recipes[label0], random_seed(recipes[label0]), str(device))
@@ -243,8 +252,10 @@ def section_latency(
                 state = run_path(path, text, seed, merger, device, work)
             times[path], peaks[path] = clock.seconds, clock.peak
             if state is None:
-                state = load_file(work / "out" / "model.safetensors", device=str(device))
+                state = load_folder(work / "out", device)
             prints[path] = fingerprint(state)
+            if path == "memory" and len(kept) < keep:
+                kept[label] = {name: tensor.cpu() for name, tensor in state.items()}
             del state
             free_memory()
             runs[path].append(times[path])
@@ -265,10 +276,15 @@ def section_latency(
     shutil.rmtree(work / "out", ignore_errors=True)
     del merger
     free_memory()
+    return kept
 
 
 def run_config(
-    family: dict[str, Path], args: argparse.Namespace, out: Path, merge_path: str
+    family: dict[str, Path],
+    args: argparse.Namespace,
+    out: Path,
+    merge_path: str,
+    batch_size: int | None = None,
 ) -> EvolutionConfig:
     if args.tasks == "mc":
         tasks, weights = write_mc_tasks(out.parent / "mc_tasks"), dict.fromkeys(TASKS.values(), 0.5)
@@ -281,7 +297,11 @@ def run_config(
             "dtype": args.dtype,
             "device": args.device,
             "merge_path": merge_path,
-            "evaluation": {"tasks_dir": str(tasks), "batch_size": args.batch_size, "limit": args.limit},
+            "evaluation": {
+                "tasks_dir": str(tasks),
+                "batch_size": batch_size or args.batch_size,
+                "limit": args.limit,
+            },
             "output_dir": str(out),
             "wandb_mode": "disabled",
             **({"evaluation_weights": weights} if weights else {}),
@@ -355,40 +375,46 @@ def section_loops(
     )
     same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results["disk"]["all"]]
     print(f"same fitness for every candidate on both loops: {same}", flush=True)
-    return [x[3] for x in results["memory"]["rows"]]
 
 
 def section_capped(
-    family: dict[str, Path], args: argparse.Namespace, work: Path, expected: list[float]
+    family: dict[str, Path], args: argparse.Namespace, work: Path, recipes: dict[str, str], kept: dict
 ) -> None:
+    """Section C: the memory loop with the GPU capped; merged weights compared with section A's."""
     free_memory()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()
+    print(f"\n### C. Memory loop capped at {args.cap_gb} GiB (`set_per_process_memory_fraction`)\n")
     try:
-        cfg = run_config(family, args, work / "loop-capped", "memory")
-        space = GenomeSpace.from_config(cfg)
-        evaluator = CandidateEvaluator(cfg, space.paths[0], cfg.run_dir() / ".work")
+        cfg = run_config(family, args, work / "loop-capped", "memory", batch_size=args.capped_batch)
+        evaluator = CandidateEvaluator(cfg, str(family[NAMES[0]]), cfg.run_dir() / ".work")
         merger = evaluator.memory
-        seeds = seed_genomes(space, cfg.merge_operators, [1.0] * len(NAMES), cfg.seed)
-        times, fitness = [], []
-        for genome in list(seeds.values())[: args.capped]:
-            scores, merge_s, eval_s = evaluator.score_recipe(
-                render(genome, space), genome.crossover.seed, cfg.evaluation.fitness_split
-            )
-            times.append((merge_s, eval_s))
-            fitness.append(scores.fitness)
+        print(f"residents streamed from pinned host memory: {merger.stream}\n")
         print(
-            f"\n### C. Memory loop capped at {args.cap_gb} GiB "
-            f"(`set_per_process_memory_fraction`)\n\nresidents streamed from pinned host memory: {merger.stream}; "
-            f"peak GPU memory {gib(torch.cuda.max_memory_allocated())} GiB; merge s / candidate "
-            f"{statistics.fmean(t[0] for t in times):.3f}, eval s {statistics.fmean(t[1] for t in times):.3f}; "
-            f"same fitness as uncapped: {fitness == expected[: len(fitness)]}"
+            "| recipe | merge s | same tensors as uncapped | merge + load s | eval s | fitness |\n|---|---|---|---|---|---|"
+        )
+        for label, expected in kept.items():
+            text, clock = recipes[label], Clock(torch.device("cuda"))
+            with clock():
+                state, _ = merger.merge(text, random_seed(text))
+            same = state.keys() == expected.keys() and all(
+                torch.equal(state[k].cpu(), v) for k, v in expected.items()
+            )
+            del state
+            free_memory()
+            scores, merge_s, eval_s = evaluator.score_recipe(
+                text, random_seed(text) or 0, cfg.evaluation.fitness_split
+            )
+            print(
+                f"| {label} | {clock.seconds:.3f} | {same} | {merge_s:.3f} | {eval_s:.3f} | {scores.fitness:.4f} |",
+                flush=True,
+            )
+        print(
+            f"\npeak GPU memory allocated: {gib(torch.cuda.max_memory_allocated())} GiB (cap {args.cap_gb} GiB)"
         )
     except torch.OutOfMemoryError as error:
-        print(
-            f"\n### C. Memory loop capped at {args.cap_gb} GiB\n\nout of memory: {str(error).splitlines()[0]}"
-        )
+        print(f"out of memory: {str(error).splitlines()[0]}")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -410,7 +436,8 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cap-gb", type=float, default=8.0)
-    parser.add_argument("--capped", type=int, default=3, help="candidates scored in the capped run")
+    parser.add_argument("--capped", type=int, default=2, help="recipes merged and scored in the capped run")
+    parser.add_argument("--capped-batch", type=int, default=8, help="evaluation batch size in the capped run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
@@ -447,10 +474,13 @@ def main() -> None:
         print(
             f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}"
         )
-        section_latency(bench_recipes(space, args.recipes), family, device, work)
-        expected = section_loops(family, args, device, work)
+        recipes = bench_recipes(space, args.recipes)
+        kept = section_latency(
+            recipes, family, device, work, keep=args.capped if device.type == "cuda" else 0
+        )
+        section_loops(family, args, device, work)
         if device.type == "cuda":
-            section_capped(family, args, work, expected)
+            section_capped(family, args, work, recipes, kept)
         else:
             print("\n### C. Capped GPU run: skipped (no CUDA device)")
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")

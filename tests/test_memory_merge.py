@@ -77,7 +77,7 @@ def assert_same_model(memory: tuple[dict, object], disk: Path) -> None:
     expected = load_file(disk / "model.safetensors")
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(state[name], tensor, rtol=1.3e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(state[name].cpu(), tensor, rtol=1.3e-6, atol=1e-6, msg=name)
     saved = AutoConfig.from_pretrained(disk).to_dict()
     ours = config.to_dict()
     assert {
