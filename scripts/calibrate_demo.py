@@ -1,0 +1,88 @@
+"""Calibrate a run's models: the ancestor, each base model and the 8 seed merges on every domain, both splits.
+
+    python scripts/calibrate_demo.py recipes/demo.yaml --out recipes/demo/CALIBRATION.md [--device cuda]
+
+Prints (and writes) one markdown table per split: rows = models, columns = domains, fitness and the mean
+domain score. It answers what a demo needs before it relies on a trio: is each specialist ahead on its own
+domain, is no single model best everywhere, and does some seed keep a real share of every specialist's skill.
+Uses the run's own evaluator (same tasks, dtype, batch size and merge path as `evoforge run`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from statistics import fmean
+from typing import Annotated
+
+import typer
+
+from evoforge.config import load_config
+from evoforge.evolve.candidates import CandidateEvaluator
+from evoforge.evolve.records import Scores
+from evoforge.genome import GenomeSpace, seed_genomes
+from evoforge.quiet import quiet_libraries
+from evoforge.recipe import render
+
+cli = typer.Typer(add_completion=False)
+
+
+def table(title: str, rows: dict[str, Scores]) -> str:
+    domains = sorted({d for s in rows.values() for d in s.domains})
+    lines = [f"### {title}", "", "| model | " + " | ".join(domains) + " | mean | fitness |"]
+    lines.append("|---" * (len(domains) + 3) + "|")
+    for name, s in rows.items():
+        cells = " | ".join(f"{s.domains.get(d, float('nan')):.3f}" for d in domains)
+        lines.append(f"| {name} | {cells} | {fmean(s.domains.values()):.3f} | {s.fitness:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+@cli.command()
+def main(
+    run_file: Path,
+    out: Annotated[Path | None, typer.Option(help="Markdown file for the tables (JSON beside it).")] = None,
+    device: Annotated[str | None, typer.Option(help="Override the run file's device.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Documents per task (default: the run file's limit).")
+    ] = None,
+    all_items: Annotated[
+        bool, typer.Option("--all-items", help="Every document (the run file's limit off).")
+    ] = False,
+    seeds: Annotated[bool, typer.Option(help="Also score the 8 seed merges.")] = True,
+) -> None:
+    overrides = {"device": device} if device else {}
+    cfg = load_config(run_file, **overrides)
+    if limit is not None or all_items:
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"limit": limit})})
+    space = GenomeSpace.from_config(cfg)
+    splits = (cfg.evaluation.fitness_split, cfg.evaluation.heldout_split)
+    results: dict[str, dict[str, Scores]] = {s: {} for s in splits}
+    start = time.perf_counter()
+    with quiet_libraries():
+        evaluator = CandidateEvaluator(cfg, space.paths[0], Path(cfg.run_dir()) / ".calibration")
+        models = [*([cfg.ancestor] if cfg.ancestor else []), *cfg.base_models]
+        for m in models:
+            for split in splits:
+                results[split][m.name] = evaluator.score_model(cfg.resolve(m), split)
+            typer.echo(f"{m.name}: {results[splits[0]][m.name].fitness:.3f}", err=True)
+        genomes = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
+        for label, genome in genomes.items() if seeds else ():
+            recipe = render(genome, space)
+            for split in splits:
+                results[split][label] = evaluator.score_recipe(recipe, genome.crossover.seed, split)[0]
+            typer.echo(f"{label}: {results[splits[0]][label].fitness:.3f}", err=True)
+    wall = time.perf_counter() - start
+    text = (
+        f"Calibration of `{run_file}` (device {cfg.device}, dtype {cfg.dtype}, limit {cfg.evaluation.limit}), "
+        f"{wall:.0f} s.\n\n" + "\n".join(table(f"split `{s}`", results[s]) for s in splits)
+    )
+    typer.echo(text)
+    if out:
+        out.write_text(text, encoding="utf-8")
+        payload = {s: {k: v.model_dump() for k, v in r.items()} for s, r in results.items()}
+        out.with_suffix(".json").write_text(json.dumps({"wall_s": wall, "results": payload}, indent=1))
+
+
+if __name__ == "__main__":
+    cli()
