@@ -124,6 +124,15 @@ def test_dare_masks_follow_the_seed_and_leave_the_callers_generators_alone(qwen_
     assert torch.equal(first[name], again[name]) and not torch.equal(first[name], other[name])
 
 
+def test_a_plain_dare_merge_equals_the_disk_path(llama_family, mergers, tmp_path):
+    a, b, g, ancestor = (llama_family[n] for n in (*NAMES, "ancestor"))
+    text = f"merge_method: dare_ties\nbase_model: {ancestor}\ndtype: float32\nmodels:\n" + "".join(
+        f"  - {{model: {m}, parameters: {{weight: 0.4, density: 0.5}}}}\n" for m in (a, b, g)
+    )
+    disk = merge_recipe(text, tmp_path / "out", device="cpu", random_seed=3)
+    assert_same_model(mergers["llama"].merge(text, random_seed=3), disk)
+
+
 def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):
     space = space_of(qwen_family, ancestor=False)
     seed = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-dfs"]

@@ -385,7 +385,8 @@ class _Run:
                     self._count_inputs(self.stages[source[0]].plan.task(source[1]))
 
     def assemble(self, stage: _Stage) -> dict[str, torch.Tensor]:
-        """The final stage's tensors, in an order that takes random stages' outputs as they come."""
+        """The final stage's tensors: in the disk executor's order if it draws random numbers itself, else
+        in an order that takes random stages' outputs as they come (few are held at once)."""
         for name in stage.plan.outputs:
             self._count_inputs(stage.plan.task(name))
 
@@ -400,7 +401,7 @@ class _Run:
             return min((position[s] for s in sources if s in position), default=-1)
 
         state = {}
-        for name in sorted(stage.plan.outputs, key=first_needed):
+        for name in stage.order or sorted(stage.plan.outputs, key=first_needed):
             tensor = self._execute(stage, name)
             if tensor is not None:
                 state[name] = tensor
