@@ -150,9 +150,13 @@ def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):
 
 def test_only_stage_tensors_the_final_path_uses_are_computed(qwen_family, mergers, monkeypatch):
     space = space_of(qwen_family, ancestor=False)
-    genome = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-frankenmerge"]
-    assert [s.source for s in genome.structure.path[:2]] == ["crossover"] * 2  # then alpha, beta blocks
-    assert all(s.source != "crossover" for s in genome.structure.path[2:])
+    seeds = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)
+    ties = seeds["linear-ties-frankenmerge"]
+    assert [s.source for s in ties.structure.path] == ["crossover"] * 2 + ["alpha"] * 2 + ["beta"] * 2
+    last = (*(Step(source="alpha", layer=i) for i in range(5)), Step(source="crossover", layer=5))
+    dare = seeds["linear-dare-frankenmerge"].model_copy(
+        update={"structure": StructureGene(method="frankenmerge", path=last)}
+    )
     calls: Counter[str] = Counter()
     execute = ExecuteMergeMethodTask.execute
 
@@ -161,11 +165,15 @@ def test_only_stage_tensors_the_final_path_uses_are_computed(qwen_family, merger
         return execute(self, **kwargs)
 
     monkeypatch.setattr(ExecuteMergeMethodTask, "execute", counted)
-    mergers["qwen"].merge(render(genome, space))
-    per_layer = sum(
-        name.startswith("model.layers.0.") for name in load_file(qwen_family["alpha"] / "model.safetensors")
-    )
-    assert calls["ties"] == calls["linear"] == 2 * per_layer + 1  # two layers and the embeddings
+    alpha = load_file(qwen_family["alpha"] / "model.safetensors")
+    per_layer = sum(name.startswith("model.layers.0.") for name in alpha)
+    mergers["qwen"].merge(render(ties, space))
+    assert calls == {"ties": 2 * per_layer + 1, "linear": 2 * per_layer + 1}  # unscaled slices: no task
+    calls.clear()
+    mergers["qwen"].merge(render(dare, space), random_seed=1)
+    # DARE draws masks in mergekit's task order (by tensor name), so it runs up to the last tensor used, the
+    # final norm; tasks nothing uses only draw, on zeros in place of the interp tensors they would read
+    assert calls["linear"] == per_layer + 1 and calls["dare_ties"] == len(alpha)
 
 
 def test_what_the_memory_path_cannot_reproduce_is_refused(qwen_family, unrelated_qwen_family, mergers):

@@ -356,16 +356,18 @@ def _fits(needed: int, merger: MemoryMerger) -> bool:
 
 
 class _Run:
-    """One candidate: stage tensors computed on demand, each kept until its last consumer has read it."""
+    """One candidate: stage tensors computed on demand, each kept until its last consumer has read it.
+
+    A stage that draws random numbers runs every task, in the disk executor's order. A task of such a stage
+    that nothing uses runs only for its draws: DARE's masks depend on shapes, dtypes, device and densities,
+    not on values, so stage outputs it would read are replaced by zeros (their computation is skipped)."""
 
     def __init__(self, merger: MemoryMerger, stages: dict[str, _Stage], seed: int | None) -> None:
         self.merger, self.stages, self.seed = merger, stages, seed
         self.values: dict[tuple[str, str], torch.Tensor | None] = {}
         self.uses: Counter[tuple[str, str]] = Counter()
         self._counted: set[tuple[str, str]] = set()
-        for stage in stages.values():
-            for name in stage.order or ():  # every task of a random stage runs, so its inputs are used
-                self._count_inputs(stage.plan.task(name))
+        """Stage tasks that run for their output (their inputs are counted in `uses`)."""
 
     def _source(self, ref: ModelReference, weight: WeightInfo) -> tuple[str, str] | None:
         path = ref.model.path
@@ -380,16 +382,48 @@ class _Run:
             source = self._source(ref, weight)
             if source and source[0] in self.stages:
                 self.uses[source] += 1
-                if source not in self._counted and self.stages[source[0]].order is None:
+                if source not in self._counted:
                     self._counted.add(source)
                     self._count_inputs(self.stages[source[0]].plan.task(source[1]))
+
+    def _draw_plan(self, task: ExecuteMergeMethodTask) -> tuple[list, list] | None:
+        """For a DARE task whose output nothing uses: its resident inputs (loaded as usual) and its stage
+        inputs (replaced by zeros of their shape and dtype), which make it draw exactly what it draws for real.
+        None where that cannot be known without computing (another method, a stage input of unknown dtype)."""
+        method = merge_methods.get(task.method_name)
+        if getattr(method, "sparsification_method", None) != SparsificationMethod.random:
+            return None
+        gather, residents, zeros = task.gather_tensors, [], []
+        for ref, weight in gather.weight_info.items():
+            source, dtype = self._source(ref, weight), dtype_from_name(weight.force_dtype or gather.dtype)
+            if source is not None and source[0] in self.stages:
+                if dtype is None:
+                    return None
+                zeros.append((ref, dtype))
+            elif source is not None:
+                residents.append((ref, weight, dtype))
+        return (residents, zeros) if residents else None
+
+    def _draw(self, stage: _Stage, name: str) -> None:
+        task = stage.plan.task(name)
+        residents, zeros = self._draw_plan(task)
+        tensors = {ref: self._load(ref, weight, dtype) for ref, weight, dtype in residents}
+        shape = next(iter(tensors.values())).shape
+        tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
+        with self._generator(stage):
+            task.execute(tensors=tensors)
 
     def assemble(self, stage: _Stage) -> dict[str, torch.Tensor]:
         """The final stage's tensors: in the disk executor's order if it draws random numbers itself, else
         in an order that takes random stages' outputs as they come (few are held at once)."""
         for name in stage.plan.outputs:
             self._count_inputs(stage.plan.task(name))
-
+        for random in reversed([s for s in self.stages.values() if s.order]):  # consumers first
+            for name in random.order:
+                key = (random.path, name)
+                if key not in self._counted and self._draw_plan(random.plan.task(name)) is None:
+                    self._counted.add(key)
+                    self._count_inputs(random.plan.task(name))
         position = {
             (path, name): i for path, st in self.stages.items() for i, name in enumerate(st.order or ())
         }
@@ -416,9 +450,13 @@ class _Run:
             while source not in self.values:
                 name = stage.order[stage.position]
                 stage.position += 1
+                key = (stage.path, name)
+                if key not in self._counted:  # unused: only its draws matter
+                    self._draw(stage, name)
+                    continue
                 tensor = self._execute(stage, name)
-                if self.uses[(stage.path, name)]:
-                    self.values[(stage.path, name)] = tensor
+                if self.uses[key]:
+                    self.values[key] = tensor
         self.uses[source] -= 1
         return self.values[source] if self.uses[source] else self.values.pop(source)
 
