@@ -2,6 +2,7 @@
 planner, on the same recipes in one process. Prints markdown tables to stdout (progress goes to stderr).
 
     python bench/merge_bench.py --scale tiny                    # CPU smoke: tiny Qwen2 family, < 2 min
+    python bench/merge_bench.py --scale tiny-28                 # the same at Qwen2-1.5B's depth (28 layers)
     python bench/merge_bench.py --scale qwen2-1.5b              # GPU: builds 4 random Qwen2-1.5B-shaped models
 
 Sections
@@ -18,7 +19,10 @@ Sections
      equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch).
 
 The qwen2-1.5b models: hidden 1536, 28 layers, 12/2 heads, FFN 8960, vocab 151936, tied embeddings, bf16;
-an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`).
+an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`), 12.4 GB
+on disk under --work (kept and reused when --work is given). Expect several minutes on one GPU, most of it
+the disk loop's generation; --recipes 2 and --limit 8 shorten the run. Tasks: --tasks real (evoforge's
+tasks/, the GPU default) or mc (the tests' two multiple-choice tasks, the CPU default).
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from evolution_support import TASKS, write_mc_tasks  # noqa: E402  the test suite's multiple-choice tasks
 
 NAMES = ("alpha", "beta", "gamma")
+TINY_LAYERS = {"tiny": 6, "tiny-28": 28}
+"""evoforge.tiny families (hidden 64): merge cost is mergekit's per-tensor Python work, not arithmetic."""
+SEED_ORDER = (0, 7, 5, 2, 1, 6, 3, 4)
+"""The 8 seeds in an order whose first few cover interp, crossover and structure methods."""
 QWEN2_1_5B = dict(
     hidden_size=1536,
     num_hidden_layers=28,
@@ -84,8 +92,8 @@ def log(message: str) -> None:
 def build_family(root: Path, scale: str, device: torch.device) -> dict[str, Path]:
     """Ancestor + three related children: evoforge.tiny's family, or Qwen2-1.5B-shaped random bf16 models
     built on `device` (the GPU: seconds instead of minutes)."""
-    if scale == "tiny":
-        return make_family(root, arch="qwen2")
+    if scale in TINY_LAYERS:
+        return make_family(root, arch="qwen2", num_layers=TINY_LAYERS[scale])
     paths = {name: root / name for name in ("ancestor", *NAMES)}
     if all((p / "config.json").exists() for p in paths.values()):
         return paths
@@ -112,7 +120,7 @@ def bench_recipes(space: GenomeSpace, count: int) -> dict[str, str]:
     """`count` of the 8 seeds (spread over the method triples) and a deep DARE DFS path: 1.5× the depth,
     repeated layers, every source, scaled steps."""
     seeds = seed_genomes(space, MergeOperators(), [1.0] * len(NAMES), run_seed=7)
-    labels = list(seeds)[:: max(1, 8 // count)][:count] if count < 8 else list(seeds)
+    labels = [list(seeds)[i] for i in SEED_ORDER[:count]]
     out = {label: render(seeds[label], space) for label in labels}
     rng = random.Random(0)
     sources = ("crossover", "crossover", "interp", *NAMES)
@@ -178,12 +186,13 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
 
 
 class Clock:
-    """Wall time and the peak GPU memory added during a block (CUDA work waited for at both ends)."""
+    """Wall time, and on CUDA the peak memory allocated during a block (`peak`) and how much of it the block
+    added to what was allocated when it started (`added`); CUDA work is waited for at both ends."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.seconds = 0.0
-        self.peak = 0
+        self.peak = self.added = 0
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -195,7 +204,8 @@ class Clock:
         yield
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - start_mem
+            self.peak = torch.cuda.max_memory_allocated()
+            self.added = self.peak - start_mem
         self.seconds = time.perf_counter() - start
 
 
@@ -238,7 +248,7 @@ def section_latency(
     )
     head = "| recipe | disk s | planner s | memory s | disk/memory | planner/memory | same bits |"
     if cuda:
-        head += " peak GiB disk / planner / memory |"
+        head += " GiB added at peak: disk / planner / memory |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     runs: dict[str, list[float]] = {"disk": [], "planner": [], "memory": []}
     kept: dict[str, dict[str, torch.Tensor]] = {}
@@ -250,7 +260,7 @@ def section_latency(
         for path in runs:
             with clock():
                 state = run_path(path, text, seed, merger, device, work)
-            times[path], peaks[path] = clock.seconds, clock.peak
+            times[path], peaks[path] = clock.seconds, clock.added
             if state is None:
                 state = load_folder(work / "out", device)
             prints[path] = fingerprint(state)
@@ -340,7 +350,7 @@ def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: Candidat
 
 def section_loops(
     family: dict[str, Path], args: argparse.Namespace, device: torch.device, work: Path
-) -> list:
+) -> None:
     results = {}
     for merge_path in ("memory", "disk"):
         cfg = run_config(family, args, work / f"loop-{merge_path}", merge_path)
@@ -423,7 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", choices=("tiny", "qwen2-1.5b"), default="tiny")
+    parser.add_argument("--scale", choices=(*TINY_LAYERS, "qwen2-1.5b"), default="tiny")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--recipes", type=int, default=None, help="seed recipes in section A (default 8 tiny, 3 GPU)"
@@ -443,7 +453,7 @@ def main() -> None:
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
     )
     args = parser.parse_args()
-    gpu = args.scale != "tiny"
+    gpu = args.scale not in TINY_LAYERS
     args.recipes = args.recipes or (3 if gpu else 8)
     args.tasks = args.tasks or ("real" if gpu else "mc")
     args.limit = args.limit or (16 if args.tasks == "real" else None)
@@ -463,7 +473,7 @@ def main() -> None:
         space = GenomeSpace(
             models=NAMES,
             paths=tuple(str(family[n]) for n in NAMES),
-            num_layers=6 if args.scale == "tiny" else QWEN2_1_5B["num_hidden_layers"],
+            num_layers=TINY_LAYERS.get(args.scale, QWEN2_1_5B["num_hidden_layers"]),
             dtype=args.dtype,
         )
         name = (

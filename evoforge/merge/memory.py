@@ -1,17 +1,19 @@
 """The memory merge path: candidates merged from base models resident on the device, no disk per candidate.
 
 The base models (and the ancestor) are read once. A candidate's recipe is validated and planned by mergekit
-itself (`validate_recipe`, `load_config`, `MergePlanner`: parameters, gradients over depth, filters, slices,
-optional and tied weights are resolved as `run_merge` resolves them); each planned output tensor is then
-computed by mergekit's own task (`ExecuteMergeMethodTask.execute`: the registered merge method, its dtype
-handling, TIES/DARE sparsification), fed from memory instead of from safetensors files.
+itself (`validate_recipe`, mergekit-multi's stage naming, `MergePlanner`: parameters, gradients over depth,
+filters, slices, optional and tied weights are resolved as `run_merge` resolves them); each planned output
+tensor is computed by mergekit's own task (`ExecuteMergeMethodTask.execute`: the registered merge method,
+its dtype handling, TIES/DARE sparsification), fed from memory instead of from safetensors files.
 
-Stage outputs are computed on demand, by layer, from the final stage's needs, and dropped after their last
-use: a stage tensor the final path does not use is never computed. The exception is a stage that draws
-random numbers (DARE): mergekit seeds torch once per stage and draws masks in its executor's task order, so
-such a stage runs every task in exactly that order (from mergekit's own scheduler), under its own saved
-generator state; what the final path does not use is dropped right away. With that, the memory path gives
-the same tensors as the disk path (`merge_recipe`) for the same seed on the same device.
+Stage tensors are planned and computed on demand, by layer, from the final stage's needs, and dropped after
+their last use: a stage tensor the final path does not use costs nothing. A stage that draws random numbers
+(DARE) is the exception: mergekit seeds torch at the start of each stage and draws masks in its executor's
+task order, so such a stage runs its tasks in exactly that order (from mergekit's own scheduler) under its
+own saved generator state, up to the last tensor used; a task nothing uses only draws (DARE's masks depend
+on shapes, dtypes and densities, not values, so the stage tensors it would read are replaced by zeros).
+With that the memory path gives the disk path's tensors (`merge_recipe`) for the same seed on the same
+device, and the disk path gives stock `mergekit-multi --random-seed`'s.
 
 An unscaled passthrough slice is assembled by reference (the output tensor *is* the input tensor).
 Base models that do not fit on the GPU stay in pinned host memory and are streamed tensor by tensor.
