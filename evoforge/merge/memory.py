@@ -360,9 +360,10 @@ def _fits(needed: int, merger: MemoryMerger) -> bool:
 class _Run:
     """One candidate: stage tensors computed on demand, each kept until its last consumer has read it.
 
-    A stage that draws random numbers runs every task, in the disk executor's order. A task of such a stage
-    that nothing uses runs only for its draws: DARE's masks depend on shapes, dtypes, device and densities,
-    not on values, so stage outputs it would read are replaced by zeros (their computation is skipped)."""
+    A stage that draws random numbers runs its tasks in the disk executor's order, up to the last one used.
+    A task of such a stage that nothing uses runs only for its draws: DARE's masks depend on shapes, dtypes,
+    device and densities, not on values, so stage outputs it would read are replaced by zeros (and are not
+    computed)."""
 
     def __init__(self, merger: MemoryMerger, stages: dict[str, _Stage], seed: int | None) -> None:
         self.merger, self.stages, self.seed = merger, stages, seed
