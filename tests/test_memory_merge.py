@@ -241,10 +241,8 @@ def test_memory_loop_scores_candidates_as_the_disk_loop_does(qwen_family, unrela
     )
     with pytest.raises(NotInMemory):
         evaluators["memory"].memory.merge(foreign)
-    for text in [
-        *(render(genomes[k], space) for k in ("deep-dfs", "linear-ties-frankenmerge", "deep-dfs")),
-        foreign,
-    ]:
+    deep, shallow = (render(genomes[k], space) for k in ("deep-dfs", "linear-ties-frankenmerge"))
+    for text in (deep, shallow, foreign):  # the Scorer's model grows to 9 layers, then back to 6
         seed = random_seed(text) or 0
         memory, disk = (evaluators[p].score_recipe(text, seed, "validation") for p in ("memory", "disk"))
         assert memory[0] == disk[0] and memory[1] > 0 and memory[2] > 0
