@@ -43,6 +43,7 @@ def main(
     run_file: Path,
     out: Annotated[Path | None, typer.Option(help="Markdown file for the tables (JSON beside it).")] = None,
     device: Annotated[str | None, typer.Option(help="Override the run file's device.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the run file's batch size.")] = None,
     limit: Annotated[
         int | None, typer.Option(help="Documents per task (default: the run file's limit).")
     ] = None,
@@ -53,36 +54,40 @@ def main(
 ) -> None:
     overrides = {"device": device} if device else {}
     cfg = load_config(run_file, **overrides)
-    if limit is not None or all_items:
-        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"limit": limit})})
+    evaluation = {"limit": limit} if limit is not None or all_items else {}
+    evaluation |= {"batch_size": batch_size} if batch_size else {}
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
     space = GenomeSpace.from_config(cfg)
     splits = (cfg.evaluation.fitness_split, cfg.evaluation.heldout_split)
     results: dict[str, dict[str, Scores]] = {s: {} for s in splits}
     start = time.perf_counter()
+
+    def report() -> None:
+        """Rewritten after every model, so an interrupted calibration keeps what it measured."""
+        text = (
+            f"Calibration of `{run_file}` (device {cfg.device}, dtype {cfg.dtype}, limit {cfg.evaluation.limit}, "
+            f"batch {cfg.evaluation.batch_size}), {time.perf_counter() - start:.0f} s.\n\n"
+            + "\n".join(table(f"split `{s}`", results[s]) for s in splits)
+        )
+        if out:
+            out.write_text(text, encoding="utf-8")
+            payload = {s: {k: v.model_dump() for k, v in r.items()} for s, r in results.items()}
+            out.with_suffix(".json").write_text(json.dumps({"results": payload}, indent=1))
+        else:
+            typer.echo(text)
+
     with quiet_libraries():
         evaluator = CandidateEvaluator(cfg, space.paths[0], Path(cfg.run_dir()) / ".calibration")
         models = [*([cfg.ancestor] if cfg.ancestor else []), *cfg.base_models]
         for m in models:
             for split in splits:
                 results[split][m.name] = evaluator.score_model(cfg.resolve(m), split)
-            typer.echo(f"{m.name}: {results[splits[0]][m.name].fitness:.3f}", err=True)
+            report()
         genomes = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
         for label, genome in genomes.items() if seeds else ():
             recipe = render(genome, space)
             for split in splits:
                 results[split][label] = evaluator.score_recipe(recipe, genome.crossover.seed, split)[0]
-            typer.echo(f"{label}: {results[splits[0]][label].fitness:.3f}", err=True)
-    wall = time.perf_counter() - start
-    text = (
-        f"Calibration of `{run_file}` (device {cfg.device}, dtype {cfg.dtype}, limit {cfg.evaluation.limit}), "
-        f"{wall:.0f} s.\n\n" + "\n".join(table(f"split `{s}`", results[s]) for s in splits)
-    )
-    typer.echo(text)
-    if out:
-        out.write_text(text, encoding="utf-8")
-        payload = {s: {k: v.model_dump() for k, v in r.items()} for s, r in results.items()}
-        out.with_suffix(".json").write_text(json.dumps({"wall_s": wall, "results": payload}, indent=1))
-
-
+            report()
 if __name__ == "__main__":
     cli()
