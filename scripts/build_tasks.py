@@ -96,7 +96,7 @@ def code_simple(rng: random.Random) -> Iterator[Doc]:
     """One-line functions: the prompt ends at `return`, the answer is the expression."""
     while True:
         name, arg, inputs, doc, body = rng.choice(_FUNCTIONS)
-        k = rng.randint(2, 9) if "chars" in name or "repeat" in name else rng.randint(2, 30)
+        k = rng.randint(2, 9) if "chars" in name or "repeat" in name else rng.randint(2, 99)
         word = rng.choice(_WORDS)
         fill = {"k": k, "w": word, "n": word.strip("-_") or "x"}
         fname = name.format(**fill)
@@ -221,10 +221,14 @@ def math_multilingual(rng: random.Random) -> Iterator[Doc]:
         if kind in ("mul", "packs", "price"):
             a, b, c = rng.randint(2, 12), rng.randint(2, 12), 0
             answer = a * b
+        elif kind in ("add", "sub"):  # math_arith's items, asked in another language
+            a, b, c = rng.randint(10, 99), rng.randint(10, 99), 0
+            a, b = (a, b) if kind == "add" else (max(a, b), min(a, b))
+            answer = a + b if kind == "add" else a - b
         else:
             a, b = rng.randint(12, 60), rng.randint(2, 11)
             c = rng.randint(1, a + b - 1)
-            answer = {"add": a + b, "buy": a + b, "sub": a - b, "give": a - b, "two": a + b - c}[kind]
+            answer = {"buy": a + b, "give": a - b, "two": a + b - c}[kind]
         obj, how_many = rng.choice(t["objects"])
         item, items = rng.choice(t["items"])
         question = t[kind].format(
@@ -245,18 +249,19 @@ _LANGUAGE_NAMES = {
 
 
 def multilingual_numbers(rng: random.Random) -> Iterator[Doc]:
-    """Numbers 0-100 as words in French, Spanish and German (num2words), in both directions."""
+    """Numbers as words in French, Spanish and German (num2words): half write 0-100 in words, half read
+    0-20 back as digits (the direction a 135 M model gets some of)."""
     from num2words import num2words
 
     while True:
         lang = rng.choice(["fr", "es", "de"])
-        n = rng.randint(0, 100)
-        words = num2words(n, lang=lang)
         if rng.random() < 0.5:
+            n = rng.randint(0, 100)
             question = f"How do you write the number {n} in {_LANGUAGE_NAMES[lang]}?"
-            yield {"question": question, "answer": words, "language": lang}
+            yield {"question": question, "answer": num2words(n, lang=lang), "language": lang}
         else:
-            question = f'Which number is "{words}" in {_LANGUAGE_NAMES[lang]}? Answer with digits.'
+            n = rng.randint(0, 20)
+            question = f'What number is "{num2words(n, lang=lang)}" in {_LANGUAGE_NAMES[lang]}?'
             yield {"question": question, "answer": str(n), "language": lang}
 
 
@@ -316,10 +321,11 @@ def _faker(rng: random.Random):
 
 
 _FIELDS = ("age", "city", "company", "email", "id", "job", "name")
+_SHORT_FIELDS = ("age", "city", "email", "id", "name")
 
 
-def _record(fake, rng: random.Random, keys: list[str] | None = None) -> dict[str, object]:
-    """A person record with one-line values: the given keys, or 4-5 random ones in a random order."""
+def _record(fake, rng: random.Random, keys: list[str]) -> dict[str, object]:
+    """A person record with one-line values for `keys`, in that order."""
     full = {
         "name": fake.name(),
         "age": rng.randint(18, 90),
@@ -329,7 +335,7 @@ def _record(fake, rng: random.Random, keys: list[str] | None = None) -> dict[str
         "company": fake.company(),
         "id": rng.randint(1000, 9999),
     }
-    return {k: full[k] for k in keys or rng.sample(_FIELDS, rng.randint(4, 5))}
+    return {k: full[k] for k in keys}
 
 
 def _csv_text(rows: list[dict[str, object]]) -> str:
@@ -362,11 +368,11 @@ def _render(records: list[dict[str, object]], fmt: str, inline: bool) -> str:
 
 
 def structured_lookup(rng: random.Random) -> Iterator[Doc]:
-    """Read one field of a one-line JSON, YAML or CSV record."""
+    """Read one field of a one-line JSON, YAML or CSV record of 3-4 short fields (JSON half the time)."""
     fake = _faker(rng)
     while True:
-        record = _record(fake, rng)
-        fmt = rng.choice(["json", "yaml", "csv"])
+        record = _record(fake, rng, rng.sample(_SHORT_FIELDS, rng.randint(3, 4)))
+        fmt = rng.choice(["json", "json", "yaml", "csv"])
         key = rng.choice(sorted(record))
         kind = {"json": "JSON record", "yaml": "YAML record", "csv": "CSV data with"}[fmt]
         question = f"Given the {kind} {_render([record], fmt, inline=True)}, what is the {key}?"
@@ -379,7 +385,7 @@ def structured_json(rng: random.Random) -> Iterator[Doc]:
     while True:
         fmt = rng.choice(["json", "yaml", "csv"])
         if rng.random() < 0.5:
-            record = _record(fake, rng)
+            record = _record(fake, rng, rng.sample(_FIELDS, rng.randint(4, 5)))
             chosen = rng.sample(list(record), 2)
             data = _render([record], fmt, inline=False)
             expected = {k: record[k] for k in chosen}
@@ -447,17 +453,25 @@ def prompt_key(doc: Doc) -> str:
     return tasklib.normalize_prompt(render_prompt(doc))
 
 
+_MAX_MISSES = 20_000
+
+
 def _unique(items: Iterator[Doc], exclude: set[str], n: int, what: str) -> list[Doc]:
-    """The first `n` items whose prompts are new and not in `exclude`."""
+    """The first `n` items whose prompts are new and not in `exclude` (a generator that yields nothing new
+    for `_MAX_MISSES` draws in a row counts as exhausted)."""
     seen = set(exclude)
     out: list[Doc] = []
+    misses = 0
     for doc in items:
-        if len(out) == n:
+        if len(out) == n or misses == _MAX_MISSES:
             break
         key = prompt_key(doc)
-        if key not in seen:
-            seen.add(key)
-            out.append(doc)
+        if key in seen:
+            misses += 1
+            continue
+        seen.add(key)
+        out.append(doc)
+        misses = 0
     if len(out) < n:
         raise ValueError(f"{what}: only {len(out)} distinct items available, {n} asked")
     return out
