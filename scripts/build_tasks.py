@@ -31,6 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = ROOT / "tasks"
+TRAINED_ON = ROOT / "recipes" / "demo" / "training"
 
 # The committed data was built with exactly these; another version may generate other items.
 SOURCE_VERSIONS = {
@@ -477,9 +478,21 @@ def _unique(items: Iterator[Doc], exclude: set[str], n: int, what: str) -> list[
     return out
 
 
+def trained_prompts(folder: Path = TRAINED_ON) -> set[str]:
+    """Prompts the committed demo adapters were trained on (recipes/demo/training/): never in a split, so
+    held-out scores of the specialists and their merges are on unseen items."""
+    return {
+        prompt_key(json.loads(line))
+        for path in sorted(folder.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    }
+
+
 def build_splits(task: TaskData) -> dict[str, list[Doc]]:
-    """Validation and test items of `task`, disjoint by normalized prompt."""
-    docs = _unique(task.items(random.Random(task.seed)), set(), task.n_validation + task.n_test, task.name)
+    """Validation and test items of `task`, disjoint by normalized prompt and from the demo's training data."""
+    n = task.n_validation + task.n_test
+    docs = _unique(task.items(random.Random(task.seed)), trained_prompts(), n, task.name)
     return {"validation": docs[: task.n_validation], "test": docs[task.n_validation :]}
 
 
