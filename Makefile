@@ -16,6 +16,11 @@ install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev,data]"
 
+# The embedded demo: SmolLM2-135M + three LoRA specialists (evoforge demo prepare), evolved on this machine.
+demo: install
+	$(BIN)/evoforge demo prepare
+	$(BIN)/evoforge run recipes/demo.yaml --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+
 test: install
 	$(BIN)/pytest -q
 

@@ -85,8 +85,9 @@ def rng_state(rng: random.Random) -> list:
 
 
 def fingerprint(cfg: EvolutionConfig) -> str:
-    """What identifies a run: the config minus the keys a resume may change."""
-    data = cfg.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    """What identifies a run: the resolved config (absolute paths, as run_dir/config.yaml holds it) minus
+    the keys a resume may change."""
+    data = cfg.resolved().model_dump(mode="json", exclude=RESUMABLE_CHANGES)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

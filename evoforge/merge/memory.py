@@ -345,7 +345,9 @@ class MemoryMerger:
 
 def _fits(needed: int, merger: MemoryMerger) -> bool:
     """Residents fit if they leave room for two models' worth of candidate output and working tensors."""
-    device = merger.device
+    device = torch.device(merger.device)
+    if device.index is None:  # torch.cuda's memory queries want an index: "cuda" means the current device
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     capped = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
     largest = max(
