@@ -9,6 +9,7 @@ first and a broken one is reported with its file and line.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,17 @@ from evoforge.errors import ConfigError, EvoforgeError
 
 DEFAULT_TASKS_DIR = Path(evoforge.__file__).resolve().parent.parent / "tasks"
 _DOMAIN = re.compile(r"^[A-Za-z][\w-]*$")
+
+
+class _DropCustomDatasetHint(logging.Filter):
+    """lm-eval warns "Custom kwargs can be passed to `--metadata`" for every task built with a
+    `custom_dataset` loader (api/task.py, download) — all of ours — on every build: advice for its CLI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
 
 
 class TaskError(EvoforgeError):
