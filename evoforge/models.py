@@ -48,4 +48,7 @@ def check_run_models(cfg: EvolutionConfig) -> dict[str, dict]:
     entries = [(f"base_models[{i}]", m) for i, m in enumerate(cfg.base_models)]
     if cfg.ancestor:
         entries.append(("ancestor", cfg.ancestor))
-    return {m.name: read_model_config(cfg.resolve(m), what=f"{source}: {field}.path ({m.name})") for field, m in entries}
+    return {
+        m.name: read_model_config(cfg.resolve(m), what=f"{source}: {field}.path ({m.name})")
+        for field, m in entries
+    }

@@ -241,7 +241,9 @@ class EvoMergePipeline:
             shutil.rmtree(run_dir / ".work", ignore_errors=True)
         write_report(run_dir)
         if tracker.local_dir:
-            self.console.print(f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)")
+            self.console.print(
+                f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)"
+            )
         return self.best(baselines)
 
     def best(self, baselines: Baselines) -> BestCandidate:

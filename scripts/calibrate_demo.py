@@ -89,5 +89,7 @@ def main(
             for split in splits:
                 results[split][label] = evaluator.score_recipe(recipe, genome.crossover.seed, split)[0]
             report()
+
+
 if __name__ == "__main__":
     cli()

@@ -29,7 +29,13 @@ def write_mc_tasks(root: Path, items: int = 12) -> Path:
                 answer = a + b
                 choices = [str(answer + d) for d in (0, 1, -1, 10)]
                 rng.shuffle(choices)
-                rows.append({"question": f"What is {a} + {b}?", "choices": choices, "answer": choices.index(str(answer))})
+                rows.append(
+                    {
+                        "question": f"What is {a} + {b}?",
+                        "choices": choices,
+                        "answer": choices.index(str(answer)),
+                    }
+                )
             files[split] = folder / f"{task}_{split}.jsonl"
             files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
         spec = {

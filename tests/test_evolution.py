@@ -225,3 +225,22 @@ def test_members_round_trip_through_checkpoint_json():
     cfg = EvolutionConfig(base_models=[{"name": n, "path": f"/m/{n}"} for n in SPACE.models])
     members = seed_population(cfg, SPACE)
     assert [Member.model_validate_json(m.model_dump_json()) for m in members] == members
+
+
+def test_forge_evo_is_the_seed_documents_spelling(diverse_family, mc_tasks, tmp_path):
+    from evoforge.cli import forge_app
+
+    data = run_config(diverse_family, mc_tasks, tmp_path / "unused", max_generations=1, **SMALL)
+    config = tmp_path / "evo.json"
+    config.write_text(json.dumps(data))
+    out = tmp_path / "evo_run"
+    result = CliRunner().invoke(
+        forge_app, ["evo", "--config", str(config), "--gens", "1", "--output-dir", str(out)]
+    )
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert (out / "checkpoints" / "evolution_checkpoint_gen_1.json").exists()
+    checkpoint = out / "checkpoints" / "evolution_checkpoint_gen_1.json"
+    resumed = CliRunner().invoke(forge_app, ["evo", "--resume", str(checkpoint), "--gens", "1"])
+    assert resumed.exit_code == 0, resumed.output + str(resumed.exception)
+    unknown = CliRunner().invoke(forge_app, ["evo", "--config", str(config), "--base-models", "alpha,nope"])
+    assert unknown.exit_code == 2 and "'nope'" in unknown.stderr

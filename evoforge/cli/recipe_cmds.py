@@ -86,7 +86,9 @@ def validate(
     table = Table("model", "path", "weight", "specialty", "ancestry", title=f"{run_file}: run {cfg.name!r}")
     for m in [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]:
         role = " (ancestor)" if m is cfg.ancestor else ""
-        table.add_row(m.name + role, cfg.resolve(m), f"{m.weight:g}", m.domain_specialty or "", m.ancestry or "")
+        table.add_row(
+            m.name + role, cfg.resolve(m), f"{m.weight:g}", m.domain_specialty or "", m.ancestry or ""
+        )
     out.print(table)
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -184,7 +184,8 @@ def validate_recipe(recipe_yaml: str, *, source: str = "recipe") -> list[dict[st
         configs[doc.get("name")] = (where, _check_document(body, stage_names, where))
         doc.update(body)  # the localised model paths
     graph = {
-        name: {str(m.model.path) for m in cfg.referenced_models()} & stage_names for name, (_, cfg) in configs.items()
+        name: {str(m.model.path) for m in cfg.referenced_models()} & stage_names
+        for name, (_, cfg) in configs.items()
     }
     try:
         TopologicalSorter(graph).prepare()
