@@ -65,7 +65,7 @@ def run_config(family: dict[str, Path], tasks_dir: Path, out: Path, **overrides)
         "mutation_rate": 0.2,
         "dtype": "float32",
         "device": "cpu",
-        "merge_path": "disk",
+        "merge_path": "memory",
         "evaluation_weights": {"math": 0.5, "multilingual": 0.5},
         "evaluation": {"tasks_dir": str(tasks_dir), "batch_size": 16},
         "output_dir": str(out),
