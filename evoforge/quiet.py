@@ -1,5 +1,5 @@
-"""Keep library chatter (tqdm bars of lm-eval, mergekit, transformers, datasets; INFO logs) out of a Rich
-display. Warnings and errors still show."""
+"""Keep library chatter (tqdm bars of lm-eval, mergekit, transformers, datasets; their logs below ERROR) out
+of a Rich display. evoforge's own warnings (compatibility, kinship) are printed by evoforge, not logged."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ NOISY_LOGGERS = ("lm-eval", "lm_eval", "mergekit", "multimerge", "datasets", "tr
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Every tqdm bar disabled (lm-eval passes `disable=` explicitly, so TQDM_DISABLE alone is not enough),
-    noisy loggers at WARNING."""
+    noisy loggers at ERROR (their warnings are advice for their own CLIs)."""
     import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -31,7 +31,7 @@ def quiet_libraries() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         yield
     finally:

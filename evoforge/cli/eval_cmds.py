@@ -6,7 +6,6 @@ lm-eval is imported inside the commands: it takes seconds, and `evoforge --help`
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,6 +16,7 @@ from rich.table import Table
 from evoforge.cli.app import app, console, out, user_errors
 from evoforge.config import DOMAINS, EvaluationConfig, EvolutionConfig, format_validation_error
 from evoforge.errors import ConfigError
+from evoforge.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     from evoforge.evaluate import EvalResult
@@ -24,11 +24,6 @@ if TYPE_CHECKING:
 TasksDir = Annotated[
     Path | None, typer.Option("--tasks-dir", help="Folder of task YAMLs (default: evoforge's tasks/).")
 ]
-
-
-def _quiet_lm_eval() -> None:
-    """lm-eval warns on every task with a custom loader and on wrapping a loaded model: noise here."""
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def _metric(key: str) -> str:
@@ -46,8 +41,7 @@ def tasks(tasks_dir: TasksDir = None) -> None:
     """List the tasks per domain: level, primary metric, items per split. Exit 2 if a YAML is broken."""
     from evoforge.evaluate import TaskSuite
 
-    _quiet_lm_eval()
-    with console.status("reading tasks and their data"):
+    with quiet_libraries(), console.status("reading tasks and their data"):
         suite = TaskSuite.discover(tasks_dir)
         counts = suite.item_counts()
     splits = _split_order({s for c in counts.values() for s in c})
@@ -135,17 +129,17 @@ def eval_model(
     weights = parse_weights(weight or [])
     from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
 
-    _quiet_lm_eval()
     suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
     suite.check()
     check_weights(weights, suite)
-    with console.status(f"loading {model}"):
-        loaded, tokenizer = load_model(model, device, dtype)
-    scorer = Scorer(loaded, tokenizer, evaluation=evaluation, weights=weights, tasks_dir=tasks_dir)
-    with console.status(f"building {len(scorer.suite.tasks)} tasks for split {split!r}"):
-        scorer.tasks(split)
-    with console.status(f"scoring {model} on {split}"):
-        result = scorer.score(split)
+    with quiet_libraries():
+        with console.status(f"loading {model}"):
+            loaded, tokenizer = load_model(model, device, dtype)
+        scorer = Scorer(loaded, tokenizer, evaluation=evaluation, weights=weights, tasks_dir=tasks_dir)
+        with console.status(f"building {len(scorer.suite.tasks)} tasks for split {split!r}"):
+            scorer.tasks(split)
+        with console.status(f"scoring {model} on {split}"):
+            result = scorer.score(split)
     print_result(result)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
