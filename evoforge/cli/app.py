@@ -16,6 +16,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve merge
 forge_app = typer.Typer(no_args_is_help=True, add_completion=False, help="The seed document's spelling.")
 console = Console(stderr=True)
 """Progress, warnings and errors."""
+
+
+@forge_app.callback()
+def forge() -> None:
+    """The seed document's spelling: `forge evo ...` is `evoforge run ...`."""
+    # A callback keeps `forge` a command group: with one command Typer would make `forge` that command.
 out = Console()
 """Results: tables and summaries a user may pipe."""
 
