@@ -126,3 +126,23 @@ def test_dfs_scales_reproduce_input_scaling_exactly(arch, request, tmp_path):
         unscaled = dfs_forward(models, [s.model_copy(update={"scale": 1.0}) for s in path], ids)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
     assert (unscaled - expected).abs().max() > 100 * (got - expected).abs().max()  # the scales matter
+
+
+def test_evoforge_merge_command_merges_a_recipe_with_its_header_seed(qwen_family, tmp_path):
+    from typer.testing import CliRunner
+
+    from evoforge.cli import app
+
+    space = space_of(qwen_family, ancestor=True)
+    genome = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)["slerp-dare-dfs"]
+    recipe = tmp_path / "candidate.yaml"
+    recipe.write_text(render(genome, space))
+    result = CliRunner().invoke(
+        app, ["merge", str(recipe), "--out", str(tmp_path / "cli"), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    direct = merge_recipe(
+        recipe.read_text(), tmp_path / "direct", device="cpu", random_seed=genome.crossover.seed
+    )
+    cli, ref = tensors(tmp_path / "cli"), tensors(direct)
+    assert all(torch.equal(cli[k], ref[k]) for k in ref)
