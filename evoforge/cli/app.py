@@ -18,14 +18,18 @@ console = Console(stderr=True)
 """Progress, warnings and errors."""
 
 
-@forge_app.callback()
-def forge() -> None:
-    """The seed document's spelling: `forge evo ...` is `evoforge run ...`."""
-    # A callback keeps `forge` a command group: with one command Typer would make `forge` that command.
 out = Console()
 """Results: tables and summaries a user may pipe."""
 
 F = TypeVar("F", bound=Callable)
+
+
+@forge_app.callback()
+def forge() -> None:
+    """The seed document's spelling: `forge evo ...` is `evoforge run ...`.
+
+    The callback keeps `forge` a command group: with a single command Typer would make `forge` that command.
+    """
 
 
 def fail(message: str) -> NoReturn:
