@@ -12,7 +12,21 @@ from pathlib import Path
 
 import yaml
 
+from evoforge.genome import GenomeSpace
+
 TASKS = {"tiny_math_mc": "math", "tiny_words_mc": "multilingual"}
+NAMES = ("alpha", "beta", "gamma")
+
+
+def space_of(family: dict[str, Path], ancestor: bool) -> GenomeSpace:
+    """The genome space over a tiny family's three children (6 layers), optionally with its ancestor."""
+    return GenomeSpace(
+        models=NAMES,
+        paths=tuple(str(family[n]) for n in NAMES),
+        num_layers=6,
+        ancestor=str(family["ancestor"]) if ancestor else None,
+        dtype="float32",
+    )
 
 
 def write_mc_tasks(root: Path, items: int = 12) -> Path:

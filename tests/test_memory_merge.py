@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evolution_support import run_config, write_mc_tasks
+from evolution_support import NAMES, run_config, space_of, write_mc_tasks
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from safetensors.torch import load_file
 from transformers import AutoConfig
@@ -21,18 +21,7 @@ from evoforge.merge.disk import merge_recipe
 from evoforge.merge.memory import MemoryMerger, NotInMemory
 from evoforge.recipe import random_seed, render
 
-NAMES = ("alpha", "beta", "gamma")
 BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
-
-
-def space_of(family: dict[str, Path], ancestor: bool) -> GenomeSpace:
-    return GenomeSpace(
-        models=NAMES,
-        paths=tuple(str(family[n]) for n in NAMES),
-        num_layers=6,
-        ancestor=str(family["ancestor"]) if ancestor else None,
-        dtype="float32",
-    )
 
 
 @pytest.fixture(scope="module")

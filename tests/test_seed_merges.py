@@ -8,25 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from evolution_support import NAMES, space_of
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evoforge.config import MergeOperators
-from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
+from evoforge.genome import Genome, Step, StructureGene, seed_genomes
 from evoforge.merge.disk import merge_recipe
 from evoforge.recipe import parse, random_seed, render
-
-NAMES = ("alpha", "beta", "gamma")
-
-
-def space_of(family: dict[str, Path], ancestor: bool) -> GenomeSpace:
-    return GenomeSpace(
-        models=NAMES,
-        paths=tuple(str(family[n]) for n in NAMES),
-        num_layers=6,
-        ancestor=str(family["ancestor"]) if ancestor else None,
-        dtype="float32",
-    )
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
