@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from evoforge.evaluate import sandbox
-from evoforge.evaluate.sandbox import SandboxError, SandboxResult, run_python
+from evoforge.evaluate.sandbox import SandboxError, SandboxResult, run_many, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SHOW_UID = "import os, sys\nprint(os.getuid(), flush=True)\n"
@@ -128,6 +128,69 @@ def test_concurrent_calls_from_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: run_python(f"print({i} * 2)"), range(8)))
     assert [r.stdout for r in results] == [f"{i * 2}\n" for i in range(8)]
+
+
+# Every way a program ends, each printing its uid first: run side by side, each must end as it does alone.
+ENDINGS = [
+    "print('ok')",
+    "assert sorted([3, 1]) == [3, 1], 'unsorted'",
+    "raise SystemExit(3)",
+    "import signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "import ctypes\nctypes.string_at(0)",  # segfault
+    "def f(:\n    pass",  # a syntax error: nothing runs, not even the uid line
+    "while True:\n    pass",
+    "x = bytearray(10 << 30)",
+    "import time\ntime.sleep(0.3)\nprint('slept')",
+    "sys.stdout.write('x' * (1 << 20))",
+]
+
+
+def test_many_programs_end_as_each_does_alone() -> None:
+    """Identical outcomes serial and concurrent, results in order, a distinct uid each, nothing left over."""
+    sources = [SHOW_UID + body for body in ENDINGS]
+    serial = [run_python(s, timeout_s=1.0) for s in sources]
+    concurrent = run_many(sources, timeout_s=1.0, jobs=len(sources))
+
+    def outcome(r: SandboxResult) -> tuple[object, ...]:
+        return r.passed, r.returncode, r.timed_out, r.stdout.split("\n", 1)[-1], r.stderr.splitlines()[-1:]
+
+    assert [outcome(r) for r in concurrent] == [outcome(r) for r in serial]
+    assert [r.passed for r in serial] == [True, False, False, False, False, False, False, False, True, False]
+    assert [(r.returncode, r.timed_out) for r in serial[3:7]] == [
+        (-9, False),
+        (-11, False),
+        (1, False),
+        (-9, True),
+    ]
+    uids = [int(r.stdout.split("\n", 1)[0]) for r in concurrent if r.stdout]
+    assert len(uids) == len(set(uids)) == len(ENDINGS) - 1  # all but the syntax error printed one
+    assert all(processes_of(uid) == [] for uid in uids)
+
+
+def test_runs_overlap() -> None:
+    """N programs sleeping 0.5 s take about 0.5 s side by side, not N x 0.5 s (sleeping needs no CPU)."""
+    start = time.monotonic()
+    results = run_many([f"import time\ntime.sleep(0.5)\nprint({i})" for i in range(8)], jobs=8)
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
+    assert time.monotonic() - start < 0.5 * 8 / 2
+
+
+def test_concurrent_calls_never_share_a_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when the random draw repeats itself, a call never gets a uid a running call holds."""
+    draws = iter([7, 7, 7, 7, 9, 9, 9, 11])
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda _: next(draws))
+    results = run_many([SHOW_UID + "import time\ntime.sleep(0.5)"] * 3, jobs=3)
+    assert sorted(int(r.stdout) for r in results) == [sandbox._UID_BASE + n for n in (7, 9, 11)]
+
+
+def test_jobs_default_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVOFORGE_SANDBOX_JOBS", "1")
+    start = time.monotonic()
+    run_many(["import time\ntime.sleep(0.3)"] * 3)
+    assert time.monotonic() - start >= 0.9  # one at a time
+    monkeypatch.setenv("EVOFORGE_SANDBOX_JOBS", "all")
+    with pytest.raises(SandboxError, match="EVOFORGE_SANDBOX_JOBS: expected a positive number"):
+        run_many(["print(1)"])
 
 
 def test_infinite_loop_is_killed_at_the_timeout() -> None:

@@ -1,4 +1,4 @@
-"""Run one model-written Python program in a contained child process and report how it ended.
+"""Run model-written Python programs, each in a contained child process, and report how they ended.
 
 Why so much machinery: code-scoring tasks execute whatever a candidate model wrote, so a program must not
 reach the host (files, network, our secrets, our processes) and must not take it down (memory, disk,
@@ -46,8 +46,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from evoforge.errors import EvoforgeError
 
@@ -204,6 +209,23 @@ class SandboxResult:
 
 
 _warned_unprivileged = False
+_uids_in_use: set[int] = set()
+_uids_lock = threading.Lock()
+
+
+@contextmanager
+def _call_uid() -> Iterator[int]:
+    """A uid for one call, never one a concurrent call of this process holds (a shared uid would share
+    RLIMIT_NPROC: one program's fork bomb would fail another's threads)."""
+    with _uids_lock:
+        while (uid := _UID_BASE + secrets.randbelow(_UID_SPAN)) in _uids_in_use:
+            pass
+        _uids_in_use.add(uid)
+    try:
+        yield uid
+    finally:
+        with _uids_lock:
+            _uids_in_use.remove(uid)
 
 
 def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
@@ -219,7 +241,14 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
             "leftover processes are contained only where unprivileged user namespaces are allowed"
         )
     data = source.encode(errors="surrogatepass")  # a lone surrogate fails the program, not the caller
-    uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if privileged else 0
+    if not privileged:
+        return _run(data, 0, timeout_s, memory_mb)
+    with _call_uid() as uid:
+        return _run(data, uid, timeout_s, memory_mb)
+
+
+def _run(data: bytes, uid: int, timeout_s: float, memory_mb: int) -> SandboxResult:
+    """One bootstrap child running `data` as `uid` (0: unprivileged fallback); see `run_python`."""
     limits = [uid, math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
     workdir = tempfile.mkdtemp(prefix="evoforge-sandbox-")
     status_r, status_w = os.pipe()
@@ -267,6 +296,34 @@ def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> San
         stderr=stderr.decode(errors="replace") + note,
         duration_s=duration,
     )
+
+
+def run_many(
+    sources: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 512, jobs: int | None = None
+) -> list[SandboxResult]:
+    """`run_python` on every source, `jobs` at a time, results in the sources' order.
+
+    Why: a task's programs spend their time in their own processes, so they run side by side, each with its
+    own uid, working folder and namespaces (nothing shared but the host). `jobs` defaults to
+    `EVOFORGE_SANDBOX_JOBS`, else the CPUs this process may use: one program a CPU, so a program that
+    passes alone does not hit its wall-clock timeout here for want of CPU time.
+    """
+    if not sources:
+        return []
+    workers = min(_default_jobs() if jobs is None else jobs, len(sources))
+    # A child's PR_SET_PDEATHSIG fires when the thread that started it ends: the pool's threads outlive
+    # every run. A SandboxError from one run cancels the runs not started yet.
+    with ThreadPoolExecutor(workers, thread_name_prefix="evoforge-sandbox") as pool:
+        return list(pool.map(partial(run_python, timeout_s=timeout_s, memory_mb=memory_mb), sources))
+
+
+def _default_jobs() -> int:
+    value = os.environ.get("EVOFORGE_SANDBOX_JOBS")
+    if value is None:
+        return len(os.sched_getaffinity(0))
+    if not value.isdigit() or int(value) < 1:
+        raise SandboxError(f"EVOFORGE_SANDBOX_JOBS: expected a positive number of programs, got {value!r}")
+    return int(value)
 
 
 def _communicate(
