@@ -77,8 +77,30 @@ def program_source(doc: dict, completion: str) -> str:
     return f"{doc['prompt']}{completion}\n\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
 
-def score_program(doc: dict, results: list[str]) -> dict[str, float]:
-    """lm-eval `process_results`: the completed function passes the item's unit tests in evoforge's sandbox."""
-    from evoforge.evaluate.sandbox import run_python
+def run_programs(resps: list[list[str]], docs: list[dict]) -> list[dict]:
+    """lm-eval filter: each document's program (its first completion) runs in evoforge's sandbox, all side by
+    side. lm-eval filters a task's responses all at once, before it scores any: one program at a time in
+    `process_results` would cost a task seconds. The outcome (kept in logged samples) is what it scores."""
+    from evoforge.evaluate.sandbox import run_many
 
-    return {"pass_at_1": float(run_python(program_source(doc, results[0])).passed)}
+    completions = [resp[0] for resp in resps]
+    results = run_many([program_source(doc, c) for doc, c in zip(docs, completions, strict=True)])
+    return [
+        {
+            "completion": c,
+            "passed": r.passed,
+            "error": "" if r.passed else r.stderr.strip().rsplit("\n", 1)[-1],
+        }
+        for c, r in zip(completions, results, strict=True)
+    ]
+
+
+def score_program(doc: dict, results: list[dict | str]) -> dict[str, float]:
+    """lm-eval `process_results`: the completed function passes the item's unit tests in evoforge's sandbox.
+
+    Reads what `run_programs` found; a bare completion (a task with its own filter_list, a direct call) runs
+    here."""
+    outcome = results[0]
+    if isinstance(outcome, str):
+        (outcome,) = run_programs([[outcome]], [doc])
+    return {"pass_at_1": float(outcome["passed"])}
