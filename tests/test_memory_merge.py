@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from graphlib import TopologicalSorter
 from pathlib import Path
 
+import mergekit.merge
 import pytest
 import torch
+import yaml
 from evolution_support import NAMES, run_config, space_of, write_mc_tasks
+from mergekit.architecture import get_architecture_info
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.scripts.multimerge import load_config
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -17,8 +22,9 @@ from evoforge.config import EvolutionConfig, MergeOperators
 from evoforge.errors import ConfigError
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
-from evoforge.merge.disk import merge_recipe
-from evoforge.merge.memory import MemoryMerger, NotInMemory
+from evoforge.merge import mergekit_fixes
+from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
+from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, NotInMemory, models_in_memory
 from evoforge.recipe import random_seed, render
 
 BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
@@ -94,6 +100,78 @@ def test_memory_path_equals_disk_path(request, mergers, tmp_path, arch, ancestor
         seed = random_seed(text)
         disk = merge_recipe(text, tmp_path / label, device="cpu", random_seed=seed)
         assert_same_model(mergers[arch].merge(text, seed), disk)
+
+
+def mergekit_plan(text: str) -> dict[str | None, tuple[dict, dict[str, ExecuteMergeMethodTask]]]:
+    """Each stage's output config and merge tasks as mergekit's own planner builds them for `run_merge`
+    (stages loaded by mergekit-multi's `load_config`, their outputs named as it names them)."""
+    options = merge_options("cpu")
+    configs, dependencies = load_config(yaml.safe_dump_all(validate_recipe(text), sort_keys=False), STAGE_DIR)
+    out_configs, loaders, plans = {}, {}, {}
+    with mergekit_fixes.applied(), models_in_memory(out_configs, loaders):
+        for name in TopologicalSorter(dependencies).static_order():
+            config = configs[name]
+            tasks = {
+                r.weight_info.name: r.tensor_task for r in mergekit_fixes.plan_in_memory(config, options)
+            }
+            out_config = mergekit.merge._model_out_config(config, get_architecture_info(config, options))
+            out_configs[f"{STAGE_DIR}/{name}"] = out_config
+            loaders[f"{STAGE_DIR}/{name}"] = InMemoryLoader(dict.fromkeys(tasks))
+            plans[name] = (out_config.to_dict(), tasks)
+    return plans
+
+
+def task_fields(task: ExecuteMergeMethodTask) -> tuple:
+    """Everything a merge task is made of (mergekit's gather task compares by identity)."""
+    gather = task.gather_tensors
+    return (
+        *(getattr(task, f) for f in ("method_name", "model_order", "base_model", "output_weight", "dtype")),
+        task.out_dtype,
+        dict(task.parameters),
+        {model: dict(values) for model, values in task.input_parameters.items()},
+        dict(gather.weight_info.items()),
+        gather.dtype,
+        gather.device,
+    )
+
+
+def test_cached_plans_give_mergekits_own_tasks(qwen_family, mergers):
+    """The memory path plans a recipe's structure once and resolves only parameters per candidate: for
+    seeds, mutants (same structures, other values), a deep DFS path with filtered scales (also over another
+    crossover method: the same final document on other inputs) and a recipe with gradients and filters,
+    every stage has mergekit's output config and, tensor by tensor, its tasks."""
+    space = space_of(qwen_family, ancestor=True)
+    a, b, ancestor = (qwen_family[n] for n in ("alpha", "beta", "ancestor"))
+    genomes = candidates(space, with_seeds=True, mutants=3)
+    deep = genomes["deep-dfs"]  # the same path over a TIES crossover: one final document, other inputs
+    genomes["deep-ties"] = deep.model_copy(
+        update={"crossover": deep.crossover.model_copy(update={"method": "ties"})}
+    )
+    texts = [render(genome, space) for genome in genomes.values()]
+    for density in (0.3, 0.45):  # one structure twice: the second resolves its parameters on a kept plan
+        texts.append(
+            f"merge_method: ties\nbase_model: {ancestor}\ndtype: float32\nparameters: {{normalize: true}}\n"
+            f"models:\n  - model: {a}\n    parameters: {{weight: [0.2, 0.9], density: [{{filter: mlp, value: "
+            f"[{density}, 0.8]}}, {{value: 0.6}}]}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.7}}\n"
+        )
+    merger = mergers["qwen"]
+    for text in texts:
+        with mergekit_fixes.applied():
+            ours = merger._stage_plans(validate_recipe(text), "recipe")
+        theirs = mergekit_plan(text)
+        assert ours.keys() == theirs.keys()
+        for name, (out_config, tasks) in theirs.items():
+            plan = ours[name]
+            assert plan.skeleton.config.to_dict() == out_config
+            assert list(plan.skeleton.entries) == list(tasks)
+            for tensor, task in tasks.items():
+                assert task_fields(plan.task(tensor)) == task_fields(task), (name, tensor)
+    with_gradients = texts[-1]
+    seed = random_seed(with_gradients)
+    disk = merge_recipe(
+        with_gradients, qwen_family["alpha"].parent / "gradients", device="cpu", random_seed=seed
+    )
+    assert_same_model(merger.merge(with_gradients, seed), disk)
 
 
 def test_dare_masks_follow_the_seed_and_leave_the_callers_generators_alone(qwen_family, mergers):

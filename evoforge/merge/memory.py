@@ -1,19 +1,27 @@
 """The memory merge path: candidates merged from base models resident on the device, no disk per candidate.
 
 The base models (and the ancestor) are read once. A candidate's recipe is validated and planned by mergekit
-itself (`validate_recipe`, mergekit-multi's stage naming, `MergePlanner`: parameters, gradients over depth,
-filters, slices, optional and tied weights are resolved as `run_merge` resolves them); each planned output
-tensor is computed by mergekit's own task (`ExecuteMergeMethodTask.execute`: the registered merge method,
-its dtype handling, TIES/DARE sparsification), fed from memory instead of from safetensors files.
+itself (`validate_recipe`, mergekit-multi's stage naming, `MergePlanner`: slices, layer templates, optional
+and tied weights are laid out as `run_merge` lays them out; parameters, gradients over depth and filters are
+resolved by mergekit's `resolve_parameters`); each output tensor is computed by mergekit's own task
+(`ExecuteMergeMethodTask.execute`: the registered merge method, its dtype handling, TIES/DARE sparsification),
+fed from memory instead of from safetensors files.
 
-Stage tensors are planned and computed on demand, by layer, from the final stage's needs, and dropped after
-their last use: a stage tensor the final path does not use costs nothing. A stage that draws random numbers
-(DARE) is the exception: mergekit seeds torch at the start of each stage and draws masks in its executor's
-task order, so such a stage runs its tasks in exactly that order (from mergekit's own scheduler) under its
-own saved generator state, up to the last tensor used; a task nothing uses only draws (DARE's masks depend
-on shapes, dtypes and densities, not values, so the stage tensors it would read are replaced by zeros).
-With that the memory path gives the disk path's tensors (`merge_recipe`) for the same seed on the same
-device, and the disk path gives stock `mergekit-multi --random-seed`'s.
+Planning is split by what it depends on. A stage's layout (which output tensors, from which inputs, where
+each one's parameters are looked up) depends only on the recipe's structure — methods, models, slices,
+dtypes, the stages it reads — not on parameter values, so it is planned once per structure and kept
+(`_Skeleton`); a candidate whose stage differs only in weights, densities or scales resolves just those, per
+tensor it uses (`_StagePlan`), and a stage document seen before (a gene the candidate shares with its parent)
+reuses its resolved tasks as well.
+
+Stage tensors are computed on demand from the final stage's needs and dropped after their last use: a stage
+tensor the final path does not use costs nothing. A stage that draws random numbers (DARE) is the exception:
+mergekit seeds torch at the start of each stage and draws masks in its executor's task order, so such a stage
+runs its tasks in exactly that order (from mergekit's own scheduler) under its own saved generator state, up
+to the last tensor used; a task nothing uses only draws (DARE's masks depend on shapes, dtypes and densities,
+not values, so the stage tensors it would read are replaced by zeros). With that the memory path gives the
+disk path's tensors (`merge_recipe`) for the same seed on the same device, and the disk path gives stock
+`mergekit-multi --random-seed`'s.
 
 An unscaled passthrough slice is assembled by reference (the output tensor *is* the input tensor).
 Base models that do not fit on the GPU stay in pinned host memory and are streamed tensor by tensor.
@@ -24,25 +32,29 @@ were not kept in) raises `NotInMemory`: the caller merges that recipe through th
 from __future__ import annotations
 
 import copy
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import immutables
 import mergekit.merge
 import torch
 from mergekit import merge_methods
-from mergekit.architecture import WeightInfo, get_architecture_info
-from mergekit.common import ModelReference, dtype_from_name
-from mergekit.config import MergeConfiguration
+from mergekit.architecture import ConfiguredModuleArchitecture, WeightInfo, get_architecture_info
+from mergekit.architecture.json_definitions import JsonModuleArchitecture
+from mergekit.common import ImmutableMap, ModelReference, dtype_from_name
+from mergekit.config import ConditionalParameter, ConfigReader, InputSliceDefinition, MergeConfiguration
 from mergekit.graph import TaskUniverse, build_schedule
 from mergekit.io.tasks import GatherTensors, LoaderCache
+from mergekit.merge_methods import MergeMethod
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.parameter_resolver import resolve_parameters
 from mergekit.plan import MergePlanner
 from mergekit.scripts.multimerge import patched_config
 from mergekit.sparsify import SparsificationMethod
@@ -57,6 +69,11 @@ from evoforge.merge.disk import merge_options, validate_recipe
 STAGE_DIR = "/evoforge-memory"
 """Stage outputs are named `STAGE_DIR/<stage>` as mergekit-multi names them; nothing is read or written there."""
 _RANDOM_SPARSIFICATION = (SparsificationMethod.random, SparsificationMethod.della_magprune)
+_KEPT = 32
+"""Stage documents, skeletons and resolved stage plans each kept, least recently used dropped (a 28-layer
+stage's skeleton and plan are ~5,000 Python objects: kept ones lengthen the garbage collector's full passes)."""
+_WEIGHTS_KEPT = 1 << 12
+"""Layer weight lists kept (one JSON architecture at depths up to 64 needs ~2,000)."""
 
 
 class NotInMemory(Exception):
@@ -127,85 +144,250 @@ def models_in_memory(
         ModelReference.config, LoaderCache.get = original_config, original_get
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Kept(OrderedDict, Generic[K, V]):
+    """A mapping that keeps its `_KEPT` most recently used entries."""
+
+    def get_or(self, key: K, build: Callable[..., V], *args: Any) -> V:
+        """The value kept under `key`, else `build(*args)`, kept."""
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = build(*args)
+        if len(self) > _KEPT:
+            self.popitem(last=False)
+        return value
+
+
 # ---------------------------------------------------------------------------------------------- planning
 
 
-class _Planner(MergePlanner):
-    """mergekit's planner, each tensor planned by mergekit's own `plan_tensor`, but only when first asked for
-    (`task`): a stage tensor the final path does not use costs no parameter resolution. With `lazy=False`
-    every tensor is planned at once, in mergekit's order (what a random stage's schedule needs)."""
+@dataclass(frozen=True, slots=True)
+class _Input:
+    """One input of a planned tensor: what mergekit's `LoadTensor` would read for it."""
 
-    def __init__(self, *args: Any, lazy: bool, **kwargs: Any) -> None:
+    ref: ModelReference
+    source: tuple[str, str] | None
+    """(model path, the name that model holds the weight under); None: an optional weight it lacks."""
+    dtype: torch.dtype | None
+    """What `LoadTensor` casts it to."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One output tensor of a stage as mergekit plans it, less its parameter values: the arguments of
+    `MergePlanner.plan_tensor`, where its `ConfigReader` points (module, slice index, t), its inputs."""
+
+    weight: WeightInfo
+    weights_in: tuple[WeightInfo, ...]
+    models: tuple[ModelReference, ...]
+    reader: tuple[str, int, float]
+    gather: GatherTensors
+    inputs: tuple[_Input, ...]
+    save_dtype: torch.dtype | None
+    """What mergekit's `SaveTensor` casts the output to."""
+
+
+@dataclass
+class _Skeleton:
+    """A stage's plan as far as the recipe's structure fixes it (shared by candidates of that structure)."""
+
+    arch_info: Any
+    config: PretrainedConfig
+    """The stage's output config (hand out copies)."""
+    method: MergeMethod
+    entries: dict[str, _Entry]
+    """Every output tensor, in mergekit's plan order."""
+    loader: InMemoryLoader
+    """The stage output's tensor names, for planning later stages."""
+    order: list[str] | None = None
+    """The disk executor's task order, for a stage that draws random numbers (None: any order)."""
+    draws: dict[str, tuple[list[_Input], list[tuple[ModelReference, torch.dtype]]]] = field(
+        default_factory=dict
+    )
+    """Random stage: for each task that can run for its draws alone, its resident inputs and its stage
+    inputs (replaced by zeros of that dtype)."""
+
+
+class _Planner(MergePlanner):
+    """mergekit's planner, recording for each output tensor the arguments of `plan_tensor` rather than
+    building its task (that resolves parameters: per candidate). Layer weight names come from `weights`."""
+
+    def __init__(
+        self, *args: Any, weights: Callable[[ConfiguredModuleArchitecture, int], list], **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.lazy = lazy
-        self.outputs: dict[str, WeightInfo] = {}
-        """Every output tensor, in plan order."""
-        self._pending: dict[str, tuple] = {}
-        self._planned: dict[str, ExecuteMergeMethodTask] = {}
+        self.weights = weights
+        self.calls: dict[str, tuple] = {}
+
+    def plan_layer(
+        self,
+        sources: list[InputSliceDefinition],
+        layer_offset: int,
+        t: float,
+        cfg_reader: ConfigReader,
+        module_name: str,
+    ) -> None:
+        """mergekit's `plan_layer`, with cached weight names and one ConfigReader per layer."""
+        weights_out = self.weights(self._out_module_arch(module_name), self._current_module_layers)
+        weights_in = [
+            self.weights(self._model_arch(s.model).get_module(module_name), s.layer_range[0] + layer_offset)
+            for s in sources
+        ]
+        models, reader = [s.model for s in sources], cfg_reader.with_t(t)
+        for idx, weight in enumerate(weights_out):
+            self.plan_tensor(weight, [w[idx] for w in weights_in], models, reader)
+        self._current_module_layers += 1
 
     def plan_tensor(
         self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], cfg_reader: Any
     ) -> None:
-        if self.lazy and not weight.optional:  # mergekit may skip an optional weight: let it decide now
-            self.outputs[weight.name] = weight
-            self._pending[weight.name] = (weight, weights_in, models, cfg_reader)
-            return
-        self._plan_now(weight, weights_in, models, cfg_reader)
+        if weight.optional:  # mergekit skips an optional weight no input has: let it decide
+            planned = len(self._tensors)
+            super().plan_tensor(weight, weights_in, models, cfg_reader)
+            if len(self._tensors) == planned:
+                return
+        module = next(name for name, m in self.config.modules.items() if m is cfg_reader.module)
+        index = next(i for i, s in enumerate(cfg_reader.module.slices) if s is cfg_reader.slice_out)
+        self.calls[weight.name] = (weight, tuple(weights_in), tuple(models), (module, index, cfg_reader.t))
 
-    def _plan_now(self, weight: WeightInfo, *args: Any) -> None:
-        planned = len(self._tensors)
-        super().plan_tensor(weight, *args)
-        if len(self._tensors) > planned:
-            task = self._tensors[-1][1]
-            if not isinstance(task, ExecuteMergeMethodTask) or not isinstance(
-                task.gather_tensors, GatherTensors
-            ):
-                raise NotInMemory(f"{weight.name}: vocabulary changes are only run through the disk path")
-            self.outputs[weight.name], self._planned[weight.name] = weight, task
 
-    def task(self, name: str) -> ExecuteMergeMethodTask:
-        if name not in self._planned:
-            self._plan_now(*self._pending.pop(name))
-        return self._planned[name]
+def _reads(setting: Any, filters: set[str]) -> bool | None:
+    """What mergekit's `evaluate_setting` reads besides the setting itself: adds to `filters` the substrings
+    it tests a tensor's name for, returns whether it reads t (a gradient over depth); None: can't tell."""
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return False
+    if setting and all(isinstance(e, (float, int, bool, str)) for e in setting):
+        return True
+    reads_t = False
+    for cond in setting:
+        if not isinstance(cond, ConditionalParameter):
+            return None
+        if cond.filter not in (None, "*"):
+            filters.add(cond.filter)
+        reads_t = reads_t or _reads(cond.value, filters)
+    return reads_t
 
-    def save_dtype(self, name: str) -> torch.dtype | None:
-        """What mergekit's SaveTensor casts this output to."""
-        return dtype_from_name(self.outputs[name].force_dtype or self.config.out_dtype)
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where a slice's tensors look their parameters up (mergekit's `ConfigReader`), and what of a tensor
+    the result can depend on: the names it tests against `filters`, and t where `reads_t`."""
+
+    reader: ConfigReader
+    filters: tuple[str, ...]
+    reads_t: bool
+    exact: bool
+    """Settings `_reads` does not know: results depend on everything."""
+
+    @classmethod
+    def of(cls, config: MergeConfiguration, module: str, index: int) -> _Scope:
+        definition = config.modules[module]
+        reader = ConfigReader.model_construct(
+            config=config, t=0, slice_out=definition.slices[index], module=definition
+        )
+        filters: set[str] = set()
+        reads = [
+            _reads(setting, filters)
+            for model in (None, *(source.model for source in reader.slice_out.sources))
+            for settings in reader.parameter_sources(model)
+            for setting in (settings or {}).values()
+        ]
+        return cls(reader, tuple(sorted(filters)), any(reads), None in reads)
 
 
 @dataclass
-class _Stage:
-    """One merge document, planned by mergekit."""
+class _StagePlan:
+    """A stage of one candidate: its skeleton, its own (normalised) config, its tasks as resolved."""
 
-    path: str
-    config: PretrainedConfig
-    plan: _Planner
-    order: list[str] | None
-    """The disk executor's task order, for a stage that draws random numbers (None: any order)."""
-    position: int = 0
-    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    skeleton: _Skeleton
+    config: MergeConfiguration
+    tasks: dict[str, ExecuteMergeMethodTask] = field(default_factory=dict)
+    scopes: dict[tuple[str, int], _Scope] = field(default_factory=dict)
+    resolved: dict[tuple, tuple[immutables.Map, immutables.Map]] = field(default_factory=dict)
+    """Parameters resolved by mergekit, by what they depend on: tensors of one slice whose names pass the
+    same filters (at the same t, if it matters) share them."""
+
+    def task(self, name: str) -> ExecuteMergeMethodTask:
+        """mergekit's task for this output, as `MergePlanner.plan_tensor` builds it (its parameters resolved
+        by mergekit's `resolve_parameters`); built once: its inputs were validated when planned."""
+        task = self.tasks.get(name)
+        if task is None:
+            entry = self.skeleton.entries[name]
+            module, index, t = entry.reader
+            scope = self.scopes.get((module, index))
+            if scope is None:
+                scope = self.scopes[module, index] = _Scope.of(self.config, module, index)
+            names = (entry.weight.name, *(w.name for w in entry.weights_in))
+            key = (
+                module,
+                index,
+                t if scope.reads_t or scope.exact else None,
+                names if scope.exact else tuple(f in n for n in names for f in scope.filters),
+            )
+            parameters = self.resolved.get(key)
+            if parameters is None:  # the models of a slice's tensors are its sources: they need no key
+                shared, per_input = resolve_parameters(
+                    self.skeleton.method.spec,
+                    tensor_name=entry.weight.name,
+                    inputs={model: w.name for model, w in zip(entry.models, entry.weights_in)},
+                    sources=scope.reader.parameter_sources,
+                    base_model=scope.reader.base_model,
+                    t=t,
+                )
+                parameters = self.resolved[key] = (
+                    immutables.Map(shared),
+                    immutables.Map({m: immutables.Map(p) for m, p in per_input.items()}),
+                )
+            task = self.tasks[name] = ExecuteMergeMethodTask.model_construct(
+                method_name=self.skeleton.method.spec.name,
+                gather_tensors=entry.gather,
+                model_order=entry.models,
+                parameters=parameters[0],
+                input_parameters=parameters[1],
+                base_model=scope.reader.base_model,
+                output_weight=entry.weight,
+            )
+        return task
 
 
-def _shape(tensors: Sequence[tuple[WeightInfo, ExecuteMergeMethodTask]], names: Mapping[str, Any]) -> tuple:
+@dataclass(frozen=True)
+class _Document:
+    """A recipe document as mergekit-multi loads it (validated, stage names patched to paths)."""
+
+    config: MergeConfiguration
+    """As loaded: mergekit's planner normalises the config it plans in place, so each plan gets a copy."""
+    dependencies: frozenset[str]
+    structure: Hashable
+    """The document without its parameter values: what its stage's skeleton depends on (with its inputs')."""
+
+
+def _structure(value: Any) -> Hashable:
+    """A document as a hashable value, every `parameters` block left out."""
+    if isinstance(value, dict):
+        return tuple((key, _structure(item)) for key, item in value.items() if key != "parameters")
+    if isinstance(value, list):
+        return tuple(_structure(item) for item in value)
+    return value
+
+
+def _shape(entries: Mapping[str, _Entry]) -> tuple:
     """What mergekit's schedule order depends on: outputs, their inputs and the names those resolve to."""
     return tuple(
         (
-            weight.name,
-            task.gather_tensors.dtype,
+            name,
+            entry.gather.dtype,
             *(
-                (
-                    ref.model.path,
-                    w.name,
-                    w.aliases,
-                    w.tied_names,
-                    w.optional,
-                    w.force_dtype,
-                    _resolve(w, names[ref.model.path]),
-                )
-                for ref, w in task.gather_tensors.weight_info.items()
+                (ref.model.path, w.name, w.aliases, w.tied_names, w.optional, w.force_dtype, inp.source)
+                for (ref, w), inp in zip(entry.gather.weight_info.items(), entry.inputs)
             ),
         )
-        for weight, task in tensors
+        for name, entry in entries.items()
     )
 
 
@@ -248,7 +430,6 @@ class MemoryMerger:
         self.device = torch.device(self.options.device)
         self.cast = dtype_from_name(dtype)
         self.models: dict[str, _Resident] = {}
-        self._orders: dict[tuple, list[str]] = {}
         paths = list(dict.fromkeys(str(resolve_model(str(m))) for m in models))
         for path in paths:
             self.models[path] = self._read(path)
@@ -260,6 +441,12 @@ class MemoryMerger:
             for name, tensor in resident.tensors.items():
                 resident.tensors[name] = tensor.pin_memory() if self.stream else tensor.to(self.device)
         self.resident_bytes = needed
+        self._loaders = {path: InMemoryLoader(r.tensors) for path, r in self.models.items()}
+        self._documents: _Kept[tuple, _Document] = _Kept()
+        self._skeletons: _Kept[Hashable, _Skeleton] = _Kept()
+        self._plans: _Kept[tuple, _StagePlan] = _Kept()
+        self._orders: dict[tuple, list[str]] = {}
+        self._weights: dict[tuple, tuple[Any, list[WeightInfo]]] = {}
 
     def _read(self, path: str) -> _Resident:
         """Every tensor of a model through mergekit's own loader (what its LoadTensor reads)."""
@@ -273,30 +460,154 @@ class MemoryMerger:
         loader.flush()
         return _Resident(config=ref.config(), tensors=tensors, stored=stored)
 
-    def _plan(self, config: MergeConfiguration, path: str, names: Mapping[str, Mapping[str, Any]]) -> _Stage:
-        """Plan one document as `run_merge` does (mergekit's planner and disk targets; for a stage that draws
-        random numbers, the executor's task order from mergekit's scheduler, cached by the plan's shape).
-        `names`: model path → the tensor names it holds."""
-        if config.tokenizer_source is not None or config.tokenizer is not None:
-            raise NotInMemory("tokenizer merges are only run through the disk path")
+    def _layer_weights(self, arch: ConfiguredModuleArchitecture, index: int) -> list[WeightInfo]:
+        """mergekit's weights of one layer. A JSON-defined architecture builds them from templates (pydantic
+        dump, substitution, validation: most of a stage's planning time) that depend only on the layer
+        index and the layer count, so those are built once."""
+        if type(arch.info) is not JsonModuleArchitecture:
+            return arch.layer_weights(index)
+        key = (id(arch.info), arch.weight_prefix, arch.num_layers(), index)
+        if key not in self._weights:
+            if len(self._weights) >= _WEIGHTS_KEPT:  # only inferred architectures are built per call
+                self._weights.clear()
+            self._weights[key] = (arch.info, arch.layer_weights(index))  # holding info keeps its id unique
+        return self._weights[key][1]
+
+    def _document(self, text: tuple[str, frozenset[str]], doc: dict[str, Any]) -> _Document:
+        """One document as mergekit-multi's `load_config` reads it (cached by its text)."""
+
+        def load() -> _Document:
+            body = {key: value for key, value in doc.items() if key != "name"}
+            config, used = patched_config(MergeConfiguration.model_validate(body), set(text[1]), STAGE_DIR)
+            return _Document(config, frozenset(used), _structure(doc))
+
+        return self._documents.get_or(text, load)
+
+    def _skeleton(self, config: MergeConfiguration, path: str, holders: Mapping[str, Mapping]) -> _Skeleton:
+        """Plan one document's layout as `run_merge` does (mergekit's planner; for a stage that draws random
+        numbers, the executor's task order from mergekit's scheduler, cached by what it depends on).
+        `holders`: model path → the tensor names it holds. Normalises `config` in place, as mergekit does."""
+        if (
+            config.tokenizer_source is not None
+            or config.tokenizer is not None
+            or self.options.unsafe_truncate_embeddings
+        ):
+            raise NotInMemory("tokenizer merges and vocabulary changes are only run through the disk path")
         arch_info = get_architecture_info(config, self.options)
         out_config = mergekit.merge._model_out_config(config, arch_info, self.options.trust_remote_code)
-        random = draws_random_numbers(config.merge_method)
-        plan = _Planner(config, arch_info, options=self.options, out_model_config=out_config, lazy=not random)
-        targets = plan.plan_to_disk(out_path=f"{path}.out")
-        order = None
-        if random:
-            key = _shape(plan._tensors, names)
-            if key not in self._orders:
-                universe = TaskUniverse(targets)
-                schedule = build_schedule([universe.add_task(t) for t in targets], {})
-                self._orders[key] = [
-                    h.task().output_weight.name
-                    for h in schedule.tasks
-                    if isinstance(h.task(), ExecuteMergeMethodTask)
-                ]
-            order = self._orders[key]
-        return _Stage(path, out_config, plan, order)
+        planner = _Planner(
+            config, arch_info, options=self.options, out_model_config=out_config, weights=self._layer_weights
+        )
+        planner._plan()
+        device = self.options.device if self.options.read_to_gpu else None
+        entries = {}
+        for name, (weight, weights_in, models, reader) in planner.calls.items():
+            gather = GatherTensors(
+                weight_info=ImmutableMap(data=dict(zip(models, weights_in))),
+                dtype=config.dtype,
+                device=device,
+            )
+            inputs = []
+            for ref, w in gather.weight_info.items():
+                held = _resolve(w, holders[ref.model.path])
+                if held is None and not w.optional:
+                    raise NotInMemory(
+                        f"{w.name} is not in {ref.model.path}"
+                    )  # the disk path names the problem
+                source = None if held is None else (ref.model.path, held)
+                inputs.append(_Input(ref, source, dtype_from_name(w.force_dtype or config.dtype)))
+            save_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
+            entries[name] = _Entry(weight, weights_in, models, reader, gather, tuple(inputs), save_dtype)
+        skeleton = _Skeleton(
+            arch_info, out_config, planner._method, entries, InMemoryLoader(dict.fromkeys(entries))
+        )
+        if draws_random_numbers(config.merge_method):
+            skeleton.order = self._order(skeleton, config, path)
+            if getattr(skeleton.method, "sparsification_method", None) == SparsificationMethod.random:
+                skeleton.draws = {
+                    name: draw
+                    for name, entry in entries.items()
+                    if (draw := self._draw_inputs(entry)) is not None
+                }
+        return skeleton
+
+    def _draw_inputs(
+        self, entry: _Entry
+    ) -> tuple[list[_Input], list[tuple[ModelReference, torch.dtype]]] | None:
+        """For a DARE task whose output nothing uses: its resident inputs (loaded as usual) and its stage
+        inputs (replaced by zeros of their shape and dtype), which make it draw exactly what it draws for real.
+        None where that cannot be known without computing (a stage input of unknown dtype, no resident)."""
+        residents, zeros = [], []
+        for inp in entry.inputs:
+            if inp.source is not None and inp.source[0] not in self.models:
+                if inp.dtype is None:
+                    return None
+                zeros.append((inp.ref, inp.dtype))
+            elif inp.source is not None:
+                residents.append(inp)
+        return (residents, zeros) if residents else None
+
+    def _order(self, skeleton: _Skeleton, config: MergeConfiguration, path: str) -> list[str]:
+        """The order mergekit's executor runs a stage's merge tasks in (cached by the plan's shape)."""
+        key = _shape(skeleton.entries)
+        if key not in self._orders:
+            planner = MergePlanner(config, skeleton.arch_info, self.options, skeleton.config)
+            targets = planner.plan_to_disk(out_path=f"{path}.out")
+            universe = TaskUniverse(targets)
+            schedule = build_schedule([universe.add_task(t) for t in targets], {})
+            self._orders[key] = [
+                h.task().output_weight.name
+                for h in schedule.tasks
+                if isinstance(h.task(), ExecuteMergeMethodTask)
+            ]
+        return self._orders[key]
+
+    def _stage_plans(self, documents: list[dict[str, Any]], source: str) -> dict[str | None, _StagePlan]:
+        """Each document's stage plan, in dependency order (the final document's under None)."""
+        stage_names = frozenset(doc["name"] for doc in documents if "name" in doc)
+        texts = {doc.get("name"): (repr(doc), stage_names) for doc in documents}
+        docs = {name: self._document(text, doc) for (name, text), doc in zip(texts.items(), documents)}
+        try:
+            order = list(TopologicalSorter({n: d.dependencies for n, d in docs.items()}).static_order())
+        except CycleError as error:
+            raise ConfigError(f"{source}: stages depend on each other in a cycle: {error.args[1]}") from None
+        stage_paths = {f"{STAGE_DIR}/{name}" for name in order if name is not None}
+        for doc in docs.values():
+            for ref in doc.config.referenced_models():
+                if (
+                    ref.lora
+                    or ref.override_architecture
+                    or ref.model.path not in {*self.models, *stage_paths}
+                ):
+                    raise NotInMemory(f"{ref}: not one of the resident models")
+        keys: dict[str | None, tuple] = {}
+        plans: dict[str | None, _StagePlan] = {}
+        configs: dict[str, PretrainedConfig] = {p: r.config for p, r in self.models.items()}
+        loaders = dict(self._loaders)
+        with models_in_memory(configs, loaders):
+            for name in order:
+                doc = docs[name]
+                path = f"{STAGE_DIR}/{name}" if name is not None else f"{STAGE_DIR}/.final"
+                keys[name] = (doc.structure, stage_names, tuple(keys[d] for d in sorted(doc.dependencies)))
+                holders = {p: loader.index.tensor_paths for p, loader in loaders.items()}
+                plans[name] = self._plans.get_or(
+                    (texts[name], keys[name]), self._stage_plan, doc, keys[name], path, holders
+                )
+                configs[path] = plans[name].skeleton.config
+                loaders[path] = plans[name].skeleton.loader
+        return plans
+
+    def _stage_plan(
+        self, doc: _Document, key: tuple, path: str, holders: Mapping[str, Mapping]
+    ) -> _StagePlan:
+        """A stage of a document not seen with these inputs: its structure's skeleton (planned if new) and
+        a copy of the document's config, normalised as mergekit's planner normalises it (idempotent). The
+        normalisation replaces `models`/`slices` by new module objects and edits only `modules` objects in
+        place: a shallow copy is enough unless the document has `modules`."""
+        config = doc.config.model_copy(deep=doc.config.modules is not None)
+        skeleton = self._skeletons.get_or(key, self._skeleton, config, path, holders)
+        MergePlanner(config, skeleton.arch_info, self.options, skeleton.config).normalize_config()
+        return _StagePlan(skeleton, config)
 
     def merge(
         self, recipe_yaml: str, random_seed: int | None = None, source: str = "recipe"
@@ -307,40 +618,12 @@ class MemoryMerger:
         it, do not modify it). Same validation and errors as `merge_recipe`; `NotInMemory` for what only the
         disk path can run."""
         documents = validate_recipe(recipe_yaml, source=source)
-        configs, dependencies = {}, {}
-        for doc in documents:  # what mergekit-multi's load_config does after parsing the YAML
-            body = {key: value for key, value in doc.items() if key != "name"}
-            configs[doc.get("name")] = MergeConfiguration.model_validate(body)
-        for name, config in configs.items():
-            configs[name], dependencies[name] = patched_config(config, set(configs), STAGE_DIR)
-        try:
-            order = list(TopologicalSorter(dependencies).static_order())
-        except CycleError as error:
-            raise ConfigError(f"{source}: stages depend on each other in a cycle: {error.args[1]}") from None
-        stage_paths = {f"{STAGE_DIR}/{name}" for name in order if name is not None}
-        for config in configs.values():
-            for ref in config.referenced_models():
-                if (
-                    ref.lora
-                    or ref.override_architecture
-                    or ref.model.path not in {*self.models, *stage_paths}
-                ):
-                    raise NotInMemory(f"{ref}: not one of the resident models")
-        model_configs = {path: r.config for path, r in self.models.items()}
-        loaders = {path: InMemoryLoader(r.tensors) for path, r in self.models.items()}
-        stages: dict[str, _Stage] = {}
-        with mergekit_fixes.applied(), models_in_memory(model_configs, loaders):
-            for name in order:
-                path = f"{STAGE_DIR}/{name}" if name is not None else f"{STAGE_DIR}/.final"
-                stage = self._plan(
-                    configs[name], path, {p: lo.index.tensor_paths for p, lo in loaders.items()}
-                )
-                stages[path] = stage
-                model_configs[path] = stage.config
-                loaders[path] = InMemoryLoader(dict.fromkeys(stage.plan.outputs))
-            final = stages.pop(f"{STAGE_DIR}/.final")
+        with mergekit_fixes.applied():
+            plans = self._stage_plans(documents, source)
+            final = plans.pop(None)
+            stages = {f"{STAGE_DIR}/{name}": plan for name, plan in plans.items()}
             state = _Run(self, stages, random_seed).assemble(final)
-        return state, final.config
+        return state, copy.deepcopy(final.skeleton.config)
 
 
 def _fits(needed: int, merger: MemoryMerger) -> bool:
@@ -367,81 +650,49 @@ class _Run:
     device and densities, not on values, so stage outputs it would read are replaced by zeros (and are not
     computed)."""
 
-    def __init__(self, merger: MemoryMerger, stages: dict[str, _Stage], seed: int | None) -> None:
+    def __init__(self, merger: MemoryMerger, stages: dict[str, _StagePlan], seed: int | None) -> None:
         self.merger, self.stages, self.seed = merger, stages, seed
         self.values: dict[tuple[str, str], torch.Tensor | None] = {}
         self.uses: Counter[tuple[str, str]] = Counter()
-        self._counted: set[tuple[str, str]] = set()
+        self.counted: set[tuple[str, str]] = set()
         """Stage tasks that run for their output (their inputs are counted in `uses`)."""
+        self.position = dict.fromkeys(stages, 0)
+        self.rng: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def _source(self, ref: ModelReference, weight: WeightInfo) -> tuple[str, str] | None:
-        path = ref.model.path
-        holder = self.stages[path].plan.outputs if path in self.stages else self.merger.models[path].tensors
-        name = _resolve(weight, holder)
-        if name is None and not weight.optional:
-            raise NotInMemory(f"{weight.name} is not in {path}")  # the disk path names the problem
-        return None if name is None else (path, name)
-
-    def _count_inputs(self, task: ExecuteMergeMethodTask) -> None:
-        for ref, weight in task.gather_tensors.weight_info.items():
-            source = self._source(ref, weight)
-            if source and source[0] in self.stages:
-                self.uses[source] += 1
-                if source not in self._counted:
-                    self._counted.add(source)
-                    self._count_inputs(self.stages[source[0]].plan.task(source[1]))
-
-    def _draw_plan(self, task: ExecuteMergeMethodTask) -> tuple[list, list] | None:
-        """For a DARE task whose output nothing uses: its resident inputs (loaded as usual) and its stage
-        inputs (replaced by zeros of their shape and dtype), which make it draw exactly what it draws for real.
-        None where that cannot be known without computing (another method, a stage input of unknown dtype)."""
-        method = merge_methods.get(task.method_name)
-        if getattr(method, "sparsification_method", None) != SparsificationMethod.random:
-            return None
-        gather, residents, zeros = task.gather_tensors, [], []
-        for ref, weight in gather.weight_info.items():
-            source, dtype = self._source(ref, weight), dtype_from_name(weight.force_dtype or gather.dtype)
+    def _count_inputs(self, entry: _Entry) -> None:
+        for inp in entry.inputs:
+            source = inp.source
             if source is not None and source[0] in self.stages:
-                if dtype is None:
-                    return None
-                zeros.append((ref, dtype))
-            elif source is not None:
-                residents.append((ref, weight, dtype))
-        return (residents, zeros) if residents else None
+                self.uses[source] += 1
+                if source not in self.counted:
+                    self.counted.add(source)
+                    self._count_inputs(self.stages[source[0]].skeleton.entries[source[1]])
 
-    def _draw(self, stage: _Stage, name: str) -> None:
-        task = stage.plan.task(name)
-        residents, zeros = self._draw_plan(task)
-        tensors = {ref: self._load(ref, weight, dtype) for ref, weight, dtype in residents}
-        shape = next(iter(tensors.values())).shape
-        tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
-        with self._generator(stage):
-            task.execute(tensors=tensors)
-
-    def assemble(self, stage: _Stage) -> dict[str, torch.Tensor]:
+    def assemble(self, final: _StagePlan) -> dict[str, torch.Tensor]:
         """The final stage's tensors: in the disk executor's order if it draws random numbers itself, else
         in an order that takes random stages' outputs as they come (few are held at once)."""
-        for name in stage.plan.outputs:
-            self._count_inputs(stage.plan.task(name))
-        for random in reversed([s for s in self.stages.values() if s.order]):  # consumers first
-            for name in random.order:
-                key = (random.path, name)
-                if key not in self._counted and self._draw_plan(random.plan.task(name)) is None:
-                    self._counted.add(key)
-                    self._count_inputs(random.plan.task(name))
+        entries = final.skeleton.entries
+        for entry in entries.values():
+            self._count_inputs(entry)
+        for path, stage in reversed(self.stages.items()):  # consumers first
+            for name in stage.skeleton.order or ():
+                key = (path, name)
+                if key not in self.counted and name not in stage.skeleton.draws:
+                    self.counted.add(key)
+                    self._count_inputs(stage.skeleton.entries[name])
         position = {
-            (path, name): i for path, st in self.stages.items() for i, name in enumerate(st.order or ())
+            (path, name): i
+            for path, stage in self.stages.items()
+            for i, name in enumerate(stage.skeleton.order or ())
         }
 
         def first_needed(name: str) -> int:
-            sources = (
-                self._source(r, w) for r, w in stage.plan.task(name).gather_tensors.weight_info.items()
-            )
+            sources = (inp.source for inp in entries[name].inputs)
             return min((position[s] for s in sources if s in position), default=-1)
 
         state = {}
-        for name in stage.order or sorted(stage.plan.outputs, key=first_needed):
-            tensor = self._execute(stage, name)
+        for name in final.skeleton.order or sorted(entries, key=first_needed):
+            tensor = self._execute(None, final, name)
             if tensor is not None:
                 state[name] = tensor
         return state
@@ -449,77 +700,85 @@ class _Run:
     def _tensor(self, source: tuple[str, str]) -> torch.Tensor | None:
         """A stage output, computed if needed; forgotten after its last use."""
         if source not in self.values:
-            stage = self.stages[source[0]]
-            if stage.order is None:
-                self.values[source] = self._execute(stage, source[1])
+            path = source[0]
+            stage = self.stages[path]
+            order = stage.skeleton.order
+            if order is None:
+                self.values[source] = self._execute(path, stage, source[1])
             while source not in self.values:
-                name = stage.order[stage.position]
-                stage.position += 1
-                key = (stage.path, name)
-                if key not in self._counted:  # unused: only its draws matter
-                    self._draw(stage, name)
+                name = order[self.position[path]]
+                self.position[path] += 1
+                key = (path, name)
+                if key not in self.counted:  # unused: only its draws matter
+                    self._draw(path, stage, name)
                     continue
-                tensor = self._execute(stage, name)
+                tensor = self._execute(path, stage, name)
                 if self.uses[key]:
                     self.values[key] = tensor
         self.uses[source] -= 1
         return self.values[source] if self.uses[source] else self.values.pop(source)
 
-    def _load(
-        self, ref: ModelReference, weight: WeightInfo, dtype: torch.dtype | None
-    ) -> torch.Tensor | None:
-        """What mergekit's LoadTensor gives: the tensor under its first available name, cast to `dtype`."""
-        source = self._source(ref, weight)
-        if source is None:
+    def _load(self, inp: _Input) -> torch.Tensor | None:
+        """What mergekit's LoadTensor gives: the tensor under its first available name, cast to its dtype."""
+        if inp.source is None:
             return None
-        if source[0] in self.stages:
-            tensor = self._tensor(source)
+        path, name = inp.source
+        if path in self.stages:
+            tensor = self._tensor(inp.source)
         else:
-            resident = self.merger.models[source[0]]
-            tensor = resident.tensors[source[1]]
-            kept, stored = tensor.dtype, resident.stored[source[1]]
-            if kept != stored and (dtype or stored) != kept:
-                raise NotInMemory(f"residents are kept in {kept}; this recipe reads {dtype or stored}")
+            resident = self.merger.models[path]
+            tensor = resident.tensors[name]
+            kept, stored = tensor.dtype, resident.stored[name]
+            if kept != stored and (inp.dtype or stored) != kept:
+                raise NotInMemory(f"residents are kept in {kept}; this recipe reads {inp.dtype or stored}")
             tensor = tensor.to(self.merger.device, non_blocking=True)
-        if tensor is not None and dtype is not None and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
+        if tensor is not None and inp.dtype is not None and tensor.dtype != inp.dtype:
+            tensor = tensor.to(inp.dtype)
         return tensor
 
-    def _execute(self, stage: _Stage, name: str) -> torch.Tensor | None:
-        task = stage.plan.task(name)
-        gather = task.gather_tensors
+    def _draw(self, path: str, stage: _StagePlan, name: str) -> None:
+        residents, zeros = stage.skeleton.draws[name]
+        tensors = {inp.ref: self._load(inp) for inp in residents}
+        shape = next(iter(tensors.values())).shape
+        tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
+        with self._generator(path):
+            stage.task(name).execute(tensors=tensors)
+
+    def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
+        """One output tensor of a stage (`path` None: the final document)."""
+        entry, task = stage.skeleton.entries[name], stage.task(name)
         tensors = {}
-        for ref, weight in gather.weight_info.items():
-            tensor = self._load(ref, weight, dtype_from_name(weight.force_dtype or gather.dtype))
+        for inp in entry.inputs:
+            tensor = self._load(inp)
             if tensor is not None:
-                tensors[ref] = tensor
+                tensors[inp.ref] = tensor
         if task.method_name == "passthrough" and len(tensors) == 1 and task.dtype is task.out_dtype is None:
             (ref,) = tensors
             if task.input_parameters[ref]["scale"] in (None, 1.0):  # x * 1.0 == x: keep the reference
                 result = tensors[ref]
             else:
                 result = task.execute(tensors=tensors)
-        elif stage.order is not None:
-            with self._generator(stage):
+        elif stage.skeleton.order is not None:
+            with self._generator(path):
                 result = task.execute(tensors=tensors)
         else:
             result = task.execute(tensors=tensors)
-        dtype = stage.plan.save_dtype(name)
+        dtype = entry.save_dtype
         return result.to(dtype) if result is not None and dtype is not None else result
 
     @contextmanager
-    def _generator(self, stage: _Stage) -> Iterator[None]:
-        """torch's generators as the disk path has them for this task: seeded at the stage's start
+    def _generator(self, path: str | None) -> Iterator[None]:
+        """torch's generators as the disk path has them for this stage's task: seeded at the stage's start
         (`run_merge` calls transformers' `set_seed`), then advanced only by this stage's own tasks."""
         if self.seed is None:
             yield
             return
         cuda = self.merger.device if self.merger.device.type == "cuda" else None
-        if stage.rng is None:
+        if path not in self.rng:
             set_seed(self.seed)
         else:
-            torch.set_rng_state(stage.rng[0])
+            torch.set_rng_state(self.rng[path][0])
             if cuda is not None:
-                torch.cuda.set_rng_state(stage.rng[1], cuda)
+                torch.cuda.set_rng_state(self.rng[path][1], cuda)
         yield
-        stage.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None)
+        self.rng[path] = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None)
