@@ -3,7 +3,9 @@
 A candidate is scored by copying its tensors into the resident model (`load_weights`), not by loading a new
 model: building tasks and the wrapper once and calling `lm_eval.evaluator.evaluate` directly costs about
 half of `simple_evaluate` per candidate (shared/notes/lm-eval.md). Request and response caches stay off:
-lm-eval keys them on prompts, so a second candidate would get the first one's answers.
+lm-eval keys them on prompts, so a second candidate would get the first one's answers. On a GPU the
+wrapper is `PooledHFLM` (every task's generation requests decoded together, the same texts in fewer steps);
+on the CPU, where decoding is bound by arithmetic rather than by steps, lm-eval's HFLM.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
+from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.suite import TaskError, TaskSuite
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -141,7 +144,7 @@ def _config_diff(a: PretrainedConfig, b: PretrainedConfig) -> set[str]:
 
 
 class Scorer:
-    """Scores models on a task suite, reusing one model, one HFLM wrapper and the task objects."""
+    """Scores models on a task suite, reusing one model, one lm-eval wrapper and the task objects."""
 
     def __init__(
         self,
@@ -182,7 +185,8 @@ class Scorer:
 
     def _wrap(self) -> HFLM:
         """A fixed integer batch size: "auto" re-probes memory on every call (~10 s)."""
-        return HFLM(
+        wrapper = PooledHFLM if self.model.device.type == "cuda" else HFLM
+        return wrapper(
             pretrained=self.model,
             tokenizer=self.tokenizer,
             batch_size=self.evaluation.batch_size,
