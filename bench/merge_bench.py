@@ -14,6 +14,11 @@ Sections
   B. One generation of the real loop (`Evolution.run_generation`, population = the 8 seeds, best model
      written through the disk path as `evoforge run` does) with `merge_path: memory` and `disk`:
      per-candidate merge and evaluation seconds, generation wall time; both loops must score alike.
+  E. Evaluation throughput on one model (the first child): lm-eval's HFLM (each task's requests decoded in
+     their own batches) vs evoforge's Scorer (PooledHFLM on CUDA: every task's requests together), same
+     task objects and items; per-candidate wall time (first call and warm median), generation's share,
+     identical texts and fitness. With --static-cache, also PooledHFLM with transformers' static KV cache
+     (which transformers compiles on CUDA).
   C. (CUDA) The memory loop under `torch.cuda.set_per_process_memory_fraction` (--cap-gb, 8 by default):
      the base models do not fit, so they stay in pinned host memory and stream. The streamed merges must
      equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch).
@@ -22,7 +27,9 @@ The qwen2-1.5b models: hidden 1536, 28 layers, 12/2 heads, FFN 8960, vocab 15193
 an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`), 12.4 GB
 on disk under --work (kept and reused when --work is given). Expect several minutes on one GPU, most of it
 the disk loop's generation; --recipes 2 and --limit 8 shorten the run. Tasks: --tasks real (evoforge's
-tasks/, the GPU default) or mc (the tests' two multiple-choice tasks, the CPU default).
+tasks/, the GPU default) or mc (the tests' two multiple-choice tasks, the CPU default). --tokenizer gives the
+random models a real tokenizer folder (e.g. Qwen2's: prompts then have realistic token counts; the default
+byte-level tokenizer makes them 2.5-3.5× longer). --sections picks sections (default: all that apply).
 """
 
 from __future__ import annotations
@@ -43,14 +50,17 @@ from pathlib import Path
 import mergekit.merge
 import torch
 import yaml
+from lm_eval.models.huggingface import HFLM
 from mergekit.architecture import get_architecture_info
 from mergekit.graph import Executor
 from mergekit.scripts.multimerge import load_config
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from transformers.trainer_utils import set_seed
 
-from evoforge.config import EvolutionConfig, MergeOperators
+from evoforge.config import EvaluationConfig, EvolutionConfig, MergeOperators
+from evoforge.evaluate.generation import PooledHFLM
+from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.loop import Evolution, Hooks
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
@@ -89,18 +99,25 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_family(root: Path, scale: str, device: torch.device) -> dict[str, Path]:
+def build_family(
+    root: Path, scale: str, device: torch.device, tokenizer_dir: Path | None = None
+) -> dict[str, Path]:
     """Ancestor + three related children: evoforge.tiny's family, or Qwen2-1.5B-shaped random bf16 models
-    built on `device` (the GPU: seconds instead of minutes)."""
+    built on `device` (the GPU: seconds instead of minutes) with the byte-level tokenizer or `tokenizer_dir`'s."""
     if scale in TINY_LAYERS:
         return make_family(root, arch="qwen2", num_layers=TINY_LAYERS[scale])
     paths = {name: root / name for name in ("ancestor", *NAMES)}
     if all((p / "config.json").exists() for p in paths.values()):
         return paths
-    tokenizer = byte_level_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else byte_level_tokenizer()
+    special = {
+        key: getattr(tokenizer, key) if getattr(tokenizer, key) is not None else tokenizer.eos_token_id
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id")
+    }
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_1_5B), dtype=torch.bfloat16)
+        config = Qwen2Config(**{**QWEN2_1_5B, **special})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     for i, name in enumerate(("ancestor", *NAMES)):
         if i:
@@ -352,7 +369,7 @@ def section_loops(
     family: dict[str, Path], args: argparse.Namespace, device: torch.device, work: Path
 ) -> None:
     results = {}
-    for merge_path in ("memory", "disk"):
+    for merge_path in args.loops:
         cfg = run_config(family, args, work / f"loop-{merge_path}", merge_path)
         space = GenomeSpace.from_config(cfg)
         clock = Clock(device)
@@ -378,6 +395,8 @@ def section_loops(
         per[merge_path] = (merge_s, eval_s, r["wall"])
         row = f"| {merge_path} | {merge_s:.3f} | {eval_s:.3f} | {merge_s + eval_s:.3f} | {r['wall']:.2f} | {r['best_s']:.2f} |"
         print(row + (f" {gib(r['peak'])} |" if cuda else ""))
+    if len(per) < 2:
+        return
     (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
     print(
         f"\nspeed-up memory vs disk: merge {dm / mm:.1f}×, candidate (merge + eval) {(dm + de) / (mm + me):.1f}×, "
@@ -385,6 +404,71 @@ def section_loops(
     )
     same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results["disk"]["all"]]
     print(f"same fitness for every candidate on both loops: {same}", flush=True)
+
+
+class Texts:
+    """Wraps an lm-eval LM's generate_until: keeps every text and the seconds spent generating."""
+
+    def __init__(self, lm: HFLM) -> None:
+        self.lm, self.texts, self.seconds = lm, [], 0.0
+        self.inner = lm.generate_until
+        lm.generate_until = self
+
+    def __call__(self, requests, disable_tqdm: bool = False) -> list[str]:
+        start = time.perf_counter()
+        out = self.inner(requests, disable_tqdm=disable_tqdm)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        self.texts = [
+            (r.args[0], r.args[1].get("max_gen_toks"), t) for r, t in zip(requests, out, strict=True)
+        ]
+        return out
+
+
+def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torch.device) -> None:
+    """Section E: one model scored by each wrapper, same tasks and items, warm medians of --eval-reps calls."""
+    model, tokenizer = load_model(family[NAMES[0]], str(device), args.dtype)
+    evaluation = EvaluationConfig(batch_size=args.batch_size, limit=args.limit)
+    variants: dict[str, HFLM] = {
+        "lm-eval HFLM": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        "PooledHFLM": PooledHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+    }
+    if args.static_cache:
+        variants["PooledHFLM + static cache"] = PooledHFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, static_cache=True
+        )
+    print(
+        f"\n### E. Evaluation throughput (tasks/ validation, limit {args.limit} per task, batch {args.batch_size})\n"
+    )
+    print(
+        "| wrapper | items | first call s | warm s (median) | generation s (warm) | fitness | texts as lm-eval's |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    reference = None
+    for label, lm in variants.items():
+        scorer = Scorer(lm, evaluation=evaluation, tasks_dir=ROOT / "tasks")
+        texts = Texts(lm)
+        walls, gens = [], []
+        for _ in range(args.eval_reps + 1):
+            texts.seconds = 0.0
+            result = scorer.score()
+            walls.append(result.wall_s)
+            gens.append(texts.seconds)
+        reference = reference or texts.texts
+        same = sum(a == b for a, b in zip(reference, texts.texts, strict=True))
+        print(
+            f"| {label} | {result.n_items} | {walls[0]:.2f} | {statistics.median(walls[1:]):.2f} | "
+            f"{statistics.median(gens[1:]):.2f} | {result.fitness:.4f} | {same}/{len(reference)} |",
+            flush=True,
+        )
+    groups = {kwargs: eval(kwargs)["max_gen_toks"] for _, kwargs, _ in reference}  # noqa: S307  our own repr
+    print(
+        f"\ndecoding steps a model that never stops takes: lm-eval (one group per distinct generation kwargs) "
+        f"{sum(groups.values())} if each group fits one batch, pooled {max(groups.values())}"
+    )
+    del variants, model
+    free_memory()
 
 
 def section_capped(
@@ -449,6 +533,11 @@ def main() -> None:
     parser.add_argument("--capped", type=int, default=2, help="recipes merged and scored in the capped run")
     parser.add_argument("--capped-batch", type=int, default=8, help="evaluation batch size in the capped run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--sections", default="ABEC", help="sections to run, e.g. AE (C needs A)")
+    parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
+    parser.add_argument("--eval-reps", type=int, default=3, help="warm calls per wrapper in section E")
+    parser.add_argument("--static-cache", action="store_true", help="section E: also a static-cache variant")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for the 1.5 B models")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
     )
@@ -458,6 +547,7 @@ def main() -> None:
     args.tasks = args.tasks or ("real" if gpu else "mc")
     args.limit = args.limit or (16 if args.tasks == "real" else None)
     args.dtype = "bfloat16" if gpu else "float32"
+    args.loops = args.loops.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -469,7 +559,7 @@ def main() -> None:
     start = time.perf_counter()
     with quiet_libraries():
         log(f"building the {args.scale} family in {work} ...")
-        family = build_family(work / "models", args.scale, device)
+        family = build_family(work / "models", args.scale, device, args.tokenizer)
         space = GenomeSpace(
             models=NAMES,
             paths=tuple(str(family[n]) for n in NAMES),
@@ -485,14 +575,17 @@ def main() -> None:
             f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}"
         )
         recipes = bench_recipes(space, args.recipes)
-        kept = section_latency(
-            recipes, family, device, work, keep=args.capped if device.type == "cuda" else 0
-        )
-        section_loops(family, args, device, work)
-        if device.type == "cuda":
+        cuda = device.type == "cuda"
+        if "A" in args.sections:
+            kept = section_latency(recipes, family, device, work, keep=args.capped if cuda else 0)
+        if "B" in args.sections:
+            section_loops(family, args, device, work)
+        if "E" in args.sections and args.tasks == "real":
+            section_eval(family, args, device)
+        if "C" in args.sections and cuda and "A" in args.sections:
             section_capped(family, args, work, recipes, kept)
-        else:
-            print("\n### C. Capped GPU run: skipped (no CUDA device)")
+        elif "C" in args.sections:
+            print("\n### C. Capped GPU run: skipped (needs a CUDA device and section A)")
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

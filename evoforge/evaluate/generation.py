@@ -73,10 +73,14 @@ class _RowStops(StoppingCriteria):
 
 
 class PooledHFLM(HFLM):
-    """lm-eval's HF model wrapper; `generate_until` decodes all greedy requests of a call together."""
+    """lm-eval's HF model wrapper; `generate_until` decodes all greedy requests of a call together.
 
-    def __init__(self, *args, **kwargs) -> None:
+    `static_cache`: decode with transformers' static KV cache, which transformers compiles (CUDA graphs) on
+    a GPU: each new batch shape or model depth compiles again, so it pays only over many candidates."""
+
+    def __init__(self, *args, static_cache: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.static_cache = static_cache
         self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
@@ -162,7 +166,7 @@ class PooledHFLM(HFLM):
             rows = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
             rows[members] = True
             stops.append((self._stops(list(until)), rows))
-        kwargs = dict(kwargs)
+        kwargs = dict(kwargs, **({"cache_implementation": "static"} if self.static_cache else {}))
         if kwargs.get("temperature", 0.0) == 0.0:
             kwargs.pop("temperature", None)
             kwargs["do_sample"] = False
