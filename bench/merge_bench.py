@@ -462,7 +462,7 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
             f"{statistics.median(gens[1:]):.2f} | {result.fitness:.4f} | {same}/{len(reference)} |",
             flush=True,
         )
-    groups = {kwargs: eval(kwargs)["max_gen_toks"] for _, kwargs, _ in reference}  # noqa: S307  our own repr
+    groups = {(until, budget): budget for _, until, budget, _ in reference}
     print(
         f"\ndecoding steps a model that never stops takes: lm-eval (one group per distinct generation kwargs) "
         f"{sum(groups.values())} if each group fits one batch, pooled {max(groups.values())}"
