@@ -502,7 +502,7 @@ class MemoryMerger:
         device = self.options.device if self.options.read_to_gpu else None
         entries = {}
         for name, (weight, weights_in, models, reader) in planner.calls.items():
-            gather = GatherTensors(
+            gather = GatherTensors.model_construct(  # plan_tensor's (validation keeps these values as given)
                 weight_info=ImmutableMap(data=dict(zip(models, weights_in))),
                 dtype=config.dtype,
                 device=device,
