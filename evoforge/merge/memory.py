@@ -327,7 +327,7 @@ class _StagePlan:
             key = (
                 module,
                 index,
-                t if scope.reads_t or scope.exact else None,
+                (type(t), t) if scope.reads_t or scope.exact else None,  # 0 and 0.0 interpolate apart
                 names if scope.exact else tuple(f in n for n in names for f in scope.filters),
             )
             parameters = self.resolved.get(key)
@@ -510,10 +510,8 @@ class MemoryMerger:
             inputs = []
             for ref, w in gather.weight_info.items():
                 held = _resolve(w, holders[ref.model.path])
-                if held is None and not w.optional:
-                    raise NotInMemory(
-                        f"{w.name} is not in {ref.model.path}"
-                    )  # the disk path names the problem
+                if held is None and not w.optional:  # the disk path names the problem
+                    raise NotInMemory(f"{w.name} is not in {ref.model.path}")
                 source = None if held is None else (ref.model.path, held)
                 inputs.append(_Input(ref, source, dtype_from_name(w.force_dtype or config.dtype)))
             save_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
