@@ -421,7 +421,8 @@ class Texts:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         self.texts = [
-            (r.args[0], r.args[1].get("max_gen_toks"), t) for r, t in zip(requests, out, strict=True)
+            (r.args[0], tuple(r.args[1]["until"]), r.args[1]["max_gen_toks"], t)
+            for r, t in zip(requests, out, strict=True)
         ]
         return out
 
@@ -430,8 +431,10 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
     """Section E: one model scored by each wrapper, same tasks and items, warm medians of --eval-reps calls."""
     model, tokenizer = load_model(family[NAMES[0]], str(device), args.dtype)
     evaluation = EvaluationConfig(batch_size=args.batch_size, limit=args.limit)
+    small = max(1, args.batch_size // 4)
     variants: dict[str, HFLM] = {
         "lm-eval HFLM": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        f"lm-eval HFLM, batch {small}": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=small),
         "PooledHFLM": PooledHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
     }
     if args.static_cache:
