@@ -92,6 +92,9 @@ class EvaluationConfig(Strict):
     limit: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 32
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    compile_generation: bool = False
+    """GPU only: decode with a static KV cache that transformers compiles into CUDA graphs. Each new batch
+    shape or model depth compiles once (tens of seconds), so it pays over many candidates of one depth."""
 
 
 class EvolutionConfig(Strict):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_support import REAL_TASKS, needs_real_tasks
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, StopStringCriteria
@@ -19,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StopStringCriteria
 from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.scorer import Scorer
 from evoforge.evaluate.suite import TaskSuite
-from tests.eval_support import REAL_TASKS, needs_real_tasks
 
 pytestmark = needs_real_tasks
 

@@ -185,13 +185,15 @@ class Scorer:
 
     def _wrap(self) -> HFLM:
         """A fixed integer batch size: "auto" re-probes memory on every call (~10 s)."""
-        wrapper = PooledHFLM if self.model.device.type == "cuda" else HFLM
-        return wrapper(
-            pretrained=self.model,
-            tokenizer=self.tokenizer,
-            batch_size=self.evaluation.batch_size,
-            max_gen_toks=self.evaluation.max_new_tokens,
-        )
+        kwargs = {
+            "pretrained": self.model,
+            "tokenizer": self.tokenizer,
+            "batch_size": self.evaluation.batch_size,
+            "max_gen_toks": self.evaluation.max_new_tokens,
+        }
+        if self.model.device.type == "cuda":
+            return PooledHFLM(static_cache=self.evaluation.compile_generation, **kwargs)
+        return HFLM(**kwargs)
 
     def tasks(self, split: str) -> dict[str, Task]:
         """The task objects evaluating `split`, built on first use.

@@ -10,6 +10,7 @@ through the disk path, so what is saved is exactly what its YAML makes with plai
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 import uuid
@@ -52,6 +53,7 @@ class CandidateEvaluator:
             if cfg.merge_path == "memory"
             else None
         )
+        gc.freeze()  # the run's long-lived objects: full collections no longer walk them (~0.25 s pauses)
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         """A whole model folder (a base model, or a saved candidate) on one split."""
