@@ -312,6 +312,7 @@ def run_config(
     out: Path,
     merge_path: str,
     batch_size: int | None = None,
+    compile_generation: bool | None = None,
 ) -> EvolutionConfig:
     if args.tasks == "mc":
         tasks, weights = write_mc_tasks(out.parent / "mc_tasks"), dict.fromkeys(TASKS.values(), 0.5)
@@ -328,6 +329,7 @@ def run_config(
                 "tasks_dir": str(tasks),
                 "batch_size": batch_size or args.batch_size,
                 "limit": args.limit,
+                "compile_generation": args.static_cache if compile_generation is None else compile_generation,
             },
             "output_dir": str(out),
             "wandb_mode": "disabled",
@@ -484,7 +486,14 @@ def section_capped(
     torch.cuda.reset_peak_memory_stats()
     print(f"\n### C. Memory loop capped at {args.cap_gb} GiB (`set_per_process_memory_fraction`)\n")
     try:
-        cfg = run_config(family, args, work / "loop-capped", "memory", batch_size=args.capped_batch)
+        cfg = run_config(
+            family,
+            args,
+            work / "loop-capped",
+            "memory",
+            batch_size=args.capped_batch,
+            compile_generation=False,
+        )
         evaluator = CandidateEvaluator(cfg, str(family[NAMES[0]]), cfg.run_dir() / ".work")
         merger = evaluator.memory
         print(f"residents streamed from pinned host memory: {merger.stream}\n")
@@ -539,7 +548,11 @@ def main() -> None:
     parser.add_argument("--sections", default="ABEC", help="sections to run, e.g. AE (C needs A)")
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
     parser.add_argument("--eval-reps", type=int, default=3, help="warm calls per wrapper in section E")
-    parser.add_argument("--static-cache", action="store_true", help="section E: also a static-cache variant")
+    parser.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="section E: also a static-cache variant; B: evaluation.compile_generation",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for the 1.5 B models")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
