@@ -17,8 +17,9 @@ Sections
   E. Evaluation throughput on one model (the first child): lm-eval's HFLM (each task's requests decoded in
      their own batches) vs evoforge's Scorer (PooledHFLM on CUDA: every task's requests together), same
      task objects and items; per-candidate wall time (first call and warm median), generation's share,
-     identical texts and fitness. With --static-cache, also PooledHFLM with transformers' static KV cache
-     (which transformers compiles on CUDA).
+     fitness, and how many texts equal lm-eval's at --batch-size. lm-eval's HFLM again at --control-batch
+     shows how much batch shape alone moves greedy texts in this dtype. With --static-cache, also
+     PooledHFLM with transformers' static KV cache (which transformers compiles on CUDA).
   C. (CUDA) The memory loop under `torch.cuda.set_per_process_memory_fraction` (--cap-gb, 8 by default):
      the base models do not fit, so they stay in pinned host memory and stream. The streamed merges must
      equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch).
@@ -433,7 +434,7 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
     """Section E: one model scored by each wrapper, same tasks and items, warm medians of --eval-reps calls."""
     model, tokenizer = load_model(family[NAMES[0]], str(device), args.dtype)
     evaluation = EvaluationConfig(batch_size=args.batch_size, limit=args.limit)
-    small = max(1, args.batch_size // 4)
+    small = args.control_batch
     variants: dict[str, HFLM] = {
         "lm-eval HFLM": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
         f"lm-eval HFLM, batch {small}": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=small),
@@ -472,7 +473,8 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
         f"\ndecoding steps a model that never stops takes: lm-eval (one group per distinct generation kwargs) "
         f"{sum(groups.values())} if each group fits one batch, pooled {max(groups.values())}"
     )
-    del variants, model
+    del variants, model, scorer, texts, lm
+    torch._dynamo.reset()  # compiled graphs and their memory pools
     free_memory()
 
 
@@ -547,6 +549,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sections", default="ABEC", help="sections to run, e.g. AE (C needs A)")
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
+    parser.add_argument(
+        "--control-batch", type=int, default=8, help="section E: lm-eval's HFLM again at this batch size"
+    )
     parser.add_argument("--eval-reps", type=int, default=3, help="warm calls per wrapper in section E")
     parser.add_argument(
         "--static-cache",
@@ -594,14 +599,14 @@ def main() -> None:
         cuda = device.type == "cuda"
         if "A" in args.sections:
             kept = section_latency(recipes, family, device, work, keep=args.capped if cuda else 0)
+        if "C" in args.sections and cuda and "A" in args.sections:  # first: nothing else on the card
+            section_capped(family, args, work, recipes, kept)
+        elif "C" in args.sections:
+            print("\n### C. Capped GPU run: skipped (needs a CUDA device and section A)")
         if "B" in args.sections:
             section_loops(family, args, device, work)
         if "E" in args.sections and args.tasks == "real":
             section_eval(family, args, device)
-        if "C" in args.sections and cuda and "A" in args.sections:
-            section_capped(family, args, work, recipes, kept)
-        elif "C" in args.sections:
-            print("\n### C. Capped GPU run: skipped (needs a CUDA device and section A)")
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
