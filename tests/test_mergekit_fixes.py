@@ -3,9 +3,11 @@ fails, upstream fixed the bug — drop the workaround) and a test that the worka
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ from evoforge.merge.mergekit_fixes import (
     global_rng_preserved,
     layer_types_follow_slices,
     plan_in_memory,
+    planners_released,
     zero_safe_multislerp,
 )
 
@@ -272,3 +275,26 @@ def test_merges_of_cached_hf_ids_work_offline(qwen_family, offline_hf_cache, tmp
     )
     merged, expected = tensors(by_id), tensors(by_folder)
     assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+# (i) planners kept alive by mergekit's class-level lru_cache
+def _planner_outlives_its_merge(family: dict[str, Path]) -> bool:
+    config = MergeConfiguration.model_validate(yaml.safe_load(linear(family["alpha"], family["beta"])))
+    arch_info = get_architecture_info(config, OPTIONS)
+    planner = MergePlanner(
+        config, arch_info, options=OPTIONS, out_model_config=_model_out_config(config, arch_info)
+    )
+    planner.plan_to_disk("/nonexistent")
+    alive = weakref.ref(planner)
+    del planner
+    gc.collect()
+    return alive() is not None
+
+
+def test_upstream_planner_cache_keeps_planners_alive(qwen_family):
+    assert _planner_outlives_its_merge(qwen_family)
+
+
+def test_planners_are_freed_after_their_merge(qwen_family):
+    with planners_released():
+        assert not _planner_outlives_its_merge(qwen_family)
