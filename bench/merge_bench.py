@@ -478,6 +478,20 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
     free_memory()
 
 
+class Compare:
+    """A merge sink that compares each tensor with an expected CPU copy and keeps nothing."""
+
+    def __init__(self, expected: dict[str, torch.Tensor]) -> None:
+        self.expected, self.seen, self.same = expected, set(), True
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.seen.add(name)
+        self.same &= name in self.expected and torch.equal(tensor.cpu(), self.expected[name])
+
+    def close(self) -> None:
+        self.same &= self.seen == self.expected.keys()
+
+
 def section_capped(
     family: dict[str, Path], args: argparse.Namespace, work: Path, recipes: dict[str, str], kept: dict
 ) -> None:
@@ -503,19 +517,20 @@ def section_capped(
             "| recipe | merge s | same tensors as uncapped | merge + load s | eval s | fitness |\n|---|---|---|---|---|---|"
         )
         for label, expected in kept.items():
-            text, clock = recipes[label], Clock(torch.device("cuda"))
-            with clock():
-                state, _ = merger.merge(text, random_seed(text))
-            same = state.keys() == expected.keys() and all(
-                torch.equal(state[k].cpu(), v) for k, v in expected.items()
-            )
-            del state
-            free_memory()
-            scores, merge_s, eval_s = evaluator.score_recipe(
-                text, random_seed(text) or 0, cfg.evaluation.fitness_split
-            )
+            text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
+            try:
+                with clock():
+                    merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
+                scores, merge_s, eval_s = evaluator.score_recipe(
+                    text, random_seed(text) or 0, cfg.evaluation.fitness_split
+                )
+            except torch.OutOfMemoryError as error:
+                print(f"| {label} | out of memory: {str(error).splitlines()[0][:120]} | | | | |", flush=True)
+                free_memory()
+                continue
             print(
-                f"| {label} | {clock.seconds:.3f} | {same} | {merge_s:.3f} | {eval_s:.3f} | {scores.fitness:.4f} |",
+                f"| {label} | {clock.seconds:.3f} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
+                f"{scores.fitness:.4f} |",
                 flush=True,
             )
         print(

@@ -11,7 +11,7 @@ import mergekit.merge
 import pytest
 import torch
 import yaml
-from evolution_support import NAMES, run_config, space_of, write_mc_tasks
+from evolution_support import NAMES, TASKS, run_config, space_of, write_mc_tasks
 from mergekit.architecture import get_architecture_info
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.scripts.multimerge import load_config
@@ -20,6 +20,7 @@ from transformers import AutoConfig
 
 from evoforge.config import EvolutionConfig, MergeOperators
 from evoforge.errors import ConfigError
+from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
 from evoforge.merge import mergekit_fixes
@@ -100,6 +101,29 @@ def test_memory_path_equals_disk_path(request, mergers, tmp_path, arch, ancestor
         seed = random_seed(text)
         disk = merge_recipe(text, tmp_path / label, device="cpu", random_seed=seed)
         assert_same_model(mergers[arch].merge(text, seed), disk)
+
+
+def test_merged_straight_into_a_scorer_equals_loading_the_disk_model(qwen_family, mergers, tmp_path):
+    """`merge(into=scorer.open_weights)` writes each tensor into the resident model as it is computed
+    (resizing it for a deeper path first): the model ends up as `load_weights` of the disk path's folder."""
+    space = space_of(qwen_family, False)
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    tasks, weights = write_mc_tasks(tmp_path / "mc"), dict.fromkeys(TASKS.values(), 0.5)
+    reference, written = (
+        Scorer(*load_model(qwen_family["alpha"], "cpu"), tasks_dir=tasks, weights=weights) for _ in range(2)
+    )
+    for label, genome in {"deep": deep_dfs(seeds["slerp-dare-dfs"]), **seeds}.items():
+        text = render(genome, space)
+        seed = random_seed(text)
+        reference.load_weights(merge_recipe(text, tmp_path / label, device="cpu", random_seed=seed))
+        state, _ = mergers["qwen"].merge(text, seed, into=written.open_weights)
+        assert state == {}
+        expected, got = reference.model.state_dict(), written.model.state_dict()
+        assert got.keys() == expected.keys() and written.model.config.num_hidden_layers == len(
+            genome.structure.path
+        )
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1.3e-6, atol=1e-6, msg=f"{label}: {name}")
 
 
 def mergekit_plan(text: str) -> dict[str | None, tuple[dict, dict[str, ExecuteMergeMethodTask]]]:

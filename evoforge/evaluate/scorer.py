@@ -143,6 +143,37 @@ def _config_diff(a: PretrainedConfig, b: PretrainedConfig) -> set[str]:
     return {k for k in da.keys() | db.keys() if k not in _BOOKKEEPING and da.get(k) != db.get(k)}
 
 
+class ResidentWeights:
+    """Copies a candidate's tensors into a resident model one by one; `close` checks that none is missing.
+    Tied tensors share one storage: the second name must bring the same values."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.resident = model.state_dict()
+        self.loaded: dict[int, str] = {}  # storage → first name copied into it
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        target = self.resident.get(name)
+        if target is None:
+            raise IncompatibleModelsError(f"candidate tensor {name!r} has no place in the resident model")
+        if tensor.shape != target.shape:
+            raise IncompatibleModelsError(
+                f"candidate tensor {name!r} has shape {tuple(tensor.shape)}, the resident model {tuple(target.shape)}"
+            )
+        ptr = target.untyped_storage().data_ptr()
+        with torch.no_grad():
+            if ptr in self.loaded and not torch.equal(target, tensor.to(target)):
+                raise IncompatibleModelsError(
+                    f"candidate tensors {self.loaded[ptr]!r} and {name!r} differ, but the resident model ties them"
+                )
+            target.copy_(tensor)
+        self.loaded.setdefault(ptr, name)
+
+    def close(self) -> None:
+        missing = [n for n, t in self.resident.items() if t.untyped_storage().data_ptr() not in self.loaded]
+        if missing:
+            raise IncompatibleModelsError(f"candidate has no tensor {missing[0]!r}")
+
+
 class Scorer:
     """Scores models on a task suite, reusing one model, one lm-eval wrapper and the task objects."""
 
@@ -222,19 +253,27 @@ class Scorer:
         layer list in place; one that differs otherwise (rope, norms, tied embeddings) gets a model rebuilt
         from its config and a new wrapper. After an error the resident weights are undefined until the next
         successful load."""
-        if self.model is None:
-            raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if isinstance(source, Mapping):
             state = source
         else:
             config, state = _read_weights(Path(source))
+        sink = self.open_weights(config)
+        for name, tensor in state.items():
+            sink.write(name, tensor)
+        sink.close()
+
+    def open_weights(self, config: PretrainedConfig | None = None) -> ResidentWeights:
+        """A sink that copies tensors into the resident model as they come (`MemoryMerger.merge(into=...)`);
+        `config` as for `load_weights`."""
+        if self.model is None:
+            raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if config is not None:
             diff = _config_diff(self.model.config, config)
             if diff - _DEPTH:
                 self._rebuild(config)
             elif diff:
                 self._set_depth(config)
-        self._copy(state)
+        return ResidentWeights(self.model)
 
     def _set_depth(self, config: PretrainedConfig) -> None:
         """Truncate or extend the decoder layers; new layers are built the way the model builds its own
@@ -255,34 +294,6 @@ class Scorer:
         with torch.device(first.device):
             self.model = AutoModelForCausalLM.from_config(config, dtype=first.dtype).eval()
         self.lm = self._wrap()
-
-    def _copy(self, state: Mapping[str, torch.Tensor]) -> None:
-        resident = self.model.state_dict()
-        extra = sorted(set(state) - set(resident))
-        if extra:
-            raise IncompatibleModelsError(f"candidate tensor {extra[0]!r} has no place in the resident model")
-        loaded: dict[int, str] = {}  # storage → first name copied into it (tied tensors share one)
-        with torch.no_grad():
-            for name, target in resident.items():
-                if name not in state:
-                    continue
-                if state[name].shape != target.shape:
-                    raise IncompatibleModelsError(
-                        f"candidate tensor {name!r} has shape {tuple(state[name].shape)}, "
-                        f"the resident model {tuple(target.shape)}"
-                    )
-                ptr = target.untyped_storage().data_ptr()
-                if ptr in loaded and not torch.equal(target, state[name].to(target)):
-                    raise IncompatibleModelsError(
-                        f"candidate tensors {loaded[ptr]!r} and {name!r} differ, but the resident model ties them"
-                    )
-                target.copy_(state[name])
-                loaded.setdefault(ptr, name)
-        missing = [
-            n for n, t in resident.items() if n not in state and t.untyped_storage().data_ptr() not in loaded
-        ]
-        if missing:
-            raise IncompatibleModelsError(f"candidate has no tensor {missing[0]!r}")
 
     # ------------------------------------------------------------------ scoring
 

@@ -68,13 +68,11 @@ class CandidateEvaluator:
         seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
         t0 = time.perf_counter()
         if self.memory is not None:
-            try:
-                state, config = self.memory.merge(recipe, seed)
+            try:  # each merged tensor goes straight into the Scorer's model
+                self.memory.merge(recipe, seed, into=self.scorer.open_weights)
             except NotInMemory:
                 pass
             else:
-                self.scorer.load_weights(state, config)
-                del state
                 t1 = time.perf_counter()
                 return to_scores(self.scorer.score(split)), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import immutables
 import mergekit.merge
@@ -74,6 +74,15 @@ _KEPT = 32
 stage's skeleton and plan are ~5,000 Python objects: kept ones lengthen the garbage collector's full passes)."""
 _WEIGHTS_KEPT = 1 << 12
 """Layer weight lists kept (one JSON architecture at depths up to 64 needs ~2,000)."""
+
+
+class TensorSink(Protocol):
+    """Where `MemoryMerger.merge(into=...)` writes a candidate's tensors (e.g. a resident model's weights)."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def close(self) -> None:
+        """Every tensor has been written (a sink checks here that nothing is missing)."""
 
 
 class NotInMemory(Exception):
@@ -608,20 +617,31 @@ class MemoryMerger:
         return _StagePlan(skeleton, config)
 
     def merge(
-        self, recipe_yaml: str, random_seed: int | None = None, source: str = "recipe"
+        self,
+        recipe_yaml: str,
+        random_seed: int | None = None,
+        source: str = "recipe",
+        into: Callable[[PretrainedConfig], TensorSink] | None = None,
     ) -> tuple[dict[str, torch.Tensor], PretrainedConfig]:
         """The final model's tensors and config, equal to what `merge_recipe` writes for the same seed.
 
         Tensors are on the merge device; an unscaled passthrough tensor is the resident tensor itself (read
-        it, do not modify it). Same validation and errors as `merge_recipe`; `NotInMemory` for what only the
-        disk path can run."""
+        it, do not modify it). With `into`, nothing is collected: `into(config)` is called once the final
+        config is known and gives a sink that is written each output tensor as soon as it is computed, then
+        closed (the returned dict is empty), so a candidate never needs a second model's worth of memory. Same
+        validation and errors as `merge_recipe`; `NotInMemory` for what only the disk path can run."""
         documents = validate_recipe(recipe_yaml, source=source)
         with mergekit_fixes.applied():
             plans = self._stage_plans(documents, source)
             final = plans.pop(None)
+            config = copy.deepcopy(final.skeleton.config)
             stages = {f"{STAGE_DIR}/{name}": plan for name, plan in plans.items()}
-            state = _Run(self, stages, random_seed).assemble(final)
-        return state, copy.deepcopy(final.skeleton.config)
+            state: dict[str, torch.Tensor] = {}
+            sink = into(copy.deepcopy(config)) if into is not None else None
+            _Run(self, stages, random_seed).assemble(final, sink.write if sink else state.__setitem__)
+            if sink is not None:
+                sink.close()
+        return state, config
 
 
 def _fits(needed: int, merger: MemoryMerger) -> bool:
@@ -666,9 +686,10 @@ class _Run:
                     self.counted.add(source)
                     self._count_inputs(self.stages[source[0]].skeleton.entries[source[1]])
 
-    def assemble(self, final: _StagePlan) -> dict[str, torch.Tensor]:
-        """The final stage's tensors: in the disk executor's order if it draws random numbers itself, else
-        in an order that takes random stages' outputs as they come (few are held at once)."""
+    def assemble(self, final: _StagePlan, write: Callable[[str, torch.Tensor], None]) -> None:
+        """The final stage's tensors, each handed to `write`: in the disk executor's order if the stage
+        draws random numbers itself, else in an order that takes random stages' outputs as they come (few
+        are held at once)."""
         entries = final.skeleton.entries
         for entry in entries.values():
             self._count_inputs(entry)
@@ -688,12 +709,10 @@ class _Run:
             sources = (inp.source for inp in entries[name].inputs)
             return min((position[s] for s in sources if s in position), default=-1)
 
-        state = {}
         for name in final.skeleton.order or sorted(entries, key=first_needed):
             tensor = self._execute(None, final, name)
             if tensor is not None:
-                state[name] = tensor
-        return state
+                write(name, tensor)
 
     def _tensor(self, source: tuple[str, str]) -> torch.Tensor | None:
         """A stage output, computed if needed; forgotten after its last use."""
