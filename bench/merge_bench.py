@@ -519,7 +519,7 @@ def section_capped(
         for label, expected in kept.items():
             text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
             try:
-                with clock():
+                with evaluator.scorer.on_host(), clock():  # as score_recipe merges when streaming
                     merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
                 scores, merge_s, eval_s = evaluator.score_recipe(
                     text, random_seed(text) or 0, cfg.evaluation.fitness_split

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import fmean
 from typing import Literal
@@ -261,6 +262,17 @@ class Scorer:
         for name, tensor in state.items():
             sink.write(name, tensor)
         sink.close()
+
+    @contextmanager
+    def on_host(self) -> Iterator[None]:
+        """The resident model's weights on the host while active, back on their device after: a merge on a
+        small GPU (residents streamed) gets the whole card, and writes the candidate into host memory."""
+        device = next(self.model.parameters()).device
+        self.model.to("cpu")
+        try:
+            yield
+        finally:
+            self.model.to(device)
 
     def open_weights(self, config: PretrainedConfig | None = None) -> ResidentWeights:
         """A sink that copies tensors into the resident model as they come (`MemoryMerger.merge(into=...)`);

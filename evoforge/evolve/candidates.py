@@ -14,6 +14,7 @@ import gc
 import shutil
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 from evoforge.config import EvolutionConfig
@@ -68,8 +69,9 @@ class CandidateEvaluator:
         seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
         t0 = time.perf_counter()
         if self.memory is not None:
-            try:  # each merged tensor goes straight into the Scorer's model
-                self.memory.merge(recipe, seed, into=self.scorer.open_weights)
+            try:  # each merged tensor goes straight into the Scorer's model (on the host if the GPU is small)
+                with self.scorer.on_host() if self.memory.stream else nullcontext():
+                    self.memory.merge(recipe, seed, into=self.scorer.open_weights)
             except NotInMemory:
                 pass
             else:
