@@ -224,6 +224,32 @@ def test_a_plain_dare_merge_equals_the_disk_path(llama_family, mergers, tmp_path
     assert_same_model(mergers["llama"].merge(text, random_seed=3), disk)
 
 
+def test_a_task_too_big_for_a_small_gpu_runs_on_the_host(qwen_family, mergers, monkeypatch):
+    """Streamed residents: a deterministic task that runs out of device memory is run again, by mergekit's
+    same code, on host copies of its inputs (here on the CPU, where both runs give the same bits)."""
+    space = space_of(qwen_family, False)
+    text = render(
+        seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)["linear-ties-dfs"], space
+    )
+    expected, _ = mergers["qwen"].merge(text)
+    execute, failed = ExecuteMergeMethodTask.execute, []
+
+    def out_of_memory_once(self, **kwargs):
+        if self.method_name == "ties" and not failed:
+            failed.append(self.output_weight.name)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return execute(self, **kwargs)
+
+    monkeypatch.setattr(ExecuteMergeMethodTask, "execute", out_of_memory_once)
+    with pytest.raises(torch.OutOfMemoryError):  # resident models: a real shortage, reported
+        mergers["qwen"].merge(text)
+    failed.clear()
+    monkeypatch.setattr(mergers["qwen"], "stream", True)
+    state, _ = mergers["qwen"].merge(text)
+    assert failed and state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
 def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):
     space = space_of(qwen_family, ancestor=False)
     seed = seed_genomes(space, MergeOperators(), [1.0] * 3, run_seed=7)["linear-ties-dfs"]

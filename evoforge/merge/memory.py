@@ -779,9 +779,26 @@ class _Run:
             with self._generator(path):
                 result = task.execute(tensors=tensors)
         else:
-            result = task.execute(tensors=tensors)
+            result = self._deterministic(task, tensors)
         dtype = entry.save_dtype
         return result.to(dtype) if result is not None and dtype is not None else result
+
+    def _deterministic(
+        self, task: ExecuteMergeMethodTask, tensors: dict[ModelReference, torch.Tensor]
+    ) -> Any:
+        """A task that draws no random numbers. With streamed residents (a GPU too small for them), one whose
+        working set does not fit on the card (TIES's argsort of a 233 M-element embedding needs 1.74 GiB of
+        indices alone) runs mergekit's same code on the host instead, as the disk path does with a CPU
+        device: the bits may differ from a GPU merge (sort order of equal magnitudes, summation order)."""
+        try:
+            return task.execute(tensors=tensors)
+        except torch.OutOfMemoryError:
+            if not self.merger.stream:
+                raise
+        host = {ref: tensor.cpu() for ref, tensor in tensors.items()}
+        tensors.clear()  # the caller's references to the device copies go too
+        torch.cuda.empty_cache()
+        return task.execute(tensors=host).to(self.merger.device)
 
     @contextmanager
     def _generator(self, path: str | None) -> Iterator[None]:
