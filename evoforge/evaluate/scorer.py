@@ -269,6 +269,8 @@ class Scorer:
         small GPU (residents streamed) gets the whole card, and writes the candidate into host memory."""
         device = next(self.model.parameters()).device
         self.model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # cached blocks count against a capped card: give them back
         try:
             yield
         finally:
