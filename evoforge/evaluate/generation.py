@@ -87,7 +87,8 @@ class PooledHFLM(HFLM):
         if self.backend != "causal" or self.batch_size == "auto" or self.think_end_token is not None:
             return super().generate_until(requests, disable_tqdm)
         results: list[str | None] = [None] * len(requests)
-        pooled: dict[tuple, list[_Row]] = defaultdict(list)
+        pools: dict[tuple, tuple[dict, list[_Row]]] = {}  # decoding settings → (those settings, rows)
+        plain: list[int] = []  # sampled requests: lm-eval's own path
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         for index, request in enumerate(requests):
             context, gen_kwargs = request.args
@@ -95,17 +96,14 @@ class PooledHFLM(HFLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             budget = kwargs.pop("max_gen_toks")
             if kwargs.get("do_sample") or "max_length" in kwargs:
-                pooled[("lm-eval",)].append(_Row(index, context, gen_kwargs, until, budget, []))
+                plain.append(index)
                 continue
-            key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-            pooled[key].append(_Row(index, context, gen_kwargs, until, budget, []))
-        plain = pooled.pop(("lm-eval",), [])
+            row = _Row(index, context, gen_kwargs, until, budget, self._tokens(context, budget))
+            pools.setdefault(tuple(sorted((k, repr(v)) for k, v in kwargs.items())), (kwargs, []))[1].append(
+                row
+            )
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pooled generation")
-        for rows in pooled.values():
-            kwargs = normalize_gen_kwargs(dict(rows[0].gen_kwargs), self.max_gen_toks)
-            for key in ("until", "max_gen_toks"):
-                kwargs.pop(key)
-            self._encode(rows)
+        for kwargs, rows in pools.values():
             rows.sort(key=lambda r: (-r.budget, -len(r.tokens), r.index))
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
@@ -114,8 +112,8 @@ class PooledHFLM(HFLM):
                     if text is not None:
                         self.cache_hook.add_partial("generate_until", (row.context, row.gen_kwargs), text)
                 pbar.update(len(batch))
-        retry = [i for i, text in enumerate(results) if text is None] + [r.index for r in plain]
-        if retry:  # lm-eval's own path, for what pooling does not cover
+        retry = [i for i, text in enumerate(results) if text is None]  # sampled, or an unconfirmed stop
+        if retry:
             for index, text in zip(
                 retry, super().generate_until([requests[i] for i in retry], disable_tqdm=True), strict=True
             ):
@@ -124,22 +122,20 @@ class PooledHFLM(HFLM):
         pbar.close()
         return results
 
-    def _encode(self, rows: list[_Row]) -> None:
-        """Prompt tokens as `tok_batch_encode` makes them, each left-truncated to leave room for its budget."""
-        bos = getattr(self.tokenizer, "bos_token", None)
-        for row in rows:
-            special = {}
-            if has_bos_prefix(row.context, bos):
-                special = {"add_special_tokens": False}
-            elif self.add_bos_token is not None:
-                special = {"add_special_tokens": self.add_bos_token}
-            room = self.max_length - row.budget
-            if room <= 0:
-                raise ValueError(
-                    f"requested max tokens to generate ({row.budget}) must be less than the model's "
-                    f"maximum sequence length ({self.max_length})"
-                )
-            row.tokens = self.tokenizer(row.context, **special)["input_ids"][-room:]
+    def _tokens(self, context: str, budget: int) -> list[int]:
+        """Prompt tokens as `tok_batch_encode` makes them, left-truncated to leave room for the budget."""
+        special = {}
+        if has_bos_prefix(context, getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        room = self.max_length - budget
+        if room <= 0:
+            raise ValueError(
+                f"requested max tokens to generate ({budget}) must be less than the model's "
+                f"maximum sequence length ({self.max_length})"
+            )
+        return self.tokenizer(context, **special)["input_ids"][-room:]
 
     def _stops(self, until: list[str]) -> StopStringCriteria:
         key = tuple(until)
