@@ -11,12 +11,12 @@ a test fails, upstream fixed the bug: drop the workaround and its tests.
 (e) `zero_safe_multislerp` — multislerp raises on tensors that no input changes (zero deltas, zero biases).
 (f) `copy_generation_config` — `tokenizer_source` skips copying generation_config.json.
 (g) `global_rng_preserved` — a seeded merge re-seeds the caller's `random`, numpy and torch generators.
-(i) `planners_released` — `MergePlanner._model_arch` is a class-level `functools.lru_cache` keyed on the
-    planner: it keeps the last 128 planners alive, and with them whatever they reference (in the memory path,
-    the merger and its resident base models: 11.5 GiB of GPU memory at Qwen2-1.5B scale).
 (h) cached Hugging Face ids: mergekit asks the hub for a model's file list even when the model is in the
     local cache, so offline merges of HF ids fail; `evoforge.merge.disk` hands mergekit local folders instead
     (resolved by `evoforge.merge.compat.resolve_model`).
+(i) `planners_released` — `MergePlanner._model_arch` is a class-level `functools.lru_cache` keyed on the
+    planner: it keeps the last 128 planners alive, and with them whatever they reference (in the memory path,
+    the merger and its resident base models: 11.5 GiB of GPU memory at Qwen2-1.5B scale).
 """
 
 from __future__ import annotations
