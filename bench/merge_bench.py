@@ -22,7 +22,9 @@ Sections
      PooledHFLM with transformers' static KV cache (which transformers compiles on CUDA).
   C. (CUDA) The memory loop under `torch.cuda.set_per_process_memory_fraction` (--cap-gb, 8 by default):
      the base models do not fit, so they stay in pinned host memory and stream. The streamed merges must
-     equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch).
+     equal section A's resident ones bit for bit; candidates are then scored (batch --capped-batch). With
+     --capped-loops, also section B's generation (each of --loops) under the cap. What the process holds on
+     the GPU before each merge and generation is logged to stderr.
 
 The qwen2-1.5b models: hidden 1536, 28 layers, 12/2 heads, FFN 8960, vocab 151936, tied embeddings, bf16;
 an ancestor and three children (ancestor + 2 % Gaussian noise per tensor, like `evoforge.tiny`), 12.4 GB
@@ -237,6 +239,34 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def cuda_residue(top: int = 4) -> str:
+    """What this process holds on the GPU now: allocated and reserved GiB, and the largest live CUDA tensors
+    the garbage collector can see, with the types of what refers to them."""
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    gc.collect()
+    tensors = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+                tensors[id(obj)] = obj
+        except Exception:  # objects that fail isinstance checks (lazy proxies)
+            continue
+    largest = sorted(tensors.values(), key=lambda t: -t.numel() * t.element_size())[:top]
+    held = sum(
+        t.untyped_storage().nbytes()
+        for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values()
+    )
+    parts = [
+        f"{tuple(t.shape)} {str(t.dtype)[6:]} <- {sorted({type(r).__name__ for r in gc.get_referrers(t)} - {'list', 'frame'})}"
+        for t in largest
+    ]
+    return (
+        f"allocated {gib(torch.cuda.memory_allocated())} GiB, reserved {gib(torch.cuda.memory_reserved())} GiB, "
+        f"{len(tensors)} live CUDA tensors ({gib(held)} GiB); largest: {'; '.join(parts) or 'none'}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- sections
 
 
@@ -343,61 +373,100 @@ class Recorder:
     """Wraps a CandidateEvaluator for the loop and keeps each candidate's (merge s, eval s, fitness)."""
 
     def __init__(self, evaluator: CandidateEvaluator) -> None:
-        self.evaluator, self.rows = evaluator, []
+        self.evaluator, self.rows, self.errors = evaluator, [], []
 
     def score_recipe(self, recipe: str, seed: int, split: str):
-        scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split)
+        try:
+            scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split)
+        except Exception as error:
+            self.errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:100]}")
+            raise
         self.rows.append((split, merge_s, eval_s, scores.fitness))
         return scores, merge_s, eval_s
 
 
 def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: CandidateEvaluator) -> dict:
-    """Generation 0 of the real loop; a new best is written through the disk path, as `evoforge run` does."""
+    """Generation 0 of the real loop; a new best is written as `evoforge run` writes it (`evaluator.merge`)."""
     run_dir = cfg.run_dir()
     recorder = Recorder(evaluator)
     best_s = []
 
     def on_new_best(gen, member, outcome):
         start = time.perf_counter()
-        evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir / "best")
+        try:
+            evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir / "best")
+        except torch.OutOfMemoryError as error:
+            recorder.errors.append(f"best model: out of memory: {str(error).splitlines()[0][:100]}")
+            free_memory()
         best_s.append(time.perf_counter() - start)
 
     evolution = Evolution(cfg, space, run_dir, recorder, Hooks(on_new_best=on_new_best))
     record, _ = evolution.run_generation(evolution.initial_state())
     fit = [r for r in recorder.rows if r[0] == cfg.evaluation.fitness_split]
-    return {"rows": fit, "all": recorder.rows, "wall": record.wall_s, "best_s": sum(best_s)}
+    return {
+        "rows": fit,
+        "all": recorder.rows,
+        "errors": recorder.errors,
+        "wall": record.wall_s,
+        "best_s": sum(best_s),
+    }
 
 
 def section_loops(
-    family: dict[str, Path], args: argparse.Namespace, device: torch.device, work: Path
+    family: dict[str, Path],
+    args: argparse.Namespace,
+    device: torch.device,
+    work: Path,
+    title: str = "B. One generation of the loop",
+    capped: bool = False,
 ) -> None:
+    """Section B (with `capped`: section C's generation under the cap, batch --capped-batch, no static cache)."""
     results = {}
     for merge_path in args.loops:
-        cfg = run_config(family, args, work / f"loop-{merge_path}", merge_path)
+        out = work / f"loop-{merge_path}"
+        cfg = (
+            run_config(family, args, out, merge_path, args.capped_batch, compile_generation=False)
+            if capped
+            else run_config(family, args, out, merge_path)
+        )
         space = GenomeSpace.from_config(cfg)
         clock = Clock(device)
         with clock():
             evaluator = CandidateEvaluator(cfg, space.paths[0], cfg.run_dir() / ".work")
         evaluator.score_model(space.paths[0], cfg.evaluation.fitness_split)  # warm-up: tasks, wrapper
         log(f"loop {merge_path}: set up in {clock.seconds:.1f} s; one generation ...")
+        log(f"before the generation: {cuda_residue()}")
         with clock():
             results[merge_path] = one_generation(cfg, space, evaluator)
         results[merge_path]["peak"] = clock.peak
         del evaluator
         free_memory()
-    print(f"\n### B. One generation of the loop (8 candidates; tasks: {args.tasks}, limit {args.limit})\n")
-    head = "| loop | merge s / candidate | eval s / candidate | candidate s | generation s | best model written s |"
+        shutil.rmtree(work / f"loop-{merge_path}", ignore_errors=True)
+    print(f"\n### {title} (8 candidates; tasks: {args.tasks}, limit {args.limit})\n")
+    head = (
+        "| loop | scored | merge s / candidate | eval s / candidate | candidate s | generation s "
+        "| best model written s |"
+    )
     cuda = device.type == "cuda"
     if cuda:
         head += " peak GiB |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     per = {}
     for merge_path, r in results.items():
+        if not r["rows"]:
+            print(f"| {merge_path} | 0 | | | | {r['wall']:.2f} | {r['best_s']:.2f} |")
+            continue
         merge_s = statistics.fmean(x[1] for x in r["rows"])
         eval_s = statistics.fmean(x[2] for x in r["rows"])
         per[merge_path] = (merge_s, eval_s, r["wall"])
-        row = f"| {merge_path} | {merge_s:.3f} | {eval_s:.3f} | {merge_s + eval_s:.3f} | {r['wall']:.2f} | {r['best_s']:.2f} |"
+        row = (
+            f"| {merge_path} | {len(r['rows'])} | {merge_s:.3f} | {eval_s:.3f} | {merge_s + eval_s:.3f} | "
+            f"{r['wall']:.2f} | {r['best_s']:.2f} |"
+        )
         print(row + (f" {gib(r['peak'])} |" if cuda else ""))
+    for merge_path, r in results.items():
+        for error in r["errors"]:
+            print(f"- {merge_path} loop, failed: {error}")
     if len(per) < 2:
         return
     (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
@@ -514,10 +583,12 @@ def section_capped(
         merger = evaluator.memory
         print(f"residents streamed from pinned host memory: {merger.stream}\n")
         print(
-            "| recipe | merge s | same tensors as uncapped | merge + load s | eval s | fitness |\n|---|---|---|---|---|---|"
+            "| recipe | merge s | merge peak GiB | same tensors as uncapped | merge + load s | eval s | fitness |\n"
+            "|---|---|---|---|---|---|---|"
         )
         for label, expected in kept.items():
             text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
+            log(f"capped, before {label}: {cuda_residue()}")
             try:
                 with evaluator.scorer.on_host(), clock():  # as score_recipe merges when streaming
                     merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
@@ -525,17 +596,25 @@ def section_capped(
                     text, random_seed(text) or 0, cfg.evaluation.fitness_split
                 )
             except torch.OutOfMemoryError as error:
-                print(f"| {label} | out of memory: {str(error).splitlines()[0][:120]} | | | | |", flush=True)
+                print(
+                    f"| {label} | out of memory: {str(error).splitlines()[0][:120]} | | | | | |", flush=True
+                )
                 free_memory()
                 continue
             print(
-                f"| {label} | {clock.seconds:.3f} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
+                f"| {label} | {clock.seconds:.3f} | {gib(clock.peak)} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
                 f"{scores.fitness:.4f} |",
                 flush=True,
             )
         print(
             f"\npeak GPU memory allocated: {gib(torch.cuda.max_memory_allocated())} GiB (cap {args.cap_gb} GiB)"
         )
+        del evaluator, merger
+        free_memory()
+        if args.capped_loops:
+            section_loops(
+                family, args, torch.device("cuda"), work, f"C. Generation capped at {args.cap_gb} GiB", True
+            )
     except torch.OutOfMemoryError as error:
         print(f"out of memory: {str(error).splitlines()[0]}")
     finally:
@@ -561,6 +640,9 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=8.0)
     parser.add_argument("--capped", type=int, default=2, help="recipes merged and scored in the capped run")
     parser.add_argument("--capped-batch", type=int, default=8, help="evaluation batch size in the capped run")
+    parser.add_argument(
+        "--capped-loops", action="store_true", help="section C: also one generation per --loops under the cap"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sections", default="ABEC", help="sections to run, e.g. AE (C needs A)")
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")

@@ -26,6 +26,7 @@ from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, se
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
 from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, NotInMemory, models_in_memory
+from evoforge.merge.save import save_merged
 from evoforge.recipe import random_seed, render
 
 BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
@@ -364,3 +365,62 @@ def test_memory_loop_scores_candidates_as_the_disk_loop_does(qwen_family, unrela
         memory, disk = (evaluators[p].score_recipe(text, seed, "validation") for p in ("memory", "disk"))
         assert memory[0] == disk[0] and memory[1] > 0 and memory[2] > 0
     assert not any((tmp_path / "memory" / ".work").glob("candidate-*"))
+    for label, text in (("deep", deep), ("foreign", foreign)):  # best models: from memory, else from disk
+        seed = random_seed(text) or 0
+        saved = {
+            p: read_folder(evaluators[p].merge(text, seed, tmp_path / f"{p}-{label}"))[0] for p in evaluators
+        }
+        assert saved["memory"].keys() == saved["disk"].keys()
+        assert all(torch.equal(saved["memory"][k], t) for k, t in saved["disk"].items())
+
+
+def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+    """A model folder's tensors (every shard) and its other files' bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in folder.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    files = {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix != ".safetensors"}
+    return tensors, files
+
+
+def test_a_candidate_saved_from_memory_is_the_disk_paths_folder(qwen_family, mergers, tmp_path):
+    """`CandidateEvaluator.merge` (the run's best models) writes from memory what `merge_recipe` writes: the
+    same tensors, config.json, tokenizer and generation config, the recipe as mergekit_config.yml."""
+    space = space_of(qwen_family, False)
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    for label, genome in {
+        "deep": deep_dfs(seeds["slerp-dare-dfs"]),
+        "ties": seeds["linear-ties-frankenmerge"],
+    }.items():
+        text = render(genome, space)
+        seed = random_seed(text)
+        disk = merge_recipe(text, tmp_path / f"disk-{label}", device="cpu", random_seed=seed)
+        saved = save_merged(mergers["qwen"], text, tmp_path / f"memory-{label}", random_seed=seed)
+        (expected, expected_files), (got, got_files) = read_folder(disk), read_folder(saved)
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1.3e-6, atol=1e-6, msg=f"{label}: {name}")
+        del expected_files["README.md"]  # mergekit's card of the final stage; evoforge writes its own
+        assert got_files == expected_files
+        assert {"config.json", "tokenizer.json", "generation_config.json"} <= got_files.keys()
+        assert got_files["mergekit_config.yml"] == text.encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "disk-deep",
+        "disk-ties",
+        "memory-deep",
+        "memory-ties",
+    ]  # no staging folder left
+
+
+def test_saving_what_the_memory_path_refuses_leaves_nothing(qwen_family, mergers, tmp_path):
+    a, b = qwen_family["alpha"], qwen_family["beta"]
+    text = (
+        f"merge_method: linear\nbase_model: {a}\ntokenizer_source: base\nmodels:\n"
+        f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n  - {{model: {b}, parameters: {{weight: 0.5}}}}\n"
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    with pytest.raises(NotInMemory, match="tokenizer"):
+        save_merged(mergers["qwen"], text, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]  # the old folder untouched

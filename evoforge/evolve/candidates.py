@@ -5,7 +5,8 @@ the base models (and ancestor) that `MemoryMerger` merges from, tensor by tensor
 weights. A recipe the memory path cannot reproduce exactly (`NotInMemory`: models that are not the run's,
 tokenizer merges) and every recipe with `merge_path: disk` go through the disk path (mergekit's run_merge, the
 reference) into a scratch folder that is copied into the Scorer. The best model of a generation is written
-through the disk path, so what is saved is exactly what its YAML makes with plain mergekit.
+from memory where the memory path applies (`save_merged`: the tensors mergekit's run_merge gives for its YAML
+and seed on this device, without merging twice), else through the disk path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from evoforge.evaluate.suite import resolve_tasks_dir
 from evoforge.evolve.records import Scores
 from evoforge.merge.disk import merge_recipe
 from evoforge.merge.memory import MemoryMerger, NotInMemory
+from evoforge.merge.save import save_merged
 
 
 def to_scores(result: EvalResult) -> Scores:
@@ -62,6 +64,14 @@ class CandidateEvaluator:
         return to_scores(self.scorer.score(split))
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
+        """A candidate as a model folder (created or replaced atomically): written from memory where the memory
+        path applies, else merged through the disk path."""
+        if self.memory is not None:
+            try:
+                with self.scorer.on_host() if self.memory.stream else nullcontext():
+                    return save_merged(self.memory, recipe, out_dir, random_seed=seed)
+            except NotInMemory:
+                pass
         return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,25 @@ def _check_replaceable(out_dir: Path) -> None:
         raise ConfigError(f"{out_dir}: exists and is not a model folder; refusing to replace it")
 
 
+@contextmanager
+def atomic_model_folder(out_dir: Path) -> Iterator[Path]:
+    """A staging folder next to `out_dir`; its `model` subfolder replaces `out_dir` when the block completes.
+
+    The staging folder is hidden and deleted afterwards, so an error or Ctrl-C leaves no partial `out_dir` (and
+    an existing one untouched). Refuses an `out_dir` that holds anything but a model."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            os.replace(out_dir, staging / "previous")  # deleted with the staging folder
+        os.replace(staging / "model", out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def merge_recipe(
     recipe_yaml: str,
     out_dir: Path,
@@ -286,11 +306,7 @@ def merge_recipe(
     """
     documents = validate_recipe(recipe_yaml, source=source)
     options = merge_options(device, random_seed, quiet)
-    out_dir = Path(out_dir).expanduser().resolve()
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with atomic_model_folder(out_dir) as staging:
         final = staging / "model"
         with mergekit_fixes.stage_dir(work_dir or staging) as stages, mergekit_fixes.applied():
             configs, dependencies = load_config(yaml.safe_dump_all(documents, sort_keys=False), str(stages))
@@ -299,9 +315,4 @@ def merge_recipe(
                 run_merge(configs[name], str(path), options=options)
                 mergekit_fixes.copy_generation_config(configs[name], path)
         (final / "mergekit_config.yml").write_text(recipe_yaml)
-        if out_dir.exists():
-            os.replace(out_dir, staging / "previous")  # deleted with the staging folder
-        os.replace(final, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir).expanduser().resolve()

@@ -715,7 +715,9 @@ class _Run:
                 write(name, tensor)
 
     def _tensor(self, source: tuple[str, str]) -> torch.Tensor | None:
-        """A stage output, computed if needed; forgotten after its last use."""
+        """A stage output, computed if needed; forgotten after its last use. With streamed residents (a GPU
+        too small for them) a tensor kept for a later use waits on the host: a random stage computed in
+        its executor's order can otherwise hold most of a model on the card until the final stage reads it."""
         if source not in self.values:
             path = source[0]
             stage = self.stages[path]
@@ -731,9 +733,16 @@ class _Run:
                     continue
                 tensor = self._execute(path, stage, name)
                 if self.uses[key]:
-                    self.values[key] = tensor
+                    self.values[key] = self._park(tensor) if key != source else tensor
         self.uses[source] -= 1
-        return self.values[source] if self.uses[source] else self.values.pop(source)
+        if not self.uses[source]:
+            return self.values.pop(source)
+        tensor = self.values[source] = self._park(self.values[source])
+        return tensor
+
+    def _park(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """Where a stage tensor waits for its next use: on the host when residents are streamed."""
+        return tensor.to("cpu") if self.merger.stream and tensor is not None else tensor
 
     def _load(self, inp: _Input) -> torch.Tensor | None:
         """What mergekit's LoadTensor gives: the tensor under its first available name, cast to its dtype."""
@@ -742,6 +751,8 @@ class _Run:
         path, name = inp.source
         if path in self.stages:
             tensor = self._tensor(inp.source)
+            if tensor is not None:
+                tensor = tensor.to(self.merger.device, non_blocking=True)
         else:
             resident = self.merger.models[path]
             tensor = resident.tensors[name]
