@@ -239,6 +239,11 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def oom(error: BaseException) -> str:
+    """An error's first line and its notes (evoforge notes which tensor a merge ran out of memory on)."""
+    return " ".join([str(error).splitlines()[0], *getattr(error, "__notes__", ())])
+
+
 def cuda_residue(top: int = 4) -> str:
     """What this process holds on the GPU now: allocated and reserved GiB, and the largest live CUDA tensors
     the garbage collector can see, with the types of what refers to them."""
@@ -379,7 +384,7 @@ class Recorder:
         try:
             scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split)
         except Exception as error:
-            self.errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:100]}")
+            self.errors.append(f"{type(error).__name__}: {oom(error)}")
             raise
         self.rows.append((split, merge_s, eval_s, scores.fitness))
         return scores, merge_s, eval_s
@@ -582,33 +587,35 @@ def section_capped(
         evaluator = CandidateEvaluator(cfg, str(family[NAMES[0]]), cfg.run_dir() / ".work")
         merger = evaluator.memory
         print(f"residents streamed from pinned host memory: {merger.stream}\n")
-        print(
-            "| recipe | merge s | merge peak GiB | same tensors as uncapped | merge + load s | eval s | fitness |\n"
-            "|---|---|---|---|---|---|---|"
-        )
-        for label, expected in kept.items():
-            text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
-            log(f"capped, before {label}: {cuda_residue()}")
-            try:
-                with evaluator.scorer.on_host(), clock():  # as score_recipe merges when streaming
-                    merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
-                scores, merge_s, eval_s = evaluator.score_recipe(
-                    text, random_seed(text) or 0, cfg.evaluation.fitness_split
-                )
-            except torch.OutOfMemoryError as error:
-                print(
-                    f"| {label} | out of memory: {str(error).splitlines()[0][:120]} | | | | | |", flush=True
-                )
-                free_memory()
-                continue
+        if kept:
             print(
-                f"| {label} | {clock.seconds:.3f} | {gib(clock.peak)} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
-                f"{scores.fitness:.4f} |",
-                flush=True,
+                "| recipe | merge s | merge peak GiB | same tensors as uncapped | merge + load s | eval s | fitness |\n"
+                "|---|---|---|---|---|---|---|"
             )
-        print(
-            f"\npeak GPU memory allocated: {gib(torch.cuda.max_memory_allocated())} GiB (cap {args.cap_gb} GiB)"
-        )
+            for label, expected in kept.items():
+                text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
+                log(f"capped, before {label}: {cuda_residue()}")
+                try:
+                    with evaluator.scorer.on_host(), clock():  # as score_recipe merges when streaming
+                        merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
+                    scores, merge_s, eval_s = evaluator.score_recipe(
+                        text, random_seed(text) or 0, cfg.evaluation.fitness_split
+                    )
+                except torch.OutOfMemoryError as error:
+                    print(
+                        f"| {label} | out of memory: {oom(error)} | | | | | |",
+                        flush=True,
+                    )
+                    free_memory()
+                    continue
+                print(
+                    f"| {label} | {clock.seconds:.3f} | {gib(clock.peak)} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
+                    f"{scores.fitness:.4f} |",
+                    flush=True,
+                )
+            print(
+                f"\npeak GPU memory allocated: {gib(torch.cuda.max_memory_allocated())} GiB (cap {args.cap_gb} GiB)"
+            )
         del evaluator, merger
         free_memory()
         if args.capped_loops:
@@ -616,7 +623,7 @@ def section_capped(
                 family, args, torch.device("cuda"), work, f"C. Generation capped at {args.cap_gb} GiB", True
             )
     except torch.OutOfMemoryError as error:
-        print(f"out of memory: {str(error).splitlines()[0]}")
+        print(f"out of memory: {oom(error)}")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -644,7 +651,9 @@ def main() -> None:
         "--capped-loops", action="store_true", help="section C: also one generation per --loops under the cap"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--sections", default="ABEC", help="sections to run, e.g. AE (C needs A)")
+    parser.add_argument(
+        "--sections", default="ABEC", help="sections to run, e.g. AE (C compares recipes only after A)"
+    )
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
     parser.add_argument(
         "--control-batch", type=int, default=8, help="section E: lm-eval's HFLM again at this batch size"
@@ -696,10 +705,10 @@ def main() -> None:
         cuda = device.type == "cuda"
         if "A" in args.sections:
             kept = section_latency(recipes, family, device, work, keep=args.capped if cuda else 0)
-        if "C" in args.sections and cuda and "A" in args.sections:  # first: nothing else on the card
-            section_capped(family, args, work, recipes, kept)
+        if "C" in args.sections and cuda:  # first: nothing else on the card
+            section_capped(family, args, work, recipes, kept if "A" in args.sections else {})
         elif "C" in args.sections:
-            print("\n### C. Capped GPU run: skipped (needs a CUDA device and section A)")
+            print("\n### C. Capped GPU run: skipped (needs a CUDA device)")
         if "B" in args.sections:
             section_loops(family, args, device, work)
         if "E" in args.sections and args.tasks == "real":

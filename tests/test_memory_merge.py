@@ -23,6 +23,7 @@ from evoforge.errors import ConfigError
 from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
+from evoforge.merge import memory as memory_module
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
 from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, NotInMemory, models_in_memory
@@ -249,6 +250,42 @@ def test_a_task_too_big_for_a_small_gpu_runs_on_the_host(qwen_family, mergers, m
     state, _ = mergers["qwen"].merge(text)
     assert failed and state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_streamed_tasks_too_big_for_the_card_run_on_the_host(qwen_family, mergers, monkeypatch):
+    """The rule depends only on the card and the shapes: a 3×1.5 B embedding (four 445 MiB inputs) is merged
+    on the host by TIES/DARE under an 8 GiB card, on the card under 16 GiB; slerp and linear stay on the card."""
+    merger = mergers["qwen"]
+    embedding, mlp = 151936 * 1536 * 2, 8960 * 1536 * 2
+    monkeypatch.setattr(merger, "task_budget", int(0.75 * 8 * 2**30))
+    assert merger.runs_on_host("ties", 4 * embedding) and merger.runs_on_host("dare_ties", 4 * embedding)
+    assert not merger.runs_on_host("multislerp", 3 * embedding) and not merger.runs_on_host(
+        "linear", 3 * embedding
+    )
+    assert not merger.runs_on_host("ties", 4 * mlp)
+    monkeypatch.setattr(merger, "task_budget", int(0.75 * 16 * 2**30))
+    assert not merger.runs_on_host("ties", 4 * embedding)
+    monkeypatch.setattr(merger, "task_budget", None)  # resident models: never
+    assert not merger.runs_on_host("ties", 4 * embedding)
+
+    space = space_of(qwen_family, False)
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    texts = [render(seeds[label], space) for label in ("linear-ties-frankenmerge", "slerp-dare-dfs")]
+    expected = [merger.merge(text, random_seed(text))[0] for text in texts]
+    on_host = Counter()
+    host = memory_module._Run._on_host
+
+    def counted(self, task, tensors):
+        on_host[task.method_name] += 1
+        return host(self, task, tensors)
+
+    monkeypatch.setattr(memory_module._Run, "_on_host", counted)
+    monkeypatch.setattr(merger, "stream", True)
+    monkeypatch.setattr(merger, "task_budget", 1)  # every task "too big": all merged through the host path
+    for text, want in zip(texts, expected):
+        state = merger.merge(text, random_seed(text))[0]
+        assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    assert on_host.keys() == {"linear", "ties", "multislerp", "dare_ties"}  # passthrough: by reference
 
 
 def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):

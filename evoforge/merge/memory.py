@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -72,6 +72,11 @@ _RANDOM_SPARSIFICATION = (SparsificationMethod.random, SparsificationMethod.dell
 _KEPT = 32
 """Stage documents, skeletons and resolved stage plans each kept, least recently used dropped (a 28-layer
 stage's skeleton and plan are ~5,000 Python objects: kept ones lengthen the garbage collector's full passes)."""
+_WORKING_SET = {True: 5, False: 3}
+"""A task's peak device memory as a multiple of its inputs' bytes: TIES/DARE/DELLA (sparsification or sign
+consensus: task vectors, masks, products, an int64 argsort for TIES) 5, other methods 3. From mergekit 0.1.5's
+`GeneralizedTaskArithmeticMerge.merge_group`: four 445 MiB inputs (3×1.5 B embeddings and the base) peak near
+14× one input, ~3.6× the inputs, plus TIES's argsort."""
 _WEIGHTS_KEPT = 1 << 12
 """Layer weight lists kept (one JSON architecture at depths up to 64 needs ~2,000)."""
 
@@ -450,12 +455,25 @@ class MemoryMerger:
             for name, tensor in resident.tensors.items():
                 resident.tensors[name] = tensor.pin_memory() if self.stream else tensor.to(self.device)
         self.resident_bytes = needed
+        self.task_budget = _task_budget(self.device) if self.stream else None
+        """Streaming: device bytes a merge task's estimated working set may take (see `runs_on_host`)."""
         self._loaders = {path: InMemoryLoader(r.tensors) for path, r in self.models.items()}
         self._documents: _Kept[tuple, _Document] = _Kept()
         self._skeletons: _Kept[Hashable, _Skeleton] = _Kept()
         self._plans: _Kept[tuple, _StagePlan] = _Kept()
         self._orders: dict[tuple, list[str]] = {}
         self._weights: dict[tuple, tuple[Any, list[WeightInfo]]] = {}
+
+    def runs_on_host(self, method_name: str, input_bytes: int) -> bool:
+        """Whether a task is merged on the host: only with streamed residents, when its estimated working set
+        (inputs × `_WORKING_SET` of its method) exceeds `task_budget`."""
+        if self.task_budget is None:
+            return False
+        method = merge_methods.get(method_name)
+        sparse = isinstance(method, GeneralizedTaskArithmeticMerge) and (
+            method.sparsification_method is not None or method.consensus_method is not None
+        )
+        return _WORKING_SET[sparse] * input_bytes > self.task_budget
 
     def _read(self, path: str) -> _Resident:
         """Every tensor of a model through mergekit's own loader (what its LoadTensor reads)."""
@@ -657,6 +675,16 @@ def _fits(needed: int, merger: MemoryMerger) -> bool:
     return needed + 2 * largest <= min(free, capped)
 
 
+def _task_budget(device: torch.device) -> int:
+    """3/4 of what this process may use of the card (its capacity times the per-process memory fraction): the
+    Scorer's model waits on the host during a streamed merge, the rest is for lm-eval's small tables and for
+    fragmentation."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(0.75 * total * torch.cuda.get_per_process_memory_fraction(device))
+
+
 # ---------------------------------------------------------------------------------------------- execution
 
 
@@ -769,8 +797,7 @@ class _Run:
         tensors = {inp.ref: self._load(inp) for inp in residents}
         shape = next(iter(tensors.values())).shape
         tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
-        with self._generator(path):
-            stage.task(name).execute(tensors=tensors)
+        self._run_task(path, stage.task(name), tensors, random=True)
 
     def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
         """One output tensor of a stage (`path` None: the final document)."""
@@ -786,29 +813,46 @@ class _Run:
                 result = tensors[ref]
             else:
                 result = task.execute(tensors=tensors)
-        elif stage.skeleton.order is not None:
-            with self._generator(path):
-                result = task.execute(tensors=tensors)
         else:
-            result = self._deterministic(task, tensors)
+            result = self._run_task(path, task, tensors, random=stage.skeleton.order is not None)
         dtype = entry.save_dtype
         return result.to(dtype) if result is not None and dtype is not None else result
 
-    def _deterministic(
-        self, task: ExecuteMergeMethodTask, tensors: dict[ModelReference, torch.Tensor]
+    def _run_task(
+        self,
+        path: str | None,
+        task: ExecuteMergeMethodTask,
+        tensors: dict[ModelReference, torch.Tensor],
+        random: bool,
     ) -> Any:
-        """A task that draws no random numbers. With streamed residents (a GPU too small for them), one whose
-        working set does not fit on the card (TIES's argsort of a 233 M-element embedding needs 1.74 GiB of
-        indices alone) runs mergekit's same code on the host instead, as the disk path does with a CPU
-        device: the bits may differ from a GPU merge (sort order of equal magnitudes, summation order)."""
+        """mergekit's task on its inputs (under its stage's generators if it draws random numbers).
+
+        With streamed residents (a GPU too small for them) a task whose working set would not fit on the
+        card (`MemoryMerger.runs_on_host`: TIES/DARE over a 233 M-element embedding need ~14× its size) runs
+        mergekit's same code on the host, as the disk path does with a CPU device; the rule depends only on
+        the card and the shapes, so a recipe and seed give the same tensors on the same card every time, but
+        not the bits of a larger GPU (sort order of equal magnitudes, summation order, host generator). A
+        deterministic task that still runs out of device memory is retried on the host the same way."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
         try:
-            return task.execute(tensors=tensors)
-        except torch.OutOfMemoryError:
-            if not self.merger.stream:
-                raise
+            with self._generator(path) if random else nullcontext():
+                if self.merger.runs_on_host(task.method_name, size):
+                    return self._on_host(task, tensors)
+                try:
+                    return task.execute(tensors=tensors)
+                except torch.OutOfMemoryError:
+                    if random or not self.merger.stream:
+                        raise
+                torch.cuda.empty_cache()
+                return self._on_host(task, tensors)
+        except torch.OutOfMemoryError as error:
+            names = f"{task.output_weight.name} ({task.method_name}, inputs {size / 2**30:.2f} GiB)"
+            error.add_note(f"evoforge: out of GPU memory merging {names}")
+            raise
+
+    def _on_host(self, task: ExecuteMergeMethodTask, tensors: dict[ModelReference, torch.Tensor]) -> Any:
         host = {ref: tensor.cpu() for ref, tensor in tensors.items()}
         tensors.clear()  # the caller's references to the device copies go too
-        torch.cuda.empty_cache()
         return task.execute(tensors=host).to(self.merger.device)
 
     @contextmanager
