@@ -96,6 +96,27 @@ def test_a_stop_the_text_does_not_show_is_regenerated_by_lm_eval(steered, reques
     assert pooled == plain
 
 
+def test_a_batch_that_runs_out_of_memory_is_decoded_in_halves(steered, requests, monkeypatch) -> None:
+    """A card too small for `batch_size` rows of long prompts: the call goes on in halves, same texts."""
+    model, tokenizer = steered
+    plain, _ = generate(PooledHFLM, model, tokenizer, requests, 64)
+    sizes, decode = [], PooledHFLM._generate
+
+    def small_card(self, batch, kwargs):
+        sizes.append(len(batch))
+        if len(batch) > 10:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(self, batch, kwargs)
+
+    monkeypatch.setattr(PooledHFLM, "_generate", small_card)
+    pooled, _ = generate(PooledHFLM, model, tokenizer, requests, 64)
+    assert pooled == plain
+    assert sizes[:4] == [64, 32, 16, 8] and max(sizes[4:]) <= 8
+    monkeypatch.setattr(PooledHFLM, "_generate", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit: a real shortage
+        generate(PooledHFLM, model, tokenizer, requests[:1], 64)
+
+
 def test_scorer_pools_on_cuda_only(steered) -> None:
     """On the CPU decoding is bound by arithmetic, and padding every row to the longest prompt costs more
     than the steps it saves: the Scorer keeps lm-eval's grouping there."""

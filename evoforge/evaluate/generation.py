@@ -5,7 +5,8 @@ sequences or `max_gen_toks` is decoded in its own batches, one after another: sc
 sum of their budgets in decoding steps (416 for evoforge's tasks/), and a model that never stops (a random
 or a broken candidate) spends all of them. A decoding step of a 1.5 B model costs about the same for 40 rows
 as for 360 (it is bound by weight reads and kernel launches), so `PooledHFLM` decodes all greedy requests of
-a call together: rows sorted by budget then length, batches of `batch_size` rows, each row stopped by its
+a call together: rows sorted by budget then length, batches of `batch_size` rows (halved for the rest of
+the call while one runs out of device memory: the KV cache of long prompts), each row stopped by its
 own budget and its own stop strings (transformers' vectorised `StopStringCriteria`, one per distinct stop
 list), and the batch ends when every row has. Nine tasks then cost the largest budget in steps (128).
 
@@ -105,13 +106,25 @@ class PooledHFLM(HFLM):
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Pooled generation")
         for kwargs, rows in pools.values():
             rows.sort(key=lambda r: (-r.budget, -len(r.tokens), r.index))
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
-                for row, text in zip(batch, self._generate(batch, kwargs), strict=True):
+            start, size = 0, self.batch_size
+            while start < len(rows):
+                batch = rows[start : start + size]
+                try:
+                    texts = self._generate(batch, kwargs)
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    texts = None  # freed once the handler has let go of the failed frames
+                if texts is None:  # a small card: the rest of this call in halves
+                    size = (len(batch) + 1) // 2
+                    torch.cuda.empty_cache()
+                    continue
+                for row, text in zip(batch, texts, strict=True):
                     results[row.index] = text
                     if text is not None:
                         self.cache_hook.add_partial("generate_until", (row.context, row.gen_kwargs), text)
                 pbar.update(len(batch))
+                start += len(batch)
         retry = [i for i, text in enumerate(results) if text is None]  # sampled, or an unconfirmed stop
         if retry:
             for index, text in zip(
