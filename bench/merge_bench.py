@@ -387,6 +387,7 @@ class Recorder:
             self.errors.append(f"{type(error).__name__}: {oom(error)}")
             raise
         self.rows.append((split, merge_s, eval_s, scores.fitness))
+        log(f"  {split}: merge {merge_s:.2f} s, eval {eval_s:.2f} s, fitness {scores.fitness:.4f}")
         return scores, merge_s, eval_s
 
 
@@ -404,6 +405,7 @@ def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: Candidat
             recorder.errors.append(f"best model: out of memory: {str(error).splitlines()[0][:100]}")
             free_memory()
         best_s.append(time.perf_counter() - start)
+        log(f"  best model written in {best_s[-1]:.2f} s")
 
     evolution = Evolution(cfg, space, run_dir, recorder, Hooks(on_new_best=on_new_best))
     record, _ = evolution.run_generation(evolution.initial_state())
