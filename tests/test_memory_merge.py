@@ -376,7 +376,9 @@ def test_gpu_memory_path_equals_gpu_disk_path_resident_or_streamed(llama_family,
         assert all(torch.equal(again[name], ours[0][name]) for name in ours[0])
 
 
-def test_memory_loop_scores_candidates_as_the_disk_loop_does(qwen_family, unrelated_qwen_family, tmp_path):
+def test_memory_loop_scores_candidates_as_the_disk_loop_does(
+    qwen_family, unrelated_qwen_family, tmp_path, monkeypatch
+):
     tasks = write_mc_tasks(tmp_path / "tasks", items=4)
     evaluators = {
         path: CandidateEvaluator(
@@ -409,6 +411,22 @@ def test_memory_loop_scores_candidates_as_the_disk_loop_does(qwen_family, unrela
         }
         assert saved["memory"].keys() == saved["disk"].keys()
         assert all(torch.equal(saved["memory"][k], t) for k, t in saved["disk"].items())
+    # a candidate just scored (the loop's held-out pass of a new best) is saved from the Scorer's weights
+    memory = evaluators["memory"]
+    memory.score_recipe(deep, random_seed(deep) or 0, "validation")
+    with monkeypatch.context() as patch:
+        patch.setattr(memory.memory, "merge", lambda *a, **k: pytest.fail("merged again"))
+        again = memory.merge("# best of generation 0\n" + deep, random_seed(deep) or 0, tmp_path / "again")
+    (expected, _), (got, files) = read_folder(tmp_path / "disk-deep"), read_folder(again)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], t) for k, t in expected.items())
+    assert files["mergekit_config.yml"].startswith(b"# best of generation 0")
+    memory.score_recipe(shallow, random_seed(shallow) or 0, "validation")
+    merges = Counter()
+    with monkeypatch.context() as patch:
+        merge = memory.memory.merge
+        patch.setattr(memory.memory, "merge", lambda *a, **k: merges.update(["merge"]) or merge(*a, **k))
+        memory.merge(deep, random_seed(deep) or 0, tmp_path / "again")
+    assert merges["merge"] == 1
 
 
 def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:

@@ -11,6 +11,7 @@ and seed on this device, without merging twice), else through the disk path.
 
 from __future__ import annotations
 
+import copy
 import gc
 import shutil
 import time
@@ -18,13 +19,41 @@ import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+import yaml
+from transformers import PretrainedConfig
+
 from evoforge.config import EvolutionConfig
-from evoforge.evaluate.scorer import EvalResult, Scorer
+from evoforge.evaluate.scorer import EvalResult, ResidentWeights, Scorer
 from evoforge.evaluate.suite import resolve_tasks_dir
 from evoforge.evolve.records import Scores
 from evoforge.merge.disk import merge_recipe
 from evoforge.merge.memory import MemoryMerger, NotInMemory
 from evoforge.merge.save import save_merged
+
+
+def _documents(recipe: str) -> list:
+    """A recipe's YAML documents: two renderings that differ only in comments are the same candidate."""
+    return list(yaml.load_all(recipe, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
+class _Resident:
+    """A sink into the Scorer's model that remembers what it wrote: the names, the config, and whether every
+    tensor kept its dtype (then the model holds the candidate exactly and can be saved from it)."""
+
+    def __init__(self, weights: ResidentWeights, config: PretrainedConfig) -> None:
+        self.weights, self.config = weights, config
+        self.names: list[str] = []
+        self.exact = True
+        self.key: tuple | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.weights.write(name, tensor)
+        self.names.append(name)
+        self.exact &= tensor.dtype == self.weights.resident[name].dtype
+
+    def close(self) -> None:
+        self.weights.close()
 
 
 def to_scores(result: EvalResult) -> Scores:
@@ -56,20 +85,32 @@ class CandidateEvaluator:
             if cfg.merge_path == "memory"
             else None
         )
+        self._resident: _Resident | None = None
+        """The candidate whose tensors the Scorer's model holds, exactly (written by the memory path)."""
         gc.freeze()  # the run's long-lived objects: full collections no longer walk them (~0.25 s pauses)
+
+    def _open_weights(self, config: PretrainedConfig) -> _Resident:
+        self._resident = _Resident(self.scorer.open_weights(config), copy.deepcopy(config))
+        return self._resident
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         """A whole model folder (a base model, or a saved candidate) on one split."""
+        self._resident = None
         self.scorer.load_weights(path)
         return to_scores(self.scorer.score(split))
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
-        """A candidate as a model folder (created or replaced atomically): written from memory where the memory
-        path applies, else merged through the disk path."""
+        """A candidate as a model folder (created or replaced atomically). On the memory path: the Scorer's
+        weights if they are this candidate's (the loop scores a new best on the held-out split just before
+        saving it), else merged from memory again; otherwise merged through the disk path."""
         if self.memory is not None:
+            merged = None
+            if self._resident is not None and self._resident.key == (_documents(recipe), seed):
+                state = self.scorer.model.state_dict()
+                merged = (self._resident.config, ((n, state[n]) for n in self._resident.names))
             try:
-                with self.scorer.on_host() if self.memory.stream else nullcontext():
-                    return save_merged(self.memory, recipe, out_dir, random_seed=seed)
+                with self.scorer.on_host() if self.memory.stream and merged is None else nullcontext():
+                    return save_merged(self.memory, recipe, out_dir, random_seed=seed, merged=merged)
             except NotInMemory:
                 pass
         return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
@@ -78,13 +119,18 @@ class CandidateEvaluator:
         """(scores, merge seconds, evaluation seconds) of one candidate recipe. On the memory path the merge
         seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
         t0 = time.perf_counter()
+        self._resident = None
         if self.memory is not None:
             try:  # each merged tensor goes straight into the Scorer's model (on the host if the GPU is small)
                 with self.scorer.on_host() if self.memory.stream else nullcontext():
-                    self.memory.merge(recipe, seed, into=self.scorer.open_weights)
+                    self.memory.merge(recipe, seed, into=self._open_weights)
             except NotInMemory:
                 pass
             else:
+                if self._resident.exact:
+                    self._resident.key = (_documents(recipe), seed)
+                else:
+                    self._resident = None
                 t1 = time.perf_counter()
                 return to_scores(self.scorer.score(split)), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)

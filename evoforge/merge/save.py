@@ -11,6 +11,7 @@ The folder appears atomically, with the recipe as `mergekit_config.yml`, as `mer
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import mergekit.merge
@@ -68,13 +69,16 @@ def save_merged(
     *,
     random_seed: int | None = None,
     source: str = "recipe",
+    merged: tuple[PretrainedConfig, Iterable[tuple[str, torch.Tensor]]] | None = None,
 ) -> Path:
     """Merge `recipe_yaml` in memory into the model folder `out_dir` (created or replaced atomically).
 
     The tensors and config.json equal what `merge_recipe` writes for the same seed on the same device; the
     tokenizer files, generation_config.json and the architecture's tag-along files are the donor's, copied as
     mergekit copies them. No README: mergekit's card would name the recipe's stages as models (the caller
-    writes its own). `NotInMemory` for what only the disk path can do, before anything is written."""
+    writes its own). `merged`: this recipe's config and (name, tensor) pairs as `merger` gave them for this
+    seed, written instead of merging again. `NotInMemory` for what only the disk path can do, before
+    anything is written."""
     donor = tokenizer_donor(validate_recipe(recipe_yaml, source=source), source)
     arch_info = get_architecture_info(donor, merger.options)
     if getattr(arch_info, "post_fill_parameters", False):
@@ -84,12 +88,18 @@ def save_merged(
     with atomic_model_folder(out_dir) as staging:
         final = staging / "model"
         final.mkdir()
-        merger.merge(
-            recipe_yaml,
-            random_seed,
-            source=source,
-            into=lambda config: FolderSink(final, config, merger.options),
-        )
+        if merged is None:
+            merger.merge(
+                recipe_yaml,
+                random_seed,
+                source=source,
+                into=lambda config: FolderSink(final, config, merger.options),
+            )
+        else:
+            sink = FolderSink(final, merged[0], merger.options)
+            for name, tensor in merged[1]:
+                sink.write(name, tensor)
+            sink.close()
         mergekit.merge._copy_tokenizer(donor, str(final), options=merger.options)
         mergekit_fixes.copy_generation_config(donor, final)
         mergekit.merge._copy_tagalong_files(
