@@ -37,7 +37,7 @@ def _documents(recipe: str) -> list:
     return list(yaml.load_all(recipe, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
-class _Resident:
+class _HeldCandidate:
     """A sink into the Scorer's model that remembers what it wrote: the names, the config, and whether every
     tensor kept its dtype (then the model holds the candidate exactly and can be saved from it)."""
 
@@ -85,17 +85,17 @@ class CandidateEvaluator:
             if cfg.merge_path == "memory"
             else None
         )
-        self._resident: _Resident | None = None
+        self._held: _HeldCandidate | None = None
         """The candidate whose tensors the Scorer's model holds, exactly (written by the memory path)."""
         gc.freeze()  # the run's long-lived objects: full collections no longer walk them (~0.25 s pauses)
 
-    def _open_weights(self, config: PretrainedConfig) -> _Resident:
-        self._resident = _Resident(self.scorer.open_weights(config), copy.deepcopy(config))
-        return self._resident
+    def _open_weights(self, config: PretrainedConfig) -> _HeldCandidate:
+        self._held = _HeldCandidate(self.scorer.open_weights(config), copy.deepcopy(config))
+        return self._held
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         """A whole model folder (a base model, or a saved candidate) on one split."""
-        self._resident = None
+        self._held = None
         self.scorer.load_weights(path)
         return to_scores(self.scorer.score(split))
 
@@ -105,9 +105,9 @@ class CandidateEvaluator:
         saving it), else merged from memory again; otherwise merged through the disk path."""
         if self.memory is not None:
             merged = None
-            if self._resident is not None and self._resident.key == (_documents(recipe), seed):
+            if self._held is not None and self._held.key == (_documents(recipe), seed):
                 state = self.scorer.model.state_dict()
-                merged = (self._resident.config, ((n, state[n]) for n in self._resident.names))
+                merged = (self._held.config, ((n, state[n]) for n in self._held.names))
             try:
                 with self.scorer.on_host() if self.memory.stream and merged is None else nullcontext():
                     return save_merged(self.memory, recipe, out_dir, random_seed=seed, merged=merged)
@@ -119,7 +119,7 @@ class CandidateEvaluator:
         """(scores, merge seconds, evaluation seconds) of one candidate recipe. On the memory path the merge
         seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
         t0 = time.perf_counter()
-        self._resident = None
+        self._held = None
         if self.memory is not None:
             try:  # each merged tensor goes straight into the Scorer's model (on the host if the GPU is small)
                 with self.scorer.on_host() if self.memory.stream else nullcontext():
@@ -127,10 +127,10 @@ class CandidateEvaluator:
             except NotInMemory:
                 pass
             else:
-                if self._resident.exact:
-                    self._resident.key = (_documents(recipe), seed)
+                if self._held.exact:
+                    self._held.key = (_documents(recipe), seed)
                 else:
-                    self._resident = None
+                    self._held = None
                 t1 = time.perf_counter()
                 return to_scores(self.scorer.score(split)), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)
