@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from evolution_support import run_config, write_mc_tasks
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -25,6 +27,8 @@ from evoforge.evolve.checkpoint import Member
 from evoforge.evolve.loop import next_population, parent_weights, plateaued, seed_population
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
 from evoforge.genome import GenomeSpace
+from evoforge.merge.disk import merge_recipe
+from evoforge.recipe import random_seed
 from evoforge.tiny import make_family
 
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
@@ -120,6 +124,10 @@ def test_evoforge_run_end_to_end(diverse_family, mc_tasks, tmp_path):
     card = (best_models[-1] / "README.md").read_text()
     assert "## Lineage" in card and "## Recipe" in card and "(held out)" in card
     AutoModelForCausalLM.from_pretrained(best_models[-1])
+    text = (best_models[-1] / "mergekit_config.yml").read_text()  # what its YAML makes with mergekit
+    again = merge_recipe(text, tmp_path / "again", device="cpu", random_seed=random_seed(text))
+    saved, expected = (load_file(folder / "model.safetensors") for folder in (best_models[-1], again))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], t) for k, t in expected.items())
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
     report = CliRunner().invoke(app, ["report", str(run_dir)])
