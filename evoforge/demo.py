@@ -324,7 +324,8 @@ def _locked(cache: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the tqdm bars transformers draws (they would tear the Rich display); warnings still show."""
+    """Silence transformers' tqdm bars and whatever it writes to stderr while a model loads or saves (either
+    would tear the Rich display); failures still reach the caller as exceptions."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
