@@ -16,8 +16,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve merge
 forge_app = typer.Typer(no_args_is_help=True, add_completion=False, help="The seed document's spelling.")
 console = Console(stderr=True)
 """Progress, warnings and errors."""
-
-
 out = Console()
 """Results: tables and summaries a user may pipe."""
 

@@ -280,7 +280,7 @@ class Scorer:
         """A sink that copies tensors into the resident model as they come (`MemoryMerger.merge(into=...)`);
         `config` as for `load_weights`."""
         if self.model is None:
-            raise TypeError("Scorer.load_weights: this Scorer wraps an lm-eval LM, not an HF model")
+            raise TypeError("Scorer.open_weights: this Scorer wraps an lm-eval LM, not an HF model")
         if config is not None:
             diff = _config_diff(self.model.config, config)
             if diff - _DEPTH:

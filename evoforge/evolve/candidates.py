@@ -27,14 +27,18 @@ from evoforge.config import EvolutionConfig
 from evoforge.evaluate.scorer import EvalResult, ResidentWeights, Scorer
 from evoforge.evaluate.suite import resolve_tasks_dir
 from evoforge.evolve.records import Scores
-from evoforge.merge.disk import merge_recipe
+from evoforge.merge.disk import YAML_LOADER, merge_recipe
 from evoforge.merge.memory import MemoryMerger, NotInMemory
 from evoforge.merge.save import save_merged
 
 
+def _same_candidate(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Same seed and the same YAML documents: two renderings that differ only in comments are one candidate."""
+    return a[1] == b[1] and (a[0] == b[0] or _documents(a[0]) == _documents(b[0]))
+
+
 def _documents(recipe: str) -> list:
-    """A recipe's YAML documents: two renderings that differ only in comments are the same candidate."""
-    return list(yaml.load_all(recipe, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    return list(yaml.load_all(recipe, Loader=YAML_LOADER))
 
 
 class _HeldCandidate:
@@ -45,7 +49,8 @@ class _HeldCandidate:
         self.weights, self.config = weights, config
         self.names: list[str] = []
         self.exact = True
-        self.key: tuple | None = None
+        self.key: tuple[str, int] | None = None
+        """(recipe, seed) once the whole candidate is written."""
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.weights.write(name, tensor)
@@ -105,7 +110,7 @@ class CandidateEvaluator:
         saving it), else merged from memory again; otherwise merged through the disk path."""
         if self.memory is not None:
             merged = None
-            if self._held is not None and self._held.key == (_documents(recipe), seed):
+            if self._held is not None and self._held.key and _same_candidate(self._held.key, (recipe, seed)):
                 state = self.scorer.model.state_dict()
                 merged = (self._held.config, ((n, state[n]) for n in self._held.names))
             try:
@@ -128,7 +133,7 @@ class CandidateEvaluator:
                 pass
             else:
                 if self._held.exact:
-                    self._held.key = (_documents(recipe), seed)
+                    self._held.key = (recipe, seed)
                 else:
                     self._held = None
                 t1 = time.perf_counter()

@@ -37,7 +37,7 @@ _NOT_MODELS = frozenset({"union", "base"})
 # Files that mark an existing output folder as a model evoforge may replace.
 _MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", "mergekit_config.yml")
 # libyaml's parser when PyYAML has it (same safe types, ~10x faster on a 28-layer recipe); else pure Python.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -46,7 +46,7 @@ def _loc(parts: tuple[Any, ...]) -> str:
 
 def _parse(recipe_yaml: str, source: str) -> list[dict[str, Any]]:
     try:
-        documents = [doc for doc in yaml.load_all(recipe_yaml, Loader=_YAML_LOADER) if doc is not None]
+        documents = [doc for doc in yaml.load_all(recipe_yaml, Loader=YAML_LOADER) if doc is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark else ""
