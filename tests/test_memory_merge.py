@@ -23,10 +23,10 @@ from evoforge.errors import ConfigError
 from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
-from evoforge.merge import memory as memory_module
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
 from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, NotInMemory, models_in_memory
+from evoforge.merge.memory import run as memory_module
 from evoforge.merge.save import save_merged
 from evoforge.recipe import random_seed, render
 

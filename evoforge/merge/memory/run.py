@@ -1,0 +1,215 @@
+"""Executing a candidate's stage plans: each output tensor computed by mergekit's own task
+(`ExecuteMergeMethodTask.execute`: the registered merge method, its dtype handling, TIES/DARE sparsification),
+fed from resident tensors instead of safetensors files.
+
+Stage tensors are computed on demand from the final stage's needs and dropped after their last use: a stage
+tensor the final path does not use costs nothing. A stage that draws random numbers (DARE) is the exception:
+mergekit seeds torch at the start of each stage and draws masks in its executor's task order, so such a stage
+runs its tasks in exactly that order (from mergekit's own scheduler) under its own saved generator state, up
+to the last tensor used; a task nothing uses only draws (DARE's masks depend on shapes, dtypes and densities,
+not values, so the stage tensors it would read are replaced by zeros). An unscaled passthrough slice is
+assembled by reference (the output tensor *is* the input tensor).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from transformers.trainer_utils import set_seed
+
+from evoforge.merge.memory.layout import NotInMemory, _Entry, _Input
+from evoforge.merge.memory.plan import _StagePlan
+
+if TYPE_CHECKING:
+    from evoforge.merge.memory.merger import MemoryMerger
+
+
+class _Run:
+    """One candidate: stage tensors computed on demand, each kept until its last consumer has read it.
+
+    A stage that draws random numbers runs its tasks in the disk executor's order, up to the last one used.
+    A task of such a stage that nothing uses runs only for its draws: DARE's masks depend on shapes, dtypes,
+    device and densities, not on values, so stage outputs it would read are replaced by zeros (and are not
+    computed)."""
+
+    def __init__(self, merger: MemoryMerger, stages: dict[str, _StagePlan], seed: int | None) -> None:
+        self.merger, self.stages, self.seed = merger, stages, seed
+        self.values: dict[tuple[str, str], torch.Tensor | None] = {}
+        self.uses: Counter[tuple[str, str]] = Counter()
+        self.counted: set[tuple[str, str]] = set()
+        """Stage tasks that run for their output (their inputs are counted in `uses`)."""
+        self.position = dict.fromkeys(stages, 0)
+        self.rng: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _count_inputs(self, entry: _Entry) -> None:
+        for inp in entry.inputs:
+            source = inp.source
+            if source is not None and source[0] in self.stages:
+                self.uses[source] += 1
+                if source not in self.counted:
+                    self.counted.add(source)
+                    self._count_inputs(self.stages[source[0]].skeleton.entries[source[1]])
+
+    def assemble(self, final: _StagePlan, write: Callable[[str, torch.Tensor], None]) -> None:
+        """The final stage's tensors, each handed to `write`: in the disk executor's order if the stage
+        draws random numbers itself, else in an order that takes random stages' outputs as they come (few
+        are held at once)."""
+        entries = final.skeleton.entries
+        for entry in entries.values():
+            self._count_inputs(entry)
+        for path, stage in reversed(self.stages.items()):  # consumers first
+            for name in stage.skeleton.order or ():
+                key = (path, name)
+                if key not in self.counted and name not in stage.skeleton.draws:
+                    self.counted.add(key)
+                    self._count_inputs(stage.skeleton.entries[name])
+        position = {
+            (path, name): i
+            for path, stage in self.stages.items()
+            for i, name in enumerate(stage.skeleton.order or ())
+        }
+
+        def first_needed(name: str) -> int:
+            sources = (inp.source for inp in entries[name].inputs)
+            return min((position[s] for s in sources if s in position), default=-1)
+
+        for name in final.skeleton.order or sorted(entries, key=first_needed):
+            tensor = self._execute(None, final, name)
+            if tensor is not None:
+                write(name, tensor)
+
+    def _tensor(self, source: tuple[str, str]) -> torch.Tensor | None:
+        """A stage output, computed if needed; forgotten after its last use. With streamed residents (a GPU
+        too small for them) a tensor kept for a later use waits on the host: a random stage computed in
+        its executor's order can otherwise hold most of a model on the card until the final stage reads it."""
+        if source not in self.values:
+            path = source[0]
+            stage = self.stages[path]
+            order = stage.skeleton.order
+            if order is None:
+                self.values[source] = self._execute(path, stage, source[1])
+            while source not in self.values:
+                name = order[self.position[path]]
+                self.position[path] += 1
+                key = (path, name)
+                if key not in self.counted:  # unused: only its draws matter
+                    self._draw(path, stage, name)
+                    continue
+                tensor = self._execute(path, stage, name)
+                if self.uses[key]:
+                    self.values[key] = self._park(tensor) if key != source else tensor
+        self.uses[source] -= 1
+        if not self.uses[source]:
+            return self.values.pop(source)
+        tensor = self.values[source] = self._park(self.values[source])
+        return tensor
+
+    def _park(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """Where a stage tensor waits for its next use: on the host when residents are streamed."""
+        return tensor.to("cpu") if self.merger.stream and tensor is not None else tensor
+
+    def _load(self, inp: _Input) -> torch.Tensor | None:
+        """What mergekit's LoadTensor gives: the tensor under its first available name, cast to its dtype."""
+        if inp.source is None:
+            return None
+        path, name = inp.source
+        if path in self.stages:
+            tensor = self._tensor(inp.source)
+            if tensor is not None:
+                tensor = tensor.to(self.merger.device, non_blocking=True)
+        else:
+            resident = self.merger.models[path]
+            tensor = resident.tensors[name]
+            kept, stored = tensor.dtype, resident.stored[name]
+            if kept != stored and (inp.dtype or stored) != kept:
+                raise NotInMemory(f"residents are kept in {kept}; this recipe reads {inp.dtype or stored}")
+            tensor = tensor.to(self.merger.device, non_blocking=True)
+        if tensor is not None and inp.dtype is not None and tensor.dtype != inp.dtype:
+            tensor = tensor.to(inp.dtype)
+        return tensor
+
+    def _draw(self, path: str, stage: _StagePlan, name: str) -> None:
+        residents, zeros = stage.skeleton.draws[name]
+        tensors = {inp.ref: self._load(inp) for inp in residents}
+        shape = next(iter(tensors.values())).shape
+        tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
+        self._run_task(path, stage.task(name), tensors, random=True)
+
+    def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
+        """One output tensor of a stage (`path` None: the final document)."""
+        entry, task = stage.skeleton.entries[name], stage.task(name)
+        tensors = {}
+        for inp in entry.inputs:
+            tensor = self._load(inp)
+            if tensor is not None:
+                tensors[inp.ref] = tensor
+        if task.method_name == "passthrough" and len(tensors) == 1 and task.dtype is task.out_dtype is None:
+            (ref,) = tensors
+            if task.input_parameters[ref]["scale"] in (None, 1.0):  # x * 1.0 == x: keep the reference
+                result = tensors[ref]
+            else:
+                result = task.execute(tensors=tensors)
+        else:
+            result = self._run_task(path, task, tensors, random=stage.skeleton.order is not None)
+        dtype = entry.save_dtype
+        return result.to(dtype) if result is not None and dtype is not None else result
+
+    def _run_task(
+        self,
+        path: str | None,
+        task: ExecuteMergeMethodTask,
+        tensors: dict[ModelReference, torch.Tensor],
+        random: bool,
+    ) -> Any:
+        """mergekit's task on its inputs (under its stage's generators if it draws random numbers).
+
+        With streamed residents (a GPU too small for them) a task whose working set would not fit on the
+        card (`MemoryMerger.runs_on_host`: TIES/DARE over a 233 M-element embedding need ~14× its size) runs
+        mergekit's same code on the host, as the disk path does with a CPU device; the rule depends only on
+        the card and the shapes, so a recipe and seed give the same tensors on the same card every time, but
+        not the bits of a larger GPU (sort order of equal magnitudes, summation order, host generator). A
+        deterministic task that still runs out of device memory is retried on the host the same way."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        try:
+            with self._generator(path) if random else nullcontext():
+                if self.merger.runs_on_host(task.method_name, size):
+                    return self._on_host(task, tensors)
+                try:
+                    return task.execute(tensors=tensors)
+                except torch.OutOfMemoryError:
+                    if random or not self.merger.stream:
+                        raise
+                torch.cuda.empty_cache()
+                return self._on_host(task, tensors)
+        except torch.OutOfMemoryError as error:
+            names = f"{task.output_weight.name} ({task.method_name}, inputs {size / 2**30:.2f} GiB)"
+            error.add_note(f"evoforge: out of GPU memory merging {names}")
+            raise
+
+    def _on_host(self, task: ExecuteMergeMethodTask, tensors: dict[ModelReference, torch.Tensor]) -> Any:
+        host = {ref: tensor.cpu() for ref, tensor in tensors.items()}
+        tensors.clear()  # the caller's references to the device copies go too
+        return task.execute(tensors=host).to(self.merger.device)
+
+    @contextmanager
+    def _generator(self, path: str | None) -> Iterator[None]:
+        """torch's generators as the disk path has them for this stage's task: seeded at the stage's start
+        (`run_merge` calls transformers' `set_seed`), then advanced only by this stage's own tasks."""
+        if self.seed is None:
+            yield
+            return
+        cuda = self.merger.device if self.merger.device.type == "cuda" else None
+        if path not in self.rng:
+            set_seed(self.seed)
+        else:
+            torch.set_rng_state(self.rng[path][0])
+            if cuda is not None:
+                torch.cuda.set_rng_state(self.rng[path][1], cuda)
+        yield
+        self.rng[path] = (torch.get_rng_state(), torch.cuda.get_rng_state(cuda) if cuda is not None else None)
