@@ -77,6 +77,7 @@ from evoforge.tiny import byte_level_tokenizer, make_family
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from evolution_support import TASKS, write_mc_tasks  # noqa: E402  the test suite's multiple-choice tasks
+from mergekit_support import plan_in_memory  # noqa: E402  mergekit's in-memory planner, with its workaround
 
 NAMES = ("alpha", "beta", "gamma")
 TINY_LAYERS = {"tiny": 6, "tiny-28": 28}
@@ -177,7 +178,7 @@ def planner_merge(recipe: str, seed: int | None, device: str) -> dict[str, torch
             arch_info = get_architecture_info(config, options)
             out_config = mergekit.merge._model_out_config(config, arch_info, options.trust_remote_code)
             executor = Executor(
-                mergekit_fixes.plan_in_memory(config, options),
+                plan_in_memory(config, options),
                 math_device=options.device,
                 storage_device=options.device if options.low_cpu_memory else "cpu",
             )

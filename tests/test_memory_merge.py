@@ -15,6 +15,7 @@ from evolution_support import NAMES, TASKS, run_config, space_of, write_mc_tasks
 from mergekit.architecture import get_architecture_info
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.scripts.multimerge import load_config
+from mergekit_support import plan_in_memory
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -137,9 +138,7 @@ def mergekit_plan(text: str) -> dict[str | None, tuple[dict, dict[str, ExecuteMe
     with mergekit_fixes.applied(), models_in_memory(out_configs, loaders):
         for name in TopologicalSorter(dependencies).static_order():
             config = configs[name]
-            tasks = {
-                r.weight_info.name: r.tensor_task for r in mergekit_fixes.plan_in_memory(config, options)
-            }
+            tasks = {r.weight_info.name: r.tensor_task for r in plan_in_memory(config, options)}
             out_config = mergekit.merge._model_out_config(config, get_architecture_info(config, options))
             out_configs[f"{STAGE_DIR}/{name}"] = out_config
             loaders[f"{STAGE_DIR}/{name}"] = InMemoryLoader(dict.fromkeys(tasks))

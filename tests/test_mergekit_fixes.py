@@ -23,6 +23,7 @@ from mergekit.merge_methods.api import merge_tensors
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.scripts.multimerge import load_config, make_tasks
+from mergekit_support import plan_in_memory
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -34,7 +35,6 @@ from evoforge.merge.mergekit_fixes import (
     copy_generation_config,
     global_rng_preserved,
     layer_types_follow_slices,
-    plan_in_memory,
     planners_released,
     zero_safe_multislerp,
 )

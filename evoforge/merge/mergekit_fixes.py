@@ -7,7 +7,8 @@ a test fails, upstream fixed the bug: drop the workaround and its tests.
 (b) `clear_loader_cache` — mergekit's LoaderCache serves stale tensors after a model folder is rewritten.
 (c) `stage_dir` / `check_stage_names` — multi-stage merges reuse stale stage outputs, and a stage name
     rewrites every equal string in the recipe.
-(d) `plan_in_memory` — `MergePlanner.plan_in_memory()` always raises TypeError.
+(d) `MergePlanner.plan_in_memory()` always raises TypeError: evoforge does not call it; the workaround for the
+    tests and the bench that use mergekit's in-memory planner as a reference is tests/mergekit_support.py.
 (e) `zero_safe_multislerp` — multislerp raises on tensors that no input changes (zero deltas, zero biases).
 (f) `copy_generation_config` — `tokenizer_source` skips copying generation_config.json.
 (g) `global_rng_preserved` — a seeded merge re-seeds the caller's `random`, numpy and torch generators.
@@ -33,12 +34,10 @@ import mergekit.merge
 import numpy as np
 import torch
 from mergekit import merge_methods
-from mergekit.architecture import get_architecture_info
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
-from mergekit.io.tasks import LoaderCache, ReturnTensor
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods.base import TensorGroup
-from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from transformers import PretrainedConfig
 
@@ -144,27 +143,6 @@ def check_stage_names(documents: Sequence[Mapping[str, Any]], source: str) -> No
 
     for index, doc in enumerate(documents):
         walk({key: item for key, item in doc.items() if key != "name"}, (index,))
-
-
-# (d) ------------------------------------------------------------------------------------------------------
-def plan_in_memory(merge_config: MergeConfiguration, options: MergeOptions) -> list[ReturnTensor]:
-    """Plan one merge whose tensors an `Executor` returns instead of writing them (what run_merge computes).
-
-    `MergePlanner.plan_in_memory()` builds `ReturnTensor(tensor_task=...)`, which pydantic refuses
-    (`Can't instantiate abstract class Task[Tensor]`, io/tasks.py ~256); `model_construct` skips that check.
-    """
-    config = merge_config.model_copy(deep=True)  # the planner normalises the config in place
-    arch_info = get_architecture_info(config, options)
-    with layer_types_follow_slices():
-        out_config = mergekit.merge._model_out_config(config, arch_info, options.trust_remote_code)
-    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    planner._plan()
-    return [
-        ReturnTensor.model_construct(
-            weight_info=weight, tensor_task=task, dtype=weight.force_dtype or config.out_dtype
-        )
-        for weight, task in planner._tensors
-    ]
 
 
 # (e) ------------------------------------------------------------------------------------------------------
