@@ -26,8 +26,9 @@ GOLDEN = Path(__file__).with_name("golden") / "demo_recipes.json"
 
 def demo_recipes() -> dict[str, str]:
     """name → recipe (or the RNG's next draw) for the demo run file's operators and seed over its space and
-    two variants: without the ancestor, and over two models (so every interp rendering is covered). Generations follow the loop's
-    shape: 6 mutants of the first two, then the rest shuffled into triples that each give one child."""
+    two variants: without the ancestor, and over two models (so every interp rendering is covered).
+    Generations follow the loop's shape: 6 mutants of the first two, then the rest shuffled into triples
+    that each give one child."""
     cfg = load_config(ROOT / "recipes" / "demo.yaml")
     names = tuple(m.name for m in cfg.base_models)
     ancestor = f"/models/{cfg.ancestor.name}" if cfg.ancestor else None
