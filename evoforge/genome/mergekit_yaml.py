@@ -37,7 +37,9 @@ def scalar(value: str) -> str:
 
 
 def num(x: float) -> str:
-    return repr(float(x)) if not float(x).is_integer() else f"{float(x):.1f}"
+    """A float as YAML reads it back: `1.0`, `0.25`, `1.0e-05` (YAML 1.1 reads `1e-05` as a string)."""
+    text = repr(float(x)) if not float(x).is_integer() else f"{float(x):.1f}"
+    return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
 
 
 def gradient(values: Sequence[float]) -> str:

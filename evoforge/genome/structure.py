@@ -22,7 +22,7 @@ from pydantic import AfterValidator, Field
 
 from evoforge.config import MergeOperators
 from evoforge.genome.base import Gene, GenomeSpace, clip, q
-from evoforge.genome.mergekit_yaml import CROSSOVER_STAGE, fail, model_name, model_ref, scalar
+from evoforge.genome.mergekit_yaml import CROSSOVER_STAGE, fail, model_name, model_ref, num, scalar
 from evoforge.genome.methods import Method, Registry, vote
 
 SCALE_RANGE = (0.5, 2.0)
@@ -187,8 +187,7 @@ def _dfs_slices(path: Sequence[Step], space: GenomeSpace) -> list[str]:
     lines, product = [], 1.0
     for step in path:
         product *= step.scale
-        s = 1.0 / product
-        scale = ", ".join(f"{{filter: {m}, value: {s!r}}}" for m in SCALED_MODULES)
+        scale = ", ".join(f"{{filter: {m}, value: {num(1.0 / product)}}}" for m in SCALED_MODULES)
         lines.append(
             f"  - sources: [{{model: {scalar(model_ref(step.source, space))}, layer_range: [{step.layer}, "
             f"{step.layer + 1}], parameters: {{scale: [{scale}, {{value: 1.0}}]}}}}]  # input × {step.scale!r}"
