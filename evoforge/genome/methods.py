@@ -71,7 +71,8 @@ class Registry(Generic[M]):
         return next((m for m in self if merge_method in m.mergekit), None)
 
     def mergekit_names(self) -> list[str]:
-        return [name for m in self for name in m.mergekit]
+        """Every mergekit method the gene's methods render to, once each, in registration order."""
+        return list(dict.fromkeys(name for m in self for name in m.mergekit))
 
     def flip(self, method: str, rng: random.Random, rate: float) -> str:
         """With probability `rate` another method: the other one of two (one draw in all), or a uniform

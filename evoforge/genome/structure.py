@@ -273,7 +273,7 @@ def parse(doc: dict, space: GenomeSpace, source: str) -> StructureGene:
     """The gene the final stage describes: block slices expand to unit-scale steps, scaled one-layer slices
     to steps with the input scale their weight scales stand for."""
     if doc.get("merge_method") not in METHODS.mergekit_names() or not isinstance(doc.get("slices"), list):
-        known = METHODS.listing(sorted(set(METHODS.mergekit_names())))
+        known = METHODS.listing(METHODS.mergekit_names())
         raise fail(source, "final stage", f"expected merge_method: {known} with slices")
     steps: list[Step] = []
     scaled = False
