@@ -115,3 +115,17 @@ def test_mutation_rate_scales_the_change():
         )
 
     assert spread(0.02) < spread(0.3)
+
+
+def test_tiny_values_render_as_yaml_floats_and_round_trip():
+    """`1e-05` is a string to YAML 1.1 (PyYAML); a recipe writes it `1.0e-05`."""
+    g = seeds()["linear-ties-dfs"]
+    small = ((1e-05,), (0.5,), (0.5,))
+    crossover = g.crossover.model_copy(update={"weights": small, "density": ((5e-06,), (1.0,), (1.0,))})
+    path = (g.structure.path[0].model_copy(update={"scale": 1e05}), *g.structure.path[1:])
+    g = g.model_copy(
+        update={"crossover": crossover, "structure": g.structure.model_copy(update={"path": path})}
+    )
+    text = render(g, SPACE)
+    assert "weight: 1.0e-05, density: 5.0e-06" in text and "value: 1.0e-05" in text
+    assert parse(text, SPACE) == g
