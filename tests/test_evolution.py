@@ -119,6 +119,7 @@ def assert_summary_names_the_best(
     assert Path(recipe) == run_dir / fit[best_id].recipe and Path(recipe).is_file()
 
 
+@pytest.mark.slow
 def test_evoforge_run_end_to_end(diverse_family, mc_tasks, tmp_path):
     run_dir = tmp_path / "run"
     run_file = write_run(
@@ -163,6 +164,7 @@ def test_evoforge_run_end_to_end(diverse_family, mc_tasks, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_python_api(diverse_family, mc_tasks, tmp_path):
     data = run_config(diverse_family, mc_tasks, tmp_path / "api", max_generations=1, wandb_mode="disabled")
     data["base_models"] = [BaseModelConfig(**m) for m in data["base_models"]]
@@ -183,6 +185,7 @@ def straight_run(diverse_family, mc_tasks, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_two_plus_resume_two_equals_four(straight_run, diverse_family, mc_tasks, tmp_path):
     run_dir = tmp_path / "run"
     run_file = write_run(
@@ -198,6 +201,7 @@ def test_two_plus_resume_two_equals_four(straight_run, diverse_family, mc_tasks,
     assert [(g.best_hash, g.best_fitness) for g in a] == [(g.best_hash, g.best_fitness) for g in b]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_resumes_to_the_same_result(
     straight_run, diverse_family, mc_tasks, tmp_path
 ):
@@ -231,6 +235,7 @@ def test_sigkill_at_random_points_resumes_to_the_same_result(
     assert len(keys) == len(set(keys)), "a finished evaluation was run again"
 
 
+@pytest.mark.slow
 def test_malformed_resume_files(straight_run, diverse_family, mc_tasks, tmp_path):
     good = straight_run / "checkpoints" / "evolution_checkpoint_gen_2.json"
     text = good.read_text()
@@ -261,6 +266,7 @@ def test_members_round_trip_through_checkpoint_json():
     assert [Member.model_validate_json(m.model_dump_json()) for m in members] == members
 
 
+@pytest.mark.slow
 def test_forge_evo_is_the_seed_documents_spelling(diverse_family, mc_tasks, tmp_path):
     from evoforge.cli import forge_app
 

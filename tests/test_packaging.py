@@ -67,6 +67,7 @@ def test_wheel_holds_every_module_task_and_demo_file(wheel: Path) -> None:
     assert not any("/training/" in n or n.endswith(".png") for n in names)
 
 
+@pytest.mark.slow
 def test_installed_layout_runs_evoforge_tasks_from_anywhere(wheel: Path, tmp_path: Path) -> None:
     """The wheel unpacked (as pip installs it) and run from a folder with no tasks/ or recipes/."""
     site = tmp_path / "site"
