@@ -59,8 +59,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_every_module_task_and_demo_file(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {_in_wheel(rel) for rel in _source_files()}
-    assert not expected - names, sorted(expected - names)[:10]
+    missing = sorted({_in_wheel(rel) for rel in _source_files()} - names)
+    assert not missing, f"not in the wheel (a package missing from pyproject.toml?): {missing[:10]}"
     for rel in ("tasks/_shared/tasklib.py", "recipes/seeds.yaml", "recipes/demo.yaml"):
         assert _in_wheel(rel) in names
     assert any(n.endswith("/adapter_model.safetensors") for n in names)
