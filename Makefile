@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format demo clean
+.PHONY: install test test-fast lint format demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,13 @@ demo: install
 	$(BIN)/evoforge demo prepare
 	$(BIN)/evoforge run recipes/demo.yaml --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# The whole suite (what CI runs); test-fast leaves out the end-to-end tests marked `slow` (whole runs, the real
+# demo, seed merges against stock mergekit), for a quick check while editing.
 test: install
 	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
 
 lint:
 	$(BIN)/ruff check evoforge tests scripts bench

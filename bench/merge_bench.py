@@ -12,8 +12,9 @@ Sections
      loaded once). Each path's result is fingerprinted (exact, bitwise) and compared. On CUDA: the peak GPU
      memory each call adds above what was allocated when it started (`max_memory_allocated`).
   B. One generation of the real loop (`Evolution.run_generation`, population = the 8 seeds, best model
-     written through the disk path as `evoforge run` does) with `merge_path: memory` and `disk`:
-     per-candidate merge and evaluation seconds, generation wall time; both loops must score alike.
+     written as `evoforge run` writes it: from memory on the memory path, `evoforge.merge.save`, through
+     mergekit's run_merge on the disk path) with `merge_path: memory` and `disk`: per-candidate merge and
+     evaluation seconds, generation wall time; both loops must score alike.
   E. Evaluation throughput on one model (the first child): lm-eval's HFLM (each task's requests decoded in
      their own batches) vs evoforge's Scorer (PooledHFLM on CUDA: every task's requests together), same
      task objects and items; per-candidate wall time (first call and warm median), generation's share,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evoforge.errors import ConfigError
+from evoforge.resources import run_file
 
 DOMAINS = ("code", "math", "multilingual", "structured_data")
 
@@ -242,7 +243,7 @@ def read_mapping(path: Path) -> dict:
 
 def load_config(path: str | Path, **overrides: object) -> EvolutionConfig:
     """Read and validate a run file; `overrides` replace top-level keys (CLI flags)."""
-    path = Path(path)
+    path = run_file(path)
     data = read_mapping(path)
     if "source" in data:
         raise ConfigError(f"{path}: source: unknown key (misspelt?)")

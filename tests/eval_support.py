@@ -19,9 +19,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 
-from evoforge.evaluate import DEFAULT_TASKS_DIR
+from evoforge.resources import tasks_dir
 
-REAL_TASKS = DEFAULT_TASKS_DIR
+REAL_TASKS = tasks_dir()
 needs_real_tasks = pytest.mark.skipif(
     not any(REAL_TASKS.glob("**/*.yaml")),
     reason=f"{REAL_TASKS} has no task YAML yet (the data is built apart)",

@@ -176,3 +176,10 @@ def test_malformed_recipe(case, qwen_family, tmp_path):
 def test_missing_recipe_file(tmp_path):
     result = runner.invoke(app, ["merge", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "cannot read" in result.stderr
+
+
+def test_error_message_is_printed_as_text_not_markup(tmp_path):
+    """`[data]` in a path (or in the demo's `pip install 'evoforge[data]'` hint) must reach the user intact."""
+    path = tmp_path / "run[data].yaml"
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and f"{path}: cannot read" in result.stderr, result.stderr

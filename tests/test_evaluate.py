@@ -159,6 +159,7 @@ def test_split_selection_does_not_leak(mini_tasks: Path) -> None:
     assert manager.load("arith")["tasks"]["arith"].config.test_split == "test"
 
 
+@pytest.mark.slow
 @needs_real_tasks
 def test_oracle_scores_one_on_every_real_task() -> None:
     """The shipped suite through evoforge on the fitness split (the lm-eval CLI test covers the test split:
@@ -174,6 +175,7 @@ def test_oracle_scores_one_on_every_real_task() -> None:
     )
 
 
+@pytest.mark.slow
 @needs_real_tasks
 def test_oracle_scores_one_through_lm_eval_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """lm-eval's own entry point (test split, its own TaskManager) agrees with the tasks' gold answers."""

@@ -84,6 +84,7 @@ def assert_same_model(memory: tuple[dict, object], disk: Path) -> None:
     } == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "ancestor", "with_seeds", "mutants"),
     [
@@ -106,6 +107,7 @@ def test_memory_path_equals_disk_path(request, mergers, tmp_path, arch, ancestor
         assert_same_model(mergers[arch].merge(text, seed), disk)
 
 
+@pytest.mark.slow
 def test_merged_straight_into_a_scorer_equals_loading_the_disk_model(qwen_family, mergers, tmp_path):
     """`merge(into=scorer.open_weights)` writes each tensor into the resident model as it is computed
     (resizing it for a deeper path first): the model ends up as `load_weights` of the disk path's folder."""
@@ -375,6 +377,7 @@ def test_gpu_memory_path_equals_gpu_disk_path_resident_or_streamed(llama_family,
         assert all(torch.equal(again[name], ours[0][name]) for name in ours[0])
 
 
+@pytest.mark.slow
 def test_memory_loop_scores_candidates_as_the_disk_loop_does(
     qwen_family, unrelated_qwen_family, tmp_path, monkeypatch
 ):

@@ -31,6 +31,7 @@ for recipe, out, seed in zip(*[iter(sys.argv[1:])] * 3):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,ancestor", [("qwen", False), ("llama", True)])
 def test_all_eight_seeds_merge_load_run_and_equal_stock_mergekit_multi(arch, ancestor, request, tmp_path):
     family = request.getfixturevalue(f"{arch}_family")

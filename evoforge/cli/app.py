@@ -9,6 +9,7 @@ from typing import NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from evoforge.errors import EvoforgeError
 
@@ -31,8 +32,8 @@ def forge() -> None:
 
 
 def fail(message: str) -> NoReturn:
-    """Print one line to stderr and exit 2."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one line to stderr and exit 2; the message is text, not markup (`pip install 'evoforge[data]'`)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -11,9 +11,7 @@ from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.checkpoint import CHECKPOINT_DIR
-
-REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-SEED_RUN = REPO_RECIPES / "seeds.yaml"
+from evoforge.resources import recipes_dir
 
 Device = Literal["auto", "cpu", "cuda"]
 WandbMode = Literal["offline", "online", "disabled"]
@@ -99,7 +97,7 @@ def evo(
     if config is None and resume is not None:
         config = run_dir_of(resume) / "config.yaml"
     cfg = load_config(
-        config or SEED_RUN,
+        config or recipes_dir() / "seeds.yaml",
         max_generations=gens,
         output_dir=str(output_dir) if output_dir else (str(run_dir_of(resume)) if resume else None),
         device=device,

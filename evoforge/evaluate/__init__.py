@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         compute_fitness,
         load_model,
     )
-    from evoforge.evaluate.suite import DEFAULT_TASKS_DIR, TaskError, TaskInfo, TaskSuite, resolve_tasks_dir
+    from evoforge.evaluate.suite import TaskError, TaskInfo, TaskSuite, resolve_tasks_dir
 
 _EXPORTS = {
     "EvalResult": "scorer",
@@ -34,14 +34,12 @@ _EXPORTS = {
     "check_weights": "scorer",
     "compute_fitness": "scorer",
     "load_model": "scorer",
-    "DEFAULT_TASKS_DIR": "suite",
     "TaskError": "suite",
     "TaskInfo": "suite",
     "TaskSuite": "suite",
     "resolve_tasks_dir": "suite",
 }
 __all__ = [
-    "DEFAULT_TASKS_DIR",
     "EvalResult",
     "Scorer",
     "TaskError",

@@ -23,10 +23,9 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
-import evoforge
 from evoforge.errors import ConfigError, EvoforgeError
+from evoforge.resources import tasks_dir as shipped_tasks_dir
 
-DEFAULT_TASKS_DIR = Path(evoforge.__file__).resolve().parent.parent / "tasks"
 _DOMAIN = re.compile(r"^[A-Za-z][\w-]*$")
 
 
@@ -59,16 +58,16 @@ class TaskInfo:
 
 def resolve_tasks_dir(tasks_dir: str | Path | None = None, base_dir: Path | None = None) -> Path:
     """The tasks folder: absolute, or relative to `base_dir` (the run file's folder, else the working
-    directory); the default `tasks` falls back to the one shipped next to the evoforge package."""
+    directory); the default `tasks` falls back to the one shipped with evoforge."""
     if tasks_dir is None:
-        return DEFAULT_TASKS_DIR
+        return shipped_tasks_dir()
     path = Path(tasks_dir).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     if path.is_dir():
         return path.resolve()
     if Path(tasks_dir) == Path("tasks"):
-        return DEFAULT_TASKS_DIR
+        return shipped_tasks_dir()
     raise ConfigError(f"{tasks_dir}: tasks folder not found")
 
 
