@@ -22,8 +22,9 @@ from evoforge.evolve.records import (
     append_record,
     write_json_atomic,
 )
-from evoforge.track.report import Run, write_report
-from evoforge.track.wandb_log import RUN_ID_FILE, WandbTracker
+from evoforge.evolve.run_dir import RUN_ID_FILE, Run
+from evoforge.track.report import write_report
+from evoforge.track.wandb_log import WandbTracker
 
 DOMAINS = ["code", "math", "multilingual", "structured_data"]
 SEEDS = [
