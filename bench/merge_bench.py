@@ -67,6 +67,7 @@ from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.loop import Evolution, Hooks
+from evoforge.evolve.run_dir import RunDir
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
@@ -395,14 +396,14 @@ class Recorder:
 
 def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: CandidateEvaluator) -> dict:
     """Generation 0 of the real loop; a new best is written as `evoforge run` writes it (`evaluator.merge`)."""
-    run_dir = cfg.run_dir()
+    run_dir = RunDir(cfg.run_dir())
     recorder = Recorder(evaluator)
     best_s = []
 
     def on_new_best(gen, member, outcome):
         start = time.perf_counter()
         try:
-            evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir / "best")
+            evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir.root / "best")
         except torch.OutOfMemoryError as error:
             recorder.errors.append(f"best model: out of memory: {str(error).splitlines()[0][:100]}")
             free_memory()
@@ -441,7 +442,7 @@ def section_loops(
         space = GenomeSpace.from_config(cfg)
         clock = Clock(device)
         with clock():
-            evaluator = CandidateEvaluator(cfg, space.paths[0], cfg.run_dir() / ".work")
+            evaluator = CandidateEvaluator(cfg, space.paths[0], RunDir(cfg.run_dir()).work)
         evaluator.score_model(space.paths[0], cfg.evaluation.fitness_split)  # warm-up: tasks, wrapper
         log(f"loop {merge_path}: set up in {clock.seconds:.1f} s; one generation ...")
         log(f"before the generation: {cuda_residue()}")
@@ -588,7 +589,7 @@ def section_capped(
             batch_size=args.capped_batch,
             compile_generation=False,
         )
-        evaluator = CandidateEvaluator(cfg, str(family[NAMES[0]]), cfg.run_dir() / ".work")
+        evaluator = CandidateEvaluator(cfg, str(family[NAMES[0]]), RunDir(cfg.run_dir()).work)
         merger = evaluator.memory
         print(f"residents streamed from pinned host memory: {merger.stream}\n")
         if kept:

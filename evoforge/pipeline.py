@@ -18,14 +18,8 @@ from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import (
-    Baselines,
-    EvaluationRecord,
-    GenerationRecord,
-    Scores,
-    read_records,
-    write_json_atomic,
-)
+from evoforge.evolve.records import Baselines, GenerationRecord, Scores
+from evoforge.evolve.run_dir import Run, RunDir
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models
 from evoforge.quiet import quiet_libraries
@@ -50,24 +44,8 @@ class BestCandidate(BaseModel):
     best_base_heldout: float
 
 
-def lineage(run_dir: Path, genome_hash: str) -> list[EvaluationRecord]:
-    """The candidate and its ancestors back to the seeds (first record of each genome), breadth first."""
-    first: dict[str, EvaluationRecord] = {}
-    for rec in read_records(run_dir / "evaluations.jsonl", EvaluationRecord):
-        first.setdefault(rec.genome_hash, rec)
-    out, queue, seen = [], [genome_hash], set()
-    while queue:
-        h = queue.pop(0)
-        if h in seen or h not in first:
-            continue
-        seen.add(h)
-        out.append(first[h])
-        queue.extend(first[h].parents)
-    return out
-
-
 def model_card(
-    run_dir: Path, cfg: EvolutionConfig, member: Member, fit: Scores, held: Scores | None, recipe: str
+    run_dir: RunDir, cfg: EvolutionConfig, member: Member, fit: Scores, held: Scores | None, recipe: str
 ) -> str:
     domains = sorted(fit.domains)
     rows = "\n".join(
@@ -77,7 +55,7 @@ def model_card(
     tree = "\n".join(
         f"- `{r.genome_hash}` {r.id} ({r.operator}, {r.label}, fitness {r.fitness:.4f})"
         + (f" ← {', '.join(f'`{p}`' for p in r.parents)}" if r.parents else "")
-        for r in lineage(run_dir, member.genome.hash)
+        for r in run_dir.lineage(member.genome.hash, cfg.evaluation.fitness_split)
     )
     ev = cfg.evaluation
     return f"""---
@@ -114,7 +92,7 @@ class EvoMergePipeline:
         self.cfg = config
         self.resume = Path(resume) if resume else None
         self.console = console or Console(stderr=True, quiet=True)
-        self.run_dir = config.run_dir()
+        self.run_dir = RunDir(config.run_dir())
 
     async def run_evolution(self) -> BestCandidate:
         return await asyncio.to_thread(self.run)
@@ -135,25 +113,25 @@ class EvoMergePipeline:
 
     def _state(self, evolution) -> State:
         if self.resume is None:
-            existing = ckpt.latest(self.run_dir)
+            existing = self.run_dir.latest_checkpoint()
             if existing:
                 raise EvoforgeError(
-                    f"{self.run_dir}: output_dir already holds a run (checkpoint {existing.name}); "
+                    f"{self.run_dir.root}: output_dir already holds a run (checkpoint {existing.name}); "
                     f"resume it with --resume {existing} or choose another --output-dir"
                 )
             return evolution.initial_state()
         path = self.resume
         if path.is_dir():
-            found = ckpt.latest(path)
+            found = RunDir(path).latest_checkpoint()
             if found is None:
                 return evolution.initial_state()  # killed before the first checkpoint: seeds + cache
             path = found
         return ckpt.load(path, self.cfg)
 
     def _baselines(self, evaluator) -> Baselines:
-        path = self.run_dir / "baselines.json"
-        if path.exists():
-            return Baselines.model_validate_json(path.read_text(encoding="utf-8"))
+        scored = self.run_dir.read_baselines()
+        if scored is not None:
+            return scored
         cfg, ev = self.cfg, self.cfg.evaluation
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
         scores = {}
@@ -163,7 +141,7 @@ class EvoMergePipeline:
                 s: evaluator.score_model(cfg.resolve(m), s) for s in (ev.fitness_split, ev.heldout_split)
             }
         baselines = Baselines(fitness_split=ev.fitness_split, heldout_split=ev.heldout_split, models=scores)
-        write_json_atomic(path, baselines.model_dump_json(indent=2))
+        self.run_dir.write_baselines(baselines)
         return baselines
 
     def run(self) -> BestCandidate:
@@ -178,15 +156,20 @@ class EvoMergePipeline:
 
         cfg, run_dir = self.cfg, self.run_dir
         space = self._space()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
         evolution = Evolution(cfg, space, run_dir, None, Hooks())
         state = self._state(evolution)
-        (run_dir / "config.yaml").write_text(cfg.resolved().to_yaml(), encoding="utf-8")
-        evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir / ".work")
+        run_dir.config.write_text(cfg.resolved().to_yaml(), encoding="utf-8")
+        evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir.work)
         evolution.evaluator = evaluator
         baselines = self._baselines(evaluator)
         tracker = WandbTracker(
-            run_dir, cfg.wandb_project, cfg.wandb_mode, cfg.model_dump(mode="json"), cfg.name, state.wandb_id
+            run_dir.root,
+            cfg.wandb_project,
+            cfg.wandb_mode,
+            cfg.model_dump(mode="json"),
+            cfg.name,
+            state.wandb_id,
         )
         state.wandb_id = getattr(tracker, "run_id", None)
         progress = Progress(
@@ -209,7 +192,7 @@ class EvoMergePipeline:
             )
 
         def on_new_best(gen: int, member: Member, outcome: Outcome) -> str:
-            folder = run_dir / f"gen_{gen}_best_model"
+            folder = run_dir.best_model(gen)
             recipe = render(member.genome, space, title=f"best of generation {gen}")
             evaluator.merge(recipe, member.genome.crossover.seed, folder)
             held = state.cache.get(f"{member.genome.hash}:{cfg.evaluation.heldout_split}")
@@ -219,7 +202,8 @@ class EvoMergePipeline:
             tracker.log_best_model(gen, folder, {"id": member.id, "fitness": outcome.fitness})
             return folder.name
 
-        base_fit = max(s[baselines.fitness_split].fitness for s in baselines.models.values())
+        base = baselines.best_base(baselines.fitness_split, cfg.ancestor.name if cfg.ancestor else None)
+        base_fit = base[1].fitness if base else 0.0
 
         def on_generation(rec: GenerationRecord) -> None:
             progress.update(gens, completed=rec.generation + 1)
@@ -238,34 +222,27 @@ class EvoMergePipeline:
             with tracker, progress:
                 evolution.run(state)
         finally:
-            shutil.rmtree(run_dir / ".work", ignore_errors=True)
-        write_report(run_dir)
+            shutil.rmtree(run_dir.work, ignore_errors=True)
+        write_report(run_dir.root)
         if tracker.local_dir:
             self.console.print(
                 f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)"
             )
-        return self.best(baselines)
+        return self.best()
 
-    def best(self, baselines: Baselines) -> BestCandidate:
-        """The best candidate of the run so far, from what the run directory holds."""
-        run_dir, ev = self.run_dir, self.cfg.evaluation
-        records = list(read_records(run_dir / "evaluations.jsonl", EvaluationRecord))
-        fit = [r for r in records if r.split == ev.fitness_split and r.scores]
-        if not fit:
-            raise EvoforgeError(f"{run_dir}: no candidate was scored (see evaluations.jsonl for the errors)")
-        top = max(fit, key=lambda r: (r.fitness, -r.generation))
-        held = next(
-            (r for r in records if r.split == ev.heldout_split and r.genome_hash == top.genome_hash), None
-        )
-        model = next(
-            (
-                run_dir / g.best_model
-                for g in read_records(run_dir / "generations.jsonl", GenerationRecord)
-                if g.best_hash == top.genome_hash and g.best_model
-            ),
-            None,
-        )
-        base_name, base = max(baselines.models.items(), key=lambda kv: kv[1][ev.fitness_split].fitness)
+    def best(self) -> BestCandidate:
+        """The run's best candidate (`Run.best`: the one the report shows and gen_<N>_best_model holds)."""
+        run = Run.load(self.run_dir.root)
+        top, gen, held = run.best, run.best_generation, run.best_heldout
+        if top.scores is None:
+            reason = (top.error or "").partition("\n")[0]
+            raise EvoforgeError(
+                f"{self.run_dir.evaluations}: no candidate scored above 0 (the best, {top.id}, failed: {reason})"
+            )
+        fit_split, held_split = run.baselines.fitness_split, run.baselines.heldout_split
+        base = run.best_base(fit_split)
+        if base is None:
+            raise EvoforgeError(f"{self.run_dir.baselines}: no base model scored on {fit_split!r}")
         return BestCandidate(
             id=top.id,
             label=top.label,
@@ -273,11 +250,11 @@ class EvoMergePipeline:
             generation=top.generation,
             overall_fitness=top.fitness,
             heldout_fitness=held.fitness if held else None,
-            domain_scores=top.scores.domains if top.scores else {},
-            heldout_domain_scores=held.scores.domains if held and held.scores else {},
-            model_path=str(model) if model else None,
-            recipe_path=str(run_dir / top.recipe),
-            best_base_model=base_name,
-            best_base_fitness=base[ev.fitness_split].fitness,
-            best_base_heldout=base[ev.heldout_split].fitness,
+            domain_scores=top.scores.domains,
+            heldout_domain_scores=held.domains if held else {},
+            model_path=str(self.run_dir.root / gen.best_model) if gen.best_model else None,
+            recipe_path=str(self.run_dir.root / top.recipe),
+            best_base_model=base[0],
+            best_base_fitness=base[1].fitness,
+            best_base_heldout=run.baselines.models[base[0]][held_split].fitness,
         )

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from evoforge import EvolutionConfig, EvoMergePipeline
 from evoforge.cli import app
 from evoforge.evolve.records import (
     Baselines,
@@ -22,8 +23,9 @@ from evoforge.evolve.records import (
     append_record,
     write_json_atomic,
 )
-from evoforge.track.report import Run, write_report
-from evoforge.track.wandb_log import RUN_ID_FILE, WandbTracker
+from evoforge.evolve.run_dir import RUN_ID_FILE, Run
+from evoforge.track.report import write_report
+from evoforge.track.wandb_log import WandbTracker
 
 DOMAINS = ["code", "math", "multilingual", "structured_data"]
 SEEDS = [
@@ -300,6 +302,51 @@ def test_report_cli_refuses_a_malformed_run(tmp_path: Path, damage: str, fragmen
     assert len(message.splitlines()) == 1, message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_the_runs_best_is_one_candidate_after_an_interrupted_generation(tmp_path: Path) -> None:
+    """A finished generation 3 whose best ties the run's best (a cache hit of it), then a generation 4 that
+    a kill left half-evaluated with the highest fitness yet (a resume with `--gens 4` leaves it so). The
+    run's best is the earliest candidate at the highest fitness of a finished generation: what `evoforge run`
+    returns (`EvoMergePipeline.best`), what the report shows and what the best-model folder holds."""
+    run_dir = tmp_path / "run"
+    evals = make_run(run_dir)
+    peak = max(evals, key=lambda e: e.fitness)
+    again = peak.model_copy(update={"id": f"g003-c0-{peak.genome_hash[:8]}", "generation": 3, "cached": True})
+    other = evals[-1].model_copy(
+        update={"id": "g003-c1-0badc0de", "generation": 3, "genome_hash": "0badc0de"}
+    )
+    for rec in (again, other):
+        append_record(run_dir / "evaluations.jsonl", rec)
+    append_record(
+        run_dir / "generations.jsonl",
+        GenerationRecord(
+            generation=3,
+            best_id=again.id,
+            best_hash=again.genome_hash,
+            best_fitness=again.fitness,
+            avg_fitness=(again.fitness + other.fitness) / 2,
+            population_size=2,
+            domain_avg={},
+            domain_best={},
+        ),
+    )
+    perfect = Scores(fitness=1.0, domains=dict.fromkeys(DOMAINS, 1.0), tasks={})
+    half = other.model_copy(
+        update={"id": "g004-c0-feedface", "generation": 4, "genome_hash": "feedface", "fitness": 1.0}
+    )
+    append_record(run_dir / "evaluations.jsonl", half.model_copy(update={"scores": perfect}))
+
+    cfg = EvolutionConfig(
+        base_models=[{"name": m, "path": f"/models/{m}"} for m in BASES], output_dir=str(run_dir)
+    )
+    best = EvoMergePipeline(cfg).best()
+    assert (best.id, best.generation, best.overall_fitness) == (peak.id, 1, peak.fitness)
+    assert best.model_path == str(run_dir / "gen_1_best_model")
+    held = Run.load(run_dir).best_heldout
+    assert held is not None and best.heldout_fitness == held.fitness
+    text = write_report(run_dir)[-1].read_text()
+    assert f"Best candidate: `{peak.id}`" in text and "- Model: `gen_1_best_model/`" in text
 
 
 def test_report_skips_a_torn_last_line(tmp_path: Path) -> None:

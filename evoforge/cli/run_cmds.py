@@ -10,7 +10,7 @@ import typer
 from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
-from evoforge.evolve.checkpoint import CHECKPOINT_DIR
+from evoforge.evolve.run_dir import RunDir
 from evoforge.resources import recipes_dir
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -18,12 +18,11 @@ WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
 
 
-def run_dir_of(resume: Path) -> Path:
-    """The run directory a --resume argument points into (a checkpoint file or the run directory)."""
-    resume = resume.resolve()
-    if resume.is_dir():
-        return resume
-    return resume.parent.parent if resume.parent.name == CHECKPOINT_DIR else resume.parent
+def output_dir_option(output_dir: Path | None, resumed: RunDir | None) -> str | None:
+    """--output-dir, else the resumed run's own directory: a resumed run continues where it is."""
+    if output_dir:
+        return str(output_dir)
+    return str(resumed.root) if resumed else None
 
 
 def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
@@ -65,14 +64,15 @@ def run(
     ] = None,
 ) -> None:
     """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
+    resumed = RunDir.containing(resume) if resume else None
     if run_file is None:
-        if resume is None:
+        if resumed is None:
             raise ConfigError("run: give a run file, or --resume CHECKPOINT")
-        run_file = run_dir_of(resume) / "config.yaml"
+        run_file = resumed.config
     cfg = load_config(
         run_file,
         max_generations=gens,
-        output_dir=str(output_dir) if output_dir else (str(run_dir_of(resume)) if resume else None),
+        output_dir=output_dir_option(output_dir, resumed),
         device=device,
         wandb_mode=wandb,
         seed=seed,
@@ -94,12 +94,13 @@ def evo(
     config: Annotated[Path | None, typer.Option("--config", help="A run file (YAML or JSON).")] = None,
 ) -> None:
     """The seed document's `forge evo`: the same run as `evoforge run`."""
-    if config is None and resume is not None:
-        config = run_dir_of(resume) / "config.yaml"
+    resumed = RunDir.containing(resume) if resume else None
+    if config is None and resumed is not None:
+        config = resumed.config
     cfg = load_config(
         config or recipes_dir() / "seeds.yaml",
         max_generations=gens,
-        output_dir=str(output_dir) if output_dir else (str(run_dir_of(resume)) if resume else None),
+        output_dir=output_dir_option(output_dir, resumed),
         device=device,
     )
     if base_models:

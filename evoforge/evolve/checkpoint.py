@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
 from evoforge.evolve.records import Operator, Scores, write_json_atomic
+from evoforge.evolve.run_dir import RunDir
 from evoforge.genome import Genome
 
 VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
 RESUMABLE_CHANGES = {"max_generations", "output_dir", "wandb_mode", "wandb_project", "device", "source"}
 """Config keys a resumed run may change; any other change makes the checkpoint belong to another run."""
 
@@ -91,12 +91,9 @@ def fingerprint(cfg: EvolutionConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(run_dir: Path, generation: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"evolution_checkpoint_gen_{generation}.json"
-
-
-def save(run_dir: Path, state: State) -> Path:
-    path = checkpoint_path(run_dir, state.generation)
+def save(run_dir: RunDir, state: State) -> Path:
+    """Write the checkpoint of generation `state.generation` with Ctrl-C and SIGTERM held back."""
+    path = run_dir.checkpoint(state.generation)
     path.parent.mkdir(parents=True, exist_ok=True)
     main = threading.current_thread() is threading.main_thread()
     if main:
@@ -107,14 +104,6 @@ def save(run_dir: Path, state: State) -> Path:
         if main:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     return path
-
-
-def latest(run_dir: Path) -> Path | None:
-    found = sorted(
-        (run_dir / CHECKPOINT_DIR).glob("evolution_checkpoint_gen_*.json"),
-        key=lambda p: int(p.stem.rsplit("_", 1)[1]) if p.stem.rsplit("_", 1)[1].isdigit() else -1,
-    )
-    return found[-1] if found else None
 
 
 def load(path: Path, cfg: EvolutionConfig) -> State:

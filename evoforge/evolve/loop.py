@@ -12,18 +12,13 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import fmean
 
 from evoforge.config import EvolutionConfig
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import (
-    EvaluationRecord,
-    GenerationRecord,
-    append_record,
-    read_records,
-)
+from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record
+from evoforge.evolve.run_dir import RunDir
 from evoforge.genome import Genome, GenomeSpace, mutate, recombine, seed_genomes
 from evoforge.recipe import render
 
@@ -115,11 +110,9 @@ class Evolution:
     """Runs generations over a CandidateEvaluator-like object (`score_recipe(recipe, seed, split)`)."""
 
     def __init__(
-        self, cfg: EvolutionConfig, space: GenomeSpace, run_dir: Path, evaluator, hooks: Hooks
+        self, cfg: EvolutionConfig, space: GenomeSpace, run_dir: RunDir, evaluator, hooks: Hooks
     ) -> None:
         self.cfg, self.space, self.run_dir, self.evaluator, self.hooks = cfg, space, run_dir, evaluator, hooks
-        self.evaluations = run_dir / "evaluations.jsonl"
-        self.generations = run_dir / "generations.jsonl"
         self._recorded: set[tuple[str, str]] = set()
 
     def initial_state(self) -> State:
@@ -138,16 +131,13 @@ class Evolution:
     def restore_cache(self, state: State) -> None:
         """Fold evaluations.jsonl into the cache: a kill after an evaluation but before the next checkpoint
         must not cost that evaluation again."""
-        for rec in read_records(self.evaluations, EvaluationRecord):
+        for rec in self.run_dir.evaluation_records():
             self._recorded.add((rec.id, rec.split))
             key = f"{rec.genome_hash}:{rec.split}"
             if key not in state.cache and not rec.cached:
                 state.cache[key] = Outcome(
                     scores=rec.scores, error=rec.error, merge_s=rec.merge_s, eval_s=rec.eval_s
                 )
-
-    def recipe_path(self, generation: int, member: Member) -> Path:
-        return self.run_dir / "candidates" / f"gen_{generation}" / f"{member.id}.yaml"
 
     def evaluate(self, state: State, generation: int, member: Member, split: str) -> tuple[Outcome, bool]:
         """Cached outcome, or a fresh evaluation recorded (fsynced) before it is used."""
@@ -156,7 +146,7 @@ class Evolution:
         if cached:
             outcome = state.cache[key]
         else:
-            recipe = self.recipe_path(generation, member).read_text(encoding="utf-8")
+            recipe = self.run_dir.recipe(generation, member.id).read_text(encoding="utf-8")
             try:
                 scores, merge_s, eval_s = self.evaluator.score_recipe(
                     recipe, member.genome.crossover.seed, split
@@ -171,7 +161,7 @@ class Evolution:
         if (member.id, split) not in self._recorded:
             self._recorded.add((member.id, split))
             append_record(
-                self.evaluations,
+                self.run_dir.evaluations,
                 EvaluationRecord(
                     id=member.id,
                     generation=generation,
@@ -180,7 +170,7 @@ class Evolution:
                     label=member.genome.label,
                     operator=member.operator,
                     parents=member.parents,
-                    recipe=str(self.recipe_path(generation, member).relative_to(self.run_dir)),
+                    recipe=str(self.run_dir.recipe(generation, member.id).relative_to(self.run_dir.root)),
                     fitness=outcome.fitness,
                     scores=outcome.scores,
                     error=outcome.error,
@@ -194,7 +184,7 @@ class Evolution:
     def run_generation(self, state: State) -> tuple[GenerationRecord, list[tuple[Member, float]]]:
         gen, t0 = state.generation, time.perf_counter()
         for member in state.population:
-            path = self.recipe_path(gen, member)
+            path = self.run_dir.recipe(gen, member.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 path.write_text(
@@ -220,6 +210,8 @@ class Evolution:
             domain_avg={d: fmean(s.domains.get(d, 0.0) for s in scored) for d in domains},
             domain_best={d: max(s.domains.get(d, 0.0) for s in scored) for d in domains},
         )
+        # The run's best (`run_dir.Run.best`): the stable sort keeps the first of equals, and a later
+        # generation must beat the best so far strictly.
         previous_best = state.best_history[-1] if state.best_history else float("-inf")
         if best_outcome.scores and best_outcome.fitness > previous_best:
             state.best_id, state.best_hash = best_member.id, best_member.genome.hash
@@ -234,15 +226,12 @@ class Evolution:
         """Run generations until max_generations or a plateau. A checkpoint is written at the start of
         every generation, so the latest one plus evaluations.jsonl always describe where the run is."""
         self.restore_cache(state)
-        kept = [
-            r for r in read_records(self.generations, GenerationRecord) if r.generation < state.generation
-        ]
-        self.generations.write_text("".join(r.model_dump_json() + "\n" for r in kept), encoding="utf-8")
-        if not ckpt.checkpoint_path(self.run_dir, state.generation).exists():
+        self.run_dir.keep_generations_before(state.generation)
+        if not self.run_dir.checkpoint(state.generation).exists():
             ckpt.save(self.run_dir, state)
         while state.generation < self.cfg.max_generations:
             record, ranked = self.run_generation(state)
-            append_record(self.generations, record)
+            append_record(self.run_dir.generations, record)
             self.hooks.on_generation(record)
             stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
             rng = state.rng()

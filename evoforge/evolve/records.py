@@ -1,9 +1,8 @@
 """What a run writes, one pydantic model per kind of line, so the loop, the report and W&B agree.
 
-run_dir/
-  evaluations.jsonl   one `EvaluationRecord` per candidate evaluation (append-only, fsynced per line)
-  generations.jsonl   one `GenerationRecord` per finished generation
-  baselines.json      `Baselines`: the base models (and ancestor) on the fitness and held-out splits
+`evaluations.jsonl` holds one `EvaluationRecord` per candidate evaluation (append-only, fsynced per line),
+`generations.jsonl` one `GenerationRecord` per finished generation, `baselines.json` the `Baselines` (the
+base models and ancestor on the fitness and held-out splits); `run_dir.RunDir` says where each file lives.
 """
 
 from __future__ import annotations
@@ -74,6 +73,12 @@ class Baselines(BaseModel):
     heldout_split: str
     models: dict[str, dict[str, Scores]]
     """model name → split → scores."""
+
+    def best_base(self, split: str, ancestor: str | None) -> tuple[str, Scores] | None:
+        """The best base model on `split`: what a run's improvement is measured against. The declared
+        ancestor is scored too, but it is not one of the models the run merges."""
+        scored = [(m, s[split]) for m, s in self.models.items() if m != ancestor and split in s]
+        return max(scored, key=lambda ms: ms[1].fitness, default=None)
 
 
 R = TypeVar("R", bound=BaseModel)

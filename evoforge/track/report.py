@@ -1,4 +1,4 @@
-"""The run report: plots and a markdown summary drawn only from what the run wrote (`evolve.records`).
+"""The run report: plots and a markdown summary drawn only from what the run wrote (`evolve.run_dir.Run`).
 
 It reads any prefix of a run (one generation, a run stopped by Ctrl-C or a plateau) and failed candidates.
 Figures are drawn on `matplotlib.figure.Figure` objects, which save PNGs through the Agg canvas: no pyplot,
@@ -8,48 +8,18 @@ no GUI backend, no global figure state in a long-lived process.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from pydantic import BaseModel, ValidationError
 
-from evoforge.config import DOMAINS, format_validation_error, read_mapping
-from evoforge.errors import ConfigError
-from evoforge.evolve.records import Baselines, EvaluationRecord, GenerationRecord, Scores
+from evoforge.config import DOMAINS
+from evoforge.evolve.records import EvaluationRecord, Scores
+from evoforge.evolve.run_dir import Run
 
-REPORT_DIR = "report"
 OPERATOR_COLOURS = {"seed": "#9ecae1", "mutation": "#a1d99b", "recombination": "#fdae6b"}
 BEST_COLOUR = "#d62728"
-
-R = TypeVar("R", bound=BaseModel)
-
-
-def _read_jsonl(path: Path, kind: type[R]) -> list[R]:
-    """Every line of a records file, strictly: a bad line is an error naming file:line and field.
-
-    Unlike `records.read_records` (which the loop uses to resume), a report must not silently drop
-    evaluations; only a torn last line, the trace of a crash mid-write, is skipped.
-    """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    out: list[R] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(kind.model_validate_json(line))
-        except ValidationError as err:
-            if n == len(lines) and err.errors()[0]["type"] == "json_invalid":
-                continue
-            raise ConfigError(format_validation_error(f"{path}:{n}", err)) from None
-    return out
 
 
 def _fmt(x: float) -> str:
@@ -61,116 +31,11 @@ def _first_line(error: str) -> str:
     return (error.splitlines() or [""])[0][:200]
 
 
-@dataclass
-class Run:
-    """One run directory, loaded and checked."""
-
-    run_dir: Path
-    name: str
-    ancestor: str | None
-    evaluations: list[EvaluationRecord]
-    generations: list[GenerationRecord]
-    baselines: Baselines
-
-    @classmethod
-    def load(cls, run_dir: Path) -> Run:
-        if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: no such run directory")
-        gen_path = run_dir / "generations.jsonl"
-        if not gen_path.is_file():
-            raise ConfigError(
-                f"{gen_path}: missing (not an evoforge run directory, or no generation finished)"
-            )
-        generations = _read_jsonl(gen_path, GenerationRecord)
-        if not generations:
-            raise ConfigError(f"{gen_path}: no finished generation")
-        base_path = run_dir / "baselines.json"
-        if not base_path.is_file():
-            raise ConfigError(f"{base_path}: missing (the base models are scored before generation 0)")
-        try:
-            baselines = Baselines.model_validate_json(base_path.read_text(encoding="utf-8"))
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(base_path, err)) from None
-        # The population's evaluations: fitness split, finished generations (a crash can leave part of the
-        # next one, and each new best also has a held-out line, which GenerationRecord.best_heldout carries).
-        finished = {g.generation for g in generations}
-        evaluations = [
-            e
-            for e in _read_jsonl(run_dir / "evaluations.jsonl", EvaluationRecord)
-            if e.split == baselines.fitness_split and e.generation in finished
-        ]
-        known = {(e.generation, e.id) for e in evaluations}
-        for g in generations:
-            if (g.generation, g.best_id) not in known:
-                raise ConfigError(
-                    f"{gen_path}: generation {g.generation}: best_id {g.best_id!r} has no "
-                    f"{baselines.fitness_split!r} evaluation in evaluations.jsonl"
-                )
-        cfg_path = run_dir / "config.yaml"
-        cfg = read_mapping(cfg_path) if cfg_path.is_file() else {}
-        ancestor = cfg.get("ancestor")
-        return cls(
-            run_dir=run_dir,
-            name=str(cfg.get("name") or run_dir.name),
-            ancestor=ancestor.get("name") if isinstance(ancestor, dict) else None,
-            evaluations=evaluations,
-            generations=sorted(generations, key=lambda g: g.generation),
-            baselines=baselines,
-        )
-
-    @cached_property
-    def best_generation(self) -> GenerationRecord:
-        """The generation holding the run's best candidate (the earliest on a tie): the population has no
-        elitism, so the last generation's best is not necessarily the run's best."""
-        return max(self.generations, key=lambda g: (g.best_fitness, -g.generation))
-
-    @cached_property
-    def best(self) -> EvaluationRecord:
-        g = self.best_generation
-        return next(e for e in self.evaluations if (e.generation, e.id) == (g.generation, g.best_id))
-
-    @property
-    def best_heldout(self) -> Scores | None:
-        return self.best_generation.best_heldout
-
-    @cached_property
-    def domains(self) -> list[str]:
-        """Every domain any record scored, in the config's order, others after."""
-        seen = {d for g in self.generations for d in g.domain_avg}
-        seen |= {d for splits in self.baselines.models.values() for s in splits.values() for d in s.domains}
-        return [d for d in DOMAINS if d in seen] + sorted(seen - set(DOMAINS))
-
-    def base_models(self) -> list[str]:
-        """Baseline models the run merged (the declared ancestor is scored but is not one of them)."""
-        return [m for m in self.baselines.models if m != self.ancestor]
-
-    def best_base(self, split: str) -> tuple[str, Scores] | None:
-        scored = [
-            (m, self.baselines.models[m][split])
-            for m in self.base_models()
-            if split in self.baselines.models[m]
-        ]
-        return max(scored, key=lambda ms: ms[1].fitness, default=None)
-
-    def by_hash(self) -> dict[str, EvaluationRecord]:
-        """Each genome's first evaluation (later ones are cache hits of the same genome)."""
-        first: dict[str, EvaluationRecord] = {}
-        for e in sorted(self.evaluations, key=lambda e: (e.generation, e.cached)):
-            first.setdefault(e.genome_hash, e)
-        return first
-
-    def ancestry(self) -> dict[str, EvaluationRecord]:
-        """The best candidate and every ancestor back to the seeds, by genome hash."""
-        known = self.by_hash()
-        found: dict[str, EvaluationRecord] = {}
-        todo = [self.best.genome_hash]
-        while todo:
-            h = todo.pop()
-            if h in found or h not in known:
-                continue
-            found[h] = known[h]
-            todo.extend(known[h].parents)
-        return found
+def domains(run: Run) -> list[str]:
+    """Every domain any record scored, in the config's order, others after."""
+    seen = {d for g in run.generations for d in g.domain_avg}
+    seen |= {d for splits in run.baselines.models.values() for s in splits.values() for d in s.domains}
+    return [d for d in DOMAINS if d in seen] + sorted(seen - set(DOMAINS))
 
 
 def plot_fitness(run: Run, path: Path) -> None:
@@ -218,7 +83,7 @@ def plot_fitness(run: Run, path: Path) -> None:
 
 def plot_domains(run: Run, path: Path) -> None:
     """The best candidate against each base model, per domain, on the fitness and the held-out split."""
-    groups = ["fitness", *run.domains]
+    groups = ["fitness", *domains(run)]
     best_label = f"best: {run.best.label}"
     panels = [
         (run.baselines.fitness_split, "fitness split", run.best.scores),
@@ -357,7 +222,8 @@ def _improvement_row(split: str, kind: str, best: float | None, base: tuple[str,
 
 
 def _scores_table(run: Run, split: str, best_scores: Scores | None) -> list[str]:
-    head = ["model", "fitness", *run.domains]
+    names = domains(run)
+    head = ["model", "fitness", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows: list[tuple[str, Scores | None]] = [(f"**best: {run.best.id}**", best_scores)]
     rows += [
@@ -366,10 +232,10 @@ def _scores_table(run: Run, split: str, best_scores: Scores | None) -> list[str]
     ]
     for name, scores in rows:
         if scores is None:
-            cells = ["not scored"] + [""] * len(run.domains)
+            cells = ["not scored"] + [""] * len(names)
         else:
             cells = [_fmt(scores.fitness)] + [
-                _fmt(scores.domains[d]) if d in scores.domains else "–" for d in run.domains
+                _fmt(scores.domains[d]) if d in scores.domains else "–" for d in names
             ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -382,7 +248,7 @@ def summary_markdown(run: Run) -> str:
     failed = [e for e in run.evaluations if e.error is not None]
     cached = sum(e.cached for e in run.evaluations)
     first, last = run.generations[0].generation, run.generations[-1].generation
-    recipe = run.run_dir / best.recipe
+    recipe = run.run_dir.root / best.recipe
     lines = [
         f"# evoforge run `{run.name}`",
         "",
@@ -446,7 +312,7 @@ def summary_markdown(run: Run) -> str:
 def write_report(run_dir: Path) -> list[Path]:
     """Write `run_dir/report/`: fitness.png, domains.png, lineage.png, summary.md; return their paths."""
     run = Run.load(run_dir)
-    out = run_dir / REPORT_DIR
+    out = run.run_dir.report
     out.mkdir(exist_ok=True)
     paths = [out / "fitness.png", out / "domains.png", out / "lineage.png", out / "summary.md"]
     plot_fitness(run, paths[0])

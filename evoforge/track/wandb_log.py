@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from evoforge.errors import EvoforgeError
 from evoforge.evolve.records import GenerationRecord
+from evoforge.evolve.run_dir import RunDir
 
 Mode = Literal["offline", "online", "disabled"]
-RUN_ID_FILE = "wandb_run_id"
 
 
 class TrackingError(EvoforgeError):
@@ -64,7 +64,7 @@ class WandbTracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb  # here, not at the top: a disabled run never pays for the import
 
-        id_file = run_dir / RUN_ID_FILE
+        id_file = RunDir(run_dir).wandb_run_id
         stored = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else None
         self.run_id = resume_id or stored or secrets.token_hex(4)
         run_dir.mkdir(parents=True, exist_ok=True)
