@@ -11,11 +11,11 @@ from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.checkpoint import CHECKPOINT_DIR
+from evoforge.models import Device
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEED_RUN = REPO_RECIPES / "seeds.yaml"
 
-Device = Literal["auto", "cpu", "cuda"]
 WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
 
