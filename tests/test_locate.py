@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from evoforge.config import load_config
 from evoforge.errors import ConfigError, ModelNotAvailableError
-from evoforge.evaluate.scorer import load_model
+from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.merge.compat import resolve_model
 from evoforge.merge.disk import merge_options
 from evoforge.models import check_run_models, locate_model, model_ref, resolve_device
@@ -76,8 +77,12 @@ def test_hf_ids_come_from_the_local_cache_and_stay_ids_in_recipes(qwen_family, o
     assert cfg.resolve(cfg.base_models[0]) == CACHED
     assert check_run_models(cfg)["m0"] == json.loads((folder / "config.json").read_text())
 
-    model, _ = load_model(CACHED, "cpu")  # the scorer finds the same files
-    assert model.config.hidden_size == json.loads((folder / "config.json").read_text())["hidden_size"]
+    scorer = Scorer.from_pretrained(CACHED, device="cpu")  # the scorer finds the same files
+    assert scorer.model.config.hidden_size == json.loads((folder / "config.json").read_text())["hidden_size"]
+    scorer.load_weights(qwen_family["beta"])
+    scorer.load_weights(CACHED)  # a base model named by its id is scored from the cache (baselines)
+    cached = load_file(folder / "model.safetensors")
+    assert all(torch.equal(scorer.model.state_dict()[name], tensor) for name, tensor in cached.items())
 
 
 def test_a_folder_wins_over_a_cached_id_of_the_same_name(offline_hf_cache, tmp_path):
