@@ -8,7 +8,6 @@ How each merge-operator key maps onto mergekit parameters is documented on `Merg
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evoforge.errors import ConfigError
+from evoforge.models import Device, model_ref
 from evoforge.resources import run_file
 
 DOMAINS = ("code", "math", "multilingual", "structured_data")
@@ -28,9 +28,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 class BaseModelConfig(Strict):
     """One model of the run: an HF id or a local folder (relative paths resolve against the run file)."""
 
@@ -41,11 +38,6 @@ class BaseModelConfig(Strict):
     domain_specialty: str | None = None
     ancestry: str | None = None
     """Free text: what is known about where the model comes from (shown by `evoforge validate`)."""
-
-    def is_local(self) -> bool:
-        return (
-            Path(self.path).is_absolute() or self.path.startswith((".", "~")) or not _HF_ID.match(self.path)
-        )
 
 
 class MergeOperators(Strict):
@@ -116,7 +108,7 @@ class EvolutionConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     evaluation_weights: dict[str, Annotated[float, Field(ge=0.0)]] = {d: 0.25 for d in DOMAINS}
     evaluation: EvaluationConfig = EvaluationConfig()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     merge_path: Literal["memory", "disk"] = "memory"
     output_dir: str | None = None
     """Run directory; default runs/<name> under the working directory."""
@@ -167,13 +159,8 @@ class EvolutionConfig(Strict):
         return self.source.parent if self.source else Path.cwd()
 
     def resolve(self, model: BaseModelConfig) -> str:
-        """A local folder as an absolute path, or the HF id unchanged."""
-        path = Path(model.path).expanduser()
-        if not path.is_absolute():
-            path = self.base_dir / path
-        if path.exists() or model.is_local():
-            return str(path.resolve())
-        return model.path
+        """A local folder as an absolute path, or the HF id unchanged (evoforge.models.model_ref)."""
+        return model_ref(model.path, self.base_dir)
 
     def run_dir(self) -> Path:
         """output_dir, or runs/<name>; relative to the working directory, as CLI paths are."""

@@ -11,3 +11,7 @@ class ConfigError(EvoforgeError):
 
 class IncompatibleModelsError(EvoforgeError):
     """Models that cannot be merged (architecture or tensor shapes differ)."""
+
+
+class ModelNotAvailableError(ConfigError):
+    """A model reference that is neither a folder nor in the local Hugging Face cache (evoforge.models)."""

@@ -1,54 +1,119 @@
-"""Where a model named by a run file lives: a local folder, or an HF id served from the local HF cache."""
+"""Where a model is and which device to use: the one rule config, merge, evaluate, pipeline and CLI follow.
+
+A model reference (a run file's `path`, a recipe's model, `evoforge eval MODEL`) is, in this order:
+1. a folder: `~` expanded, a relative path taken against the run file's folder (`base_dir`); a folder wins;
+2. else, unless it is plainly a path (absolute, `./`, `../`, `~`, or deeper than `org/name`), a Hugging Face
+   id `org/name[@revision]` found in the local HF cache by huggingface_hub's own `snapshot_download` with
+   `local_files_only` — evoforge never downloads;
+3. else a one-line `ModelNotAvailableError` naming the field and, for an id, the `hf download` that fixes it.
+
+This module sits below config (config imports it), so it imports nothing of evoforge but `errors`, and torch
+and huggingface_hub only when called: `import evoforge` stays light, and `evoforge.evaluate` can set the
+offline switches before huggingface_hub reads them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from evoforge.errors import ConfigError
+from evoforge.errors import ConfigError, ModelNotAvailableError
 
 if TYPE_CHECKING:
+    import torch
+
     from evoforge.config import EvolutionConfig
 
+Device = Literal["auto", "cpu", "cuda"]
+"""What a run file or CLI flag may say; the library also takes `cuda:N`."""
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
-def local_model_dir(path_or_id: str, what: str = "model") -> Path:
-    """The folder holding the model's files; HF ids resolve through the local cache only (no network)."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or path_or_id.startswith((".", "~")):
-        raise ConfigError(f"{what}: folder {path_or_id} does not exist")
+
+def _is_path(ref: str) -> bool:
+    """A reference that can only be a folder: HF ids are `name` or `org/name`, never absolute or dotted."""
+    return ref.startswith((".", "~")) or Path(ref).is_absolute() or ref.count("/") > 1
+
+
+def _folder(ref: str, base_dir: Path | None) -> Path:
+    path = Path(ref).expanduser()
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def model_ref(ref: str | Path, base_dir: Path | None = None) -> str:
+    """A reference as the rest of a run passes it on: a folder (or what can only be one) as an absolute path,
+    anything else unchanged as an HF id, so recipes keep ids. One stat; neither the cache nor errors."""
+    text = str(ref)
+    path = _folder(text, base_dir)
+    return str(path.resolve()) if path.is_dir() or _is_path(text) else text
+
+
+def locate_model(ref: str | Path, *, base_dir: Path | None = None, what: str = "model") -> Path:
+    """The absolute folder holding a model's config.json, by the rule above.
+
+    Errors read `{what} {ref}: problem` (`what=""` gives `{ref}: problem`), e.g.
+    `run.yaml: base_models[1] (beta): path ./beta: no such folder (/runs/beta)`."""
+    text = str(ref)
+    subject = f"{what} {text}" if what else text
+    path = _folder(text, base_dir)
+    if not path.is_dir():
+        if _is_path(text):
+            shown = "" if Path(text).is_absolute() else f" ({path.resolve()})"
+            raise ModelNotAvailableError(f"{subject}: no such folder{shown}")
+        path = _cached_snapshot(text, subject)
+    if not (path / "config.json").is_file():
+        raise ModelNotAvailableError(f"{subject}: not a model folder (no config.json)")
+    return path.resolve()
+
+
+def _cached_snapshot(ref: str, subject: str) -> Path:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    repo_id, _, revision = ref.partition("@")
     try:
-        return Path(snapshot_download(path_or_id, local_files_only=True))
-    except Exception:
-        raise ConfigError(
-            f"{what}: {path_or_id!r} is neither a local folder nor an HF id in the local cache "
-            "(download it first, e.g. `hf download " + path_or_id + "`)"
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except HFValidationError:
+        raise ModelNotAvailableError(f"{subject}: no such folder") from None
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailableError(
+            f"{subject}: no such folder, and not in the local Hugging Face cache (not available offline: "
+            f"download it first, e.g. `hf download {repo_id}`)"
         ) from None
 
 
-def read_model_config(path_or_id: str, what: str = "model") -> dict:
-    """config.json of a model as a dict, with a one-line error when it is missing or broken."""
-    config_file = local_model_dir(path_or_id, what) / "config.json"
+def read_model_config(ref: str | Path, *, what: str = "model", base_dir: Path | None = None) -> dict:
+    """config.json of a located model as a dict; a broken one is a one-line error."""
+    config_file = locate_model(ref, base_dir=base_dir, what=what) / "config.json"
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: {config_file} is missing (not a Hugging Face model folder)") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: {config_file} is not valid JSON (line {exc.lineno})") from None
+        subject = f"{what} {ref}" if what else str(ref)
+        raise ConfigError(f"{subject}: {config_file} is not valid JSON (line {exc.lineno})") from None
 
 
 def check_run_models(cfg: EvolutionConfig) -> dict[str, dict]:
     """Every base model (and the ancestor) of a run is present with a readable config.json: name → config.
-    Errors name the run file and the field, e.g. `run.yaml: base_models[2].path (gamma): ...`."""
+    Errors name the run file and the field, e.g. `run.yaml: base_models[2] (gamma): path /x: no such folder`."""
     source = cfg.source or "run"
     entries = [(f"base_models[{i}]", m) for i, m in enumerate(cfg.base_models)]
     if cfg.ancestor:
         entries.append(("ancestor", cfg.ancestor))
     return {
-        m.name: read_model_config(cfg.resolve(m), what=f"{source}: {field}.path ({m.name})")
+        m.name: read_model_config(m.path, what=f"{source}: {field} ({m.name}): path", base_dir=cfg.base_dir)
         for field, m in entries
     }
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto → CUDA when torch sees a GPU, else the CPU; an explicit cuda (or cuda:N) without one is refused."""
+    import torch
+
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but CUDA is not available on this machine")
+    return torch.device(device)

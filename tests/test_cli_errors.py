@@ -69,7 +69,7 @@ RUN_CASES = {
     "ancestor clash": (("ancestor", {"name": "alpha", "path": "/x"}), ["ancestor.name 'alpha'"]),
     "missing model folder": (
         ("base_models.2.path", "/nonexistent/model"),
-        ["base_models[2]", "does not exist"],
+        ["base_models[2]", "no such folder"],
     ),
     "bad evaluation key": (("evaluation.split", "dev"), ["evaluation.split", "unknown key"]),
 }

@@ -292,7 +292,7 @@ def test_bad_recipes_are_one_line_errors_naming_file_and_field(qwen_family, tmp_
 
 def test_device_options():
     assert merge_options("cpu", random_seed=4).device == "cpu"
-    with pytest.raises(ConfigError, match="use auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ConfigError, match="device: expected auto, cpu or cuda, got 'tpu'"):
         merge_options("tpu")
     if torch.cuda.is_available():
         options = merge_options("auto")

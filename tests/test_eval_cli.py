@@ -145,7 +145,7 @@ def test_eval_bad_options_are_one_line(
 def test_eval_bad_model_or_tasks_dir_is_one_line(mini_tasks: Path, tmp_path: Path) -> None:
     weights = ["--weight", "math=1"]
     missing = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--tasks-dir", str(mini_tasks), *weights])
-    assert error_line(missing) == f"error: {tmp_path / 'nope'}: model folder not found"
+    assert error_line(missing) == f"error: {tmp_path / 'nope'}: no such folder"
     not_model = runner.invoke(app, ["eval", str(mini_tasks), "--tasks-dir", str(mini_tasks), *weights])
     assert error_line(not_model) == f"error: {mini_tasks}: not a model folder (no config.json)"
     no_tasks = runner.invoke(app, ["eval", str(mini_tasks), "--tasks-dir", str(tmp_path / "none")])

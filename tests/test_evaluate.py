@@ -296,7 +296,7 @@ def test_incompatible_candidate_is_refused(
 
 
 def test_bad_model_source_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="model folder not found"):
+    with pytest.raises(ConfigError, match="nope: no such folder"):
         Scorer.from_pretrained(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"not a model folder \(no config.json\)"):
         Scorer.from_pretrained(tmp_path)

@@ -11,9 +11,9 @@ from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir
+from evoforge.models import Device
 from evoforge.resources import recipes_dir
 
-Device = Literal["auto", "cpu", "cuda"]
 WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
 

@@ -1,8 +1,8 @@
 """Scoring: lm-eval tasks in a folder → per-task metrics, per-domain scores, one fitness.
 
 The offline switches are set before anything imports `datasets`/`huggingface_hub` (they read them at
-import time): without them every local `load_dataset("json")` waits on a network probe. They are defaults,
-so a user who exports `HF_HUB_OFFLINE=0` can still score a model by its hub id.
+import time): without them every local `load_dataset("json")` waits on a network probe. They are defaults
+a user may override; models are read only from a folder or the local HF cache either way (evoforge.models).
 The public names load lazily, so importing the CLI or `evoforge.evaluate.sandbox` does not pay for
 lm-eval's import (1-4 s).
 """

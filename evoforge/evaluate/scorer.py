@@ -10,7 +10,6 @@ on the CPU, where decoding is bound by arithmetic rather than by steps, lm-eval'
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,8 +33,8 @@ from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.suite import TaskError, TaskSuite
+from evoforge.models import Device, locate_model, resolve_device
 
-Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 DEFAULT_WEIGHTS: dict[str, float] = EvolutionConfig.model_fields["evaluation_weights"].default
@@ -95,44 +94,29 @@ def check_weights(weights: Mapping[str, float], suite: TaskSuite) -> None:
     compute_fitness(dict.fromkeys(domains, 0.0), weights)
 
 
-def resolve_device(device: Device | str) -> torch.device:
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def load_model(
     source: str | Path, device: Device | str = "auto", dtype: Dtype = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a folder or a hub id, in eval mode on the device."""
-    src = str(source)
-    path = Path(src).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise ConfigError(f"{source}: not a model folder (no config.json)")
-    if not path.exists() and (src.startswith((".", "/", "~")) or src.count("/") != 1):
-        raise ConfigError(f"{source}: model folder not found")
+    """A causal LM and its tokenizer from a model folder or a cached HF id (`evoforge.models.locate_model`),
+    in eval mode on the device (`evoforge.models.resolve_device`)."""
+    folder = locate_model(source, what="")
     target = resolve_device(device)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "; evoforge keeps the hub offline unless HF_HUB_OFFLINE=0 is exported" if offline else ""
-        raise ConfigError(f"{source}: cannot load model ({first.rstrip('.')}{hint})") from None
+        raise ConfigError(f"{source}: cannot load model ({first.rstrip('.')})") from None
     return model.to(target).eval(), tokenizer
 
 
-def _read_weights(folder: Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+def _read_weights(source: str | Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    folder = locate_model(source, what="")
     files = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() or not files:
-        raise ConfigError(f"{folder}: not a model folder (needs config.json and *.safetensors)")
+    if not files:
+        raise ConfigError(f"{source}: not a model folder (no *.safetensors)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(file))
@@ -257,7 +241,7 @@ class Scorer:
         if isinstance(source, Mapping):
             state = source
         else:
-            config, state = _read_weights(Path(source))
+            config, state = _read_weights(source)
         sink = self.open_weights(config)
         for name, tensor in state.items():
             sink.write(name, tensor)

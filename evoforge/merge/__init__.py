@@ -1,6 +1,7 @@
 """Merge execution: recipes to model folders through mergekit, and the pre-merge compatibility check."""
 
-from evoforge.merge.compat import ModelNotAvailableError, check_compatibility, resolve_model
+from evoforge.errors import ModelNotAvailableError
+from evoforge.merge.compat import check_compatibility, resolve_model
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
 
 __all__ = [

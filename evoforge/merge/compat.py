@@ -15,12 +15,11 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 from safetensors import safe_open
 
-from evoforge.errors import ConfigError, IncompatibleModelsError
+from evoforge.errors import IncompatibleModelsError, ModelNotAvailableError
+from evoforge.models import locate_model
 
 # Kinship thresholds, calibrated on the tiny families (tests/test_compat.py). Related: children = ancestor +
 # 2 % noise give sibling cosine 0.9996 and relative delta 0.02 to the ancestor. Unrelated: families from
@@ -39,35 +38,17 @@ _IGNORED_CONFIG_KEYS = frozenset(
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-class ModelNotAvailableError(ConfigError):
-    """A model reference that is neither a local folder nor in the local Hugging Face cache."""
-
-
 def resolve_model(ref: str | Path) -> Path:
-    """The local folder of a model: a folder path as is, a Hugging Face id (`org/name[@revision]`) from the
-    local cache (evoforge never downloads). Raises ModelNotAvailableError when there is no usable model."""
-    text = str(ref)
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        if text.startswith(("/", ".", "~")) or text.count("/") > 1:  # a path: HF ids have at most one "/"
-            raise ModelNotAvailableError(f"model {text}: no such folder")
-        repo_id, _, revision = text.partition("@")
-        try:
-            path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
-        except (LocalEntryNotFoundError, HFValidationError):
-            raise ModelNotAvailableError(
-                f"model {text}: not a local folder and not in the local Hugging Face cache (not available "
-                f"offline: download it first, e.g. `hf download {repo_id}`)"
-            ) from None
-    if not (path / "config.json").is_file():
-        raise ModelNotAvailableError(f"model {text}: {path} has no config.json")
+    """A merge input's folder: located by `evoforge.models.locate_model` (a folder, else an HF id from the local
+    cache), and holding weights mergekit can read. Raises ModelNotAvailableError."""
+    path = locate_model(ref)
     try:
         ShardedTensorIndex.from_disk(str(path))
     except RuntimeError:
         raise ModelNotAvailableError(
-            f"model {text}: {path} has no model.safetensors or pytorch_model.bin"
+            f"model {ref}: {path} has no model.safetensors or pytorch_model.bin"
         ) from None
-    return path.resolve()
+    return path
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,6 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from mergekit import merge_methods
 from mergekit.common import dtype_from_name
@@ -27,10 +26,10 @@ from mergekit.options import MergeOptions
 from mergekit.scripts.multimerge import load_config
 from pydantic import ValidationError
 
-from evoforge.errors import ConfigError
+from evoforge.errors import ConfigError, ModelNotAvailableError
 from evoforge.merge import mergekit_fixes
-from evoforge.merge.compat import ModelNotAvailableError, resolve_model
-from evoforge.models import read_model_config
+from evoforge.merge.compat import resolve_model
+from evoforge.models import read_model_config, resolve_device
 
 # Values of a model-reference key that are not models (`tokenizer_source: union`).
 _NOT_MODELS = frozenset({"union", "base"})
@@ -219,7 +218,7 @@ def _check_layer_ranges(configs: dict[str | None, tuple[str, MergeConfiguration]
                     else depth(str((cfg.base_model or cfg.models[0].model).model.path))
                 )
             else:
-                depths[model] = int(read_model_config(model, what=f"model {model}")["num_hidden_layers"])
+                depths[model] = int(read_model_config(model)["num_hidden_layers"])
         return depths[model]
 
     for where, cfg in configs.values():
@@ -235,26 +234,21 @@ def _check_layer_ranges(configs: dict[str | None, tuple[str, MergeConfiguration]
 
 
 def merge_options(device: str = "auto", random_seed: int | None = None, quiet: bool = True) -> MergeOptions:
-    """mergekit options for a device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    """mergekit options for a device as `evoforge.models.resolve_device` picks it (auto, cpu, cuda, cuda:N).
 
     On CUDA, weights are read straight to the GPU and intermediates stay there (`read_to_gpu`,
     `low_cpu_memory`): the fastest single-GPU setting measured (shared/notes/mergekit.md).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+    target = resolve_device(device)
+    if target.type == "cuda":
         return MergeOptions(
             cuda=True,
-            device=device,
+            device=str(target),
             read_to_gpu=True,
             low_cpu_memory=True,
             random_seed=random_seed,
             quiet=quiet,
         )
-    if device != "cpu":
-        raise ConfigError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     return MergeOptions(device="cpu", random_seed=random_seed, quiet=quiet)
 
 
