@@ -74,7 +74,7 @@ def test_every_task_has_a_yaml_with_metadata_and_the_prompt_convention(configs: 
         assert levels == {"easy", "hard"}, domain
 
 
-# (validation, test) items: 100 fitness items per task keep its standard error near 0.05; HumanEval has
+# (validation, test) items: 100 fitness items bound the standard error of a task score by 0.05; HumanEval has
 # only 151 problems short enough to be scored, so it stays at 40 + 100.
 SIZES = dict.fromkeys(build_tasks.TASKS, (100, 100)) | {"code_humaneval": (40, 100)}
 
