@@ -2,13 +2,14 @@
 
 `python scripts/build_tasks.py` rewrites every file byte for byte the same (fixed seeds, pinned sources; it
 refuses to run when an installed source differs from the version the committed data was built with) and
-checks that no prompt is in both splits. `python scripts/build_tasks.py --check` only compares.
+checks that no item is in both splits or in the demo's training data (`item_keys`: by prompt and by what the
+item asks). `python scripts/build_tasks.py --check` only compares.
 
 `training_items(task, n, seed)` (import this file, or `--train TASK -n N --seed S`) draws items for
-fine-tuning that are guaranteed to be in neither split of the committed data.
+fine-tuning that are guaranteed to be in no split of the committed data.
 
-Items come from generators (one `random.Random` per task) or from a finite pool (HumanEval); see
-tasks/README.md for each task's source and licence.
+Items come from generators (one `random.Random` per task) or from finite pools (HumanEval, CLDR terms,
+number words) in an order shuffled by it; see tasks/README.md for each task's source and licence.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import importlib.util
 import io
 import json
 import random
+import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,15 +145,18 @@ def code_humaneval(rng: random.Random) -> Iterator[Doc]:
 
 
 # ---------------------------------------------------------------------------------------------- math
+_ARITH = {"+": "What is {a} + {b}?", "-": "What is {a} - {b}?"}
+
+
 def math_arith(rng: random.Random) -> Iterator[Doc]:
     """Two-digit addition and subtraction (never below zero)."""
     while True:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         if rng.random() < 0.5:
-            yield {"question": f"What is {a} + {b}?", "answer": str(a + b)}
+            yield {"question": _ARITH["+"].format(a=a, b=b), "answer": str(a + b)}
         else:
             a, b = max(a, b), min(a, b)
-            yield {"question": f"What is {a} - {b}?", "answer": str(a - b)}
+            yield {"question": _ARITH["-"].format(a=a, b=b), "answer": str(a - b)}
 
 
 def math_gsm(rng: random.Random) -> Iterator[Doc]:
@@ -213,6 +219,33 @@ _MULTI_MATH: dict[str, dict] = {
 }
 
 
+def _question_regex(template: str) -> re.Pattern[str]:
+    """The prompt of a question template whose {a} and {b} are numbers, as a regex capturing them."""
+    pattern = re.escape(template).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")
+    return re.compile(f"Question: {pattern}\nAnswer:")
+
+
+# Every bare-arithmetic question of math_arith and math_multilingual, as (prompt regex, operator).
+_ARITH_PROMPTS = [(_question_regex(t), op) for op, t in _ARITH.items()] + [
+    (_question_regex(t[kind]), op)
+    for t in _MULTI_MATH.values()
+    for kind, op in (("add", "+"), ("sub", "-"), ("mul", "*"))
+]
+
+
+def arith_key(doc: Doc) -> str:
+    """What a bare-arithmetic item asks, in any wording or language: "What is 37 + 48?", "What is 48 + 37?"
+    and "Was ist 48 plus 37?" are one item. Other items (word problems) are keyed by their prompt."""
+    prompt = render_prompt(doc)
+    for regex, op in _ARITH_PROMPTS:
+        if match := regex.fullmatch(prompt):
+            a, b = int(match[1]), int(match[2])
+            if op in "+*":
+                a, b = sorted((a, b))
+            return f"arithmetic: {a} {op} {b}"
+    return prompt_key(doc)
+
+
 def math_multilingual(rng: random.Random) -> Iterator[Doc]:
     """Small arithmetic and word problems asked in French, Spanish or German; the answer is a number."""
     while True:
@@ -249,21 +282,65 @@ _LANGUAGE_NAMES = {
 }
 
 
+# Reading 0-20 back as digits (the direction a 135 M model gets some of) is asked in all six languages;
+# writing 0-100 in words only where num2words' spelling is the only right one: Portuguese (dezessete /
+# dezassete) and Dutch (één / een) have two.
+_READ_LANGUAGES = sorted(_LANGUAGE_NAMES)
+_WRITE_LANGUAGES = ["de", "es", "fr", "it"]
+_NUM2WORDS_LANG = {"pt": "pt_BR"}  # CLDR's "pt" (multilingual_terms) is Brazilian Portuguese
+
+
 def multilingual_numbers(rng: random.Random) -> Iterator[Doc]:
-    """Numbers as words in French, Spanish and German (num2words): half write 0-100 in words, half read
-    0-20 back as digits (the direction a 135 M model gets some of)."""
+    """Numbers as words (num2words): write 0-100 in words, read 0-20 back as digits; every item of this
+    small pool once, in an order shuffled by `rng` (so both splits sample it alike)."""
     from num2words import num2words
 
-    while True:
-        lang = rng.choice(["fr", "es", "de"])
-        if rng.random() < 0.5:
-            n = rng.randint(0, 100)
-            question = f"How do you write the number {n} in {_LANGUAGE_NAMES[lang]}?"
-            yield {"question": question, "answer": num2words(n, lang=lang), "language": lang}
-        else:
-            n = rng.randint(0, 20)
-            question = f'What number is "{num2words(n, lang=lang)}" in {_LANGUAGE_NAMES[lang]}?'
-            yield {"question": question, "answer": str(n), "language": lang}
+    def words(n: int, lang: str) -> str:
+        return num2words(n, lang=_NUM2WORDS_LANG.get(lang, lang))
+
+    pool: list[Doc] = [
+        {
+            "question": f"How do you write the number {n} in {_LANGUAGE_NAMES[lang]}?",
+            "answer": words(n, lang),
+            "language": lang,
+        }
+        for lang in _WRITE_LANGUAGES
+        for n in range(101)
+    ]
+    pool += [
+        {
+            "question": f'What number is "{words(n, lang)}" in {_LANGUAGE_NAMES[lang]}?',
+            "answer": str(n),
+            "language": lang,
+        }
+        for lang in _READ_LANGUAGES
+        for n in range(21)
+    ]
+    rng.shuffle(pool)
+    yield from pool
+
+
+_NUMBER_LANGUAGE = re.compile(r" in (\w+)\?")
+
+
+def numbers_key(doc: Doc) -> str:
+    """What a number-word item asks, in any wording: the demo's training items read numbers as "Which
+    number is "dix" in French? Answer with digits.", the task as "What number is "dix" in French?" — one
+    item. Writing a number and reading it back are two."""
+    prompt = render_prompt(doc)
+    language = _NUMBER_LANGUAGE.search(prompt)
+    number = re.search(r"\d+", prompt)
+    answer = str(doc["answer"])
+    if language is None or (number is None and not answer.isdigit()):
+        raise ValueError(f"not a number-word item: {prompt!r}")
+    if answer.isdigit():
+        return f"number: read {answer} in {language[1]}"
+    return f"number: write {number[0]} in {language[1]}"
+
+
+# CLDR territory codes of two letters that name no country or territory: pseudo-locales, "Unknown Region",
+# organisations and a macro-region.
+_NOT_COUNTRIES = {"EU", "EZ", "QO", "UN", "XA", "XB", "ZZ"}
 
 
 def _cldr_terms() -> list[tuple[str, str, str, str]]:
@@ -277,6 +354,7 @@ def _cldr_terms() -> list[tuple[str, str, str, str]]:
         for code, name in english.territories.items()
         if len(code) == 2
         and code.isalpha()
+        and code not in _NOT_COUNTRIES
         and len(name.split()) <= 2
         and not set(name) & set("&(),.")
         and all(code in loc.territories for loc in locales)
@@ -297,9 +375,23 @@ def _cldr_terms() -> list[tuple[str, str, str, str]]:
     return terms
 
 
+def _fold(text: str) -> str:
+    """Text as the scorer compares it (tasklib.normalize_text), also without accents."""
+    decomposed = unicodedata.normalize("NFKD", tasklib.normalize_text(text))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def is_echo(english: str, answer: str) -> bool:
+    """An echo item: its answer equals the question's English word or phrase, or is part of it, ignoring
+    case, accents and hyphens (Togo → Togo, Guinea → Guiné, January → Januar, Åland Islands → Åland). A model
+    that copies or trims the English word answers it without knowing the language."""
+    return _fold(answer) in _fold(english)
+
+
 def multilingual_terms(rng: random.Random) -> Iterator[Doc]:
-    """English → French/Spanish/German/Italian/Portuguese/Dutch names of countries, languages, months, days."""
-    terms = _cldr_terms()
+    """English → French/Spanish/German/Italian/Portuguese/Dutch names of countries, languages, months, days;
+    echo items (`is_echo`) left out."""
+    terms = [t for t in _cldr_terms() if not is_echo(t[1], t[3])]
     rng.shuffle(terms)
     for kind, english, lang, translation in terms:
         target = _LANGUAGE_NAMES[lang]
@@ -413,38 +505,6 @@ def _quoted(keys: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ registry
-@dataclass(frozen=True)
-class TaskData:
-    """One task's data: where it lives, how many items each split gets, the seed, the item source."""
-
-    name: str
-    folder: str
-    seed: int
-    n_validation: int
-    n_test: int
-    items: Callable[[random.Random], Iterator[Doc]]
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.folder) / "data" / self.name
-
-
-TASKS: dict[str, TaskData] = {
-    t.name: t
-    for t in [
-        TaskData("code_simple", "code", 101, 40, 80, code_simple),
-        TaskData("code_humaneval", "code", 102, 40, 100, code_humaneval),
-        TaskData("math_arith", "math", 201, 40, 80, math_arith),
-        TaskData("math_gsm", "math", 202, 40, 80, math_gsm),
-        TaskData("multilingual_numbers", "multilingual", 301, 40, 80, multilingual_numbers),
-        TaskData("multilingual_terms", "multilingual", 302, 40, 80, multilingual_terms),
-        TaskData("structured_lookup", "structured_data", 401, 40, 80, structured_lookup),
-        TaskData("structured_json", "structured_data", 402, 40, 80, structured_json),
-        TaskData("math_multilingual", "math_multilingual", 501, 40, 80, math_multilingual),
-    ]
-}
-
-
 def render_prompt(doc: Doc) -> str:
     """The text the model sees, as the task templates in tasks/_shared render it."""
     return str(doc["prompt"]) if "prompt" in doc else f"Question: {doc['question']}\nAnswer:"
@@ -454,23 +514,63 @@ def prompt_key(doc: Doc) -> str:
     return tasklib.normalize_prompt(render_prompt(doc))
 
 
+@dataclass(frozen=True)
+class TaskData:
+    """One task's data: where it lives, how many items each split gets, the seed, the item source, and
+    `key`: what an item asks, so that two wordings of one question count as one item (default: the prompt).
+    Keys are comparable across tasks (math_multilingual's "37 plus 48" is math_arith's "37 + 48")."""
+
+    name: str
+    folder: str
+    seed: int
+    n_validation: int
+    n_test: int
+    items: Callable[[random.Random], Iterator[Doc]]
+    key: Callable[[Doc], str] = prompt_key
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.folder) / "data" / self.name
+
+    def item_keys(self, doc: Doc) -> set[str]:
+        """The keys under which `doc` counts as seen: its normalized prompt and what it asks."""
+        return {prompt_key(doc), self.key(doc)}
+
+
+# 100 fitness (validation) items per task, as many held out; HumanEval's 151 short problems give 40 + 100.
+TASKS: dict[str, TaskData] = {
+    t.name: t
+    for t in [
+        TaskData("code_simple", "code", 101, 100, 100, code_simple),
+        TaskData("code_humaneval", "code", 102, 40, 100, code_humaneval),
+        TaskData("math_arith", "math", 201, 100, 100, math_arith, arith_key),
+        TaskData("math_gsm", "math", 202, 100, 100, math_gsm),
+        TaskData("multilingual_numbers", "multilingual", 301, 100, 100, multilingual_numbers, numbers_key),
+        TaskData("multilingual_terms", "multilingual", 302, 100, 100, multilingual_terms),
+        TaskData("structured_lookup", "structured_data", 401, 100, 100, structured_lookup),
+        TaskData("structured_json", "structured_data", 402, 100, 100, structured_json),
+        TaskData("math_multilingual", "math_multilingual", 501, 100, 100, math_multilingual, arith_key),
+    ]
+}
+
+
 _MAX_MISSES = 20_000
 
 
-def _unique(items: Iterator[Doc], exclude: set[str], n: int, what: str) -> list[Doc]:
-    """The first `n` items whose prompts are new and not in `exclude` (a generator that yields nothing new
-    for `_MAX_MISSES` draws in a row counts as exhausted)."""
+def _unique(task: TaskData, items: Iterator[Doc], exclude: set[str], n: int, what: str) -> list[Doc]:
+    """The first `n` items none of whose keys (`TaskData.item_keys`) was seen or is in `exclude` (a source
+    that ends, or yields nothing new for `_MAX_MISSES` draws in a row, counts as exhausted)."""
     seen = set(exclude)
     out: list[Doc] = []
     misses = 0
     for doc in items:
         if len(out) == n or misses == _MAX_MISSES:
             break
-        key = prompt_key(doc)
-        if key in seen:
+        keys = task.item_keys(doc)
+        if keys & seen:
             misses += 1
             continue
-        seen.add(key)
+        seen |= keys
         out.append(doc)
         misses = 0
     if len(out) < n:
@@ -478,21 +578,33 @@ def _unique(items: Iterator[Doc], exclude: set[str], n: int, what: str) -> list[
     return out
 
 
-def trained_prompts(folder: Path = TRAINED_ON) -> set[str]:
-    """Prompts the committed demo adapters were trained on (recipes/demo/training/): never in a split, so
-    held-out scores of the specialists and their merges are on unseen items."""
+def trained_keys(folder: Path = TRAINED_ON) -> set[str]:
+    """Keys of the items the committed demo adapters were trained on (recipes/demo/training/<task>.jsonl): no
+    split holds one, so held-out scores of the specialists and their merges are on unseen items."""
+    keys: set[str] = set()
+    for path in sorted(folder.glob("*.jsonl")):
+        if path.stem not in TASKS:
+            raise SystemExit(f"{path}: file name is no task of scripts/build_tasks.py ({', '.join(TASKS)})")
+        for doc in tasklib.read_jsonl(path):
+            keys |= TASKS[path.stem].item_keys(doc)
+    return keys
+
+
+def split_keys(tasks_dir: Path = TASKS_DIR) -> set[str]:
+    """Keys of every item in every task's committed splits."""
     return {
-        prompt_key(json.loads(line))
-        for path in sorted(folder.glob("*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
+        key
+        for task in TASKS.values()
+        for split in tasklib.SPLITS
+        for doc in tasklib.read_jsonl(tasks_dir / task.data_dir / f"{split}.jsonl")
+        for key in task.item_keys(doc)
     }
 
 
-def build_splits(task: TaskData) -> dict[str, list[Doc]]:
-    """Validation and test items of `task`, disjoint by normalized prompt and from the demo's training data."""
+def build_splits(task: TaskData, trained: set[str]) -> dict[str, list[Doc]]:
+    """Validation and test items of `task`: no two share a key, none has a key in `trained` (`trained_keys`)."""
     n = task.n_validation + task.n_test
-    docs = _unique(task.items(random.Random(task.seed)), trained_prompts(), n, task.name)
+    docs = _unique(task, task.items(random.Random(task.seed)), trained, n, task.name)
     return {"validation": docs[: task.n_validation], "test": docs[task.n_validation :]}
 
 
@@ -514,11 +626,10 @@ def check_versions() -> None:
 def build(out_dir: Path, names: list[str] | None = None) -> list[Path]:
     """Write each task's split files under `out_dir` (laid out like tasks/); return the paths written."""
     check_versions()
+    trained = trained_keys()
     written = []
     for task in (TASKS[n] for n in names) if names else TASKS.values():
-        splits = build_splits(task)
-        overlap = {prompt_key(d) for d in splits["validation"]} & {prompt_key(d) for d in splits["test"]}
-        assert not overlap, f"{task.name}: {len(overlap)} prompts in both splits"
+        splits = build_splits(task, trained)
         folder = out_dir / task.data_dir
         folder.mkdir(parents=True, exist_ok=True)
         for split, docs in splits.items():
@@ -529,16 +640,17 @@ def build(out_dir: Path, names: list[str] | None = None) -> list[Path]:
 
 
 def training_items(task: str, n: int, seed: int, tasks_dir: Path = TASKS_DIR) -> list[dict[str, str]]:
-    """`n` items of `task` for fine-tuning, none of whose prompts is in the task's committed splits.
+    """`n` items of `task` for fine-tuning, none of which is in a committed split of any task (`item_keys`).
 
     Each item: `prompt` (what the model sees at evaluation), `answer` (the gold answer as scored) and
     `completion` (the text to train on after the prompt, ending with the stop sequence lm-eval cuts at).
-    Finite sources (HumanEval) raise ValueError when fewer than `n` items are left outside the splits.
+    Finite sources (HumanEval, terms, number words) raise ValueError when fewer than `n` items are left
+    outside the splits.
     """
     spec = TASKS[task]
-    folder = tasks_dir / spec.data_dir
-    held = {prompt_key(d) for split in tasklib.SPLITS for d in tasklib.read_jsonl(folder / f"{split}.jsonl")}
-    docs = _unique(spec.items(random.Random(f"train/{task}/{seed}")), held, n, f"{task} training")
+    docs = _unique(
+        spec, spec.items(random.Random(f"train/{task}/{seed}")), split_keys(tasks_dir), n, f"{task} training"
+    )
     is_code = spec.folder == "code"
     return [
         {

@@ -1,10 +1,12 @@
-"""The evaluation data in tasks/: YAMLs lm-eval accepts, disjoint splits, a reproducible build, scorers that
-tell a right answer from a wrong one, training items outside the evaluated splits."""
+"""The evaluation data in tasks/: YAMLs lm-eval accepts, disjoint splits (from each other and from the demo
+adapters' training items), no echo items, a reproducible build, scorers that tell a right answer from a wrong
+one, training items outside the evaluated splits."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -72,21 +74,92 @@ def test_every_task_has_a_yaml_with_metadata_and_the_prompt_convention(configs: 
         assert levels == {"easy", "hard"}, domain
 
 
-def test_splits_have_the_planned_sizes_and_share_no_prompt(configs: dict[str, dict]) -> None:
+# (validation, test) items: 100 fitness items bound the standard error of a task score by 0.05; HumanEval has
+# only 151 problems short enough to be scored, so it stays at 40 + 100.
+SIZES = dict.fromkeys(build_tasks.TASKS, (100, 100)) | {"code_humaneval": (40, 100)}
+
+
+def _keys(name: str, doc: dict) -> set[str]:
+    spec = build_tasks.TASKS.get(name)
+    return spec.item_keys(doc) if spec else {build_tasks.prompt_key(doc)}
+
+
+def test_splits_have_the_planned_sizes_and_share_no_item(configs: dict[str, dict]) -> None:
+    assert {n: (t.n_validation, t.n_test) for n, t in build_tasks.TASKS.items()} == SIZES
     for name, cfg in configs.items():
         splits = _splits(cfg)
-        if name in build_tasks.TASKS:
-            spec = build_tasks.TASKS[name]
-            assert (len(splits["validation"]), len(splits["test"])) == (spec.n_validation, spec.n_test), name
-        keys = {split: [build_tasks.prompt_key(d) for d in docs] for split, docs in splits.items()}
-        assert len(set(keys["validation"])) == len(keys["validation"]), (
-            f"{name}: duplicate validation prompts"
-        )
-        assert len(set(keys["test"])) == len(keys["test"]), f"{name}: duplicate test prompts"
-        assert not set(keys["validation"]) & set(keys["test"]), name
-        for doc in splits["validation"] + splits["test"]:
-            if "prompt" not in doc:  # question tasks: the gold answer is one short line
-                assert "\n" not in doc["answer"] and doc["answer"].strip() == doc["answer"], (name, doc)
+        if name in SIZES:
+            assert (len(splits["validation"]), len(splits["test"])) == SIZES[name], name
+        seen: dict[str, str] = {}
+        for split, docs in splits.items():
+            for doc in docs:
+                for key in _keys(name, doc):  # by prompt and by what the item asks
+                    assert key not in seen, f"{name}: {key!r} in {seen.get(key)} and {split}"
+                    seen[key] = split
+                if "prompt" not in doc:  # question tasks: the gold answer is one short line
+                    assert "\n" not in doc["answer"] and doc["answer"].strip() == doc["answer"], (name, doc)
+
+
+def test_no_split_item_is_a_demo_training_item(configs: dict[str, dict]) -> None:
+    """recipes/demo/training/ holds what the committed adapters were trained on: the specialists' and their
+    merges' scores are on unseen items only if no split item is one of them, in any wording."""
+    trained = build_tasks.trained_keys()
+    assert len(trained) >= 7900  # the 7,900 committed training items
+    for name, cfg in configs.items():
+        for split, docs in _splits(cfg).items():
+            found = [d for d in docs if _keys(name, d) & trained]
+            assert not found, f"{name} {split}: {len(found)} trained items, e.g. {found[0]}"
+
+
+def test_trained_keys_name_a_file_that_is_no_task(tmp_path: Path) -> None:
+    (tmp_path / "mathematics.jsonl").write_text('{"prompt": "Question: What is 1 + 1?\\nAnswer:"}\n')
+    with pytest.raises(SystemExit, match=r"mathematics\.jsonl"):
+        build_tasks.trained_keys(tmp_path)
+
+
+def test_item_keys_name_the_question_not_its_wording() -> None:
+    arith, ml_math, numbers = (
+        build_tasks.TASKS[n] for n in ("math_arith", "math_multilingual", "multilingual_numbers")
+    )
+
+    def key(task, question: str, answer: str) -> str:
+        return task.key({"question": question, "answer": answer})
+
+    plus = key(arith, "What is 37 + 48?", "85")
+    assert plus == key(arith, "What is 48 + 37?", "85") == key(ml_math, "Was ist 48 plus 37?", "85")
+    assert plus == key(ml_math, "¿Cuánto es 37 más 48?", "85") != key(arith, "What is 37 + 49?", "86")
+    assert key(arith, "What is 48 - 37?", "11") != key(ml_math, "Combien font 37 moins 48 ?", "-11")
+    assert key(ml_math, "Was ist 7 mal 9?", "63") == key(ml_math, "Combien font 9 fois 7 ?", "63")
+    word_problem = "Anna hat 12 Äpfel und kauft 5 dazu. Wie viele Äpfel hat Anna jetzt?"
+    assert key(ml_math, word_problem, "17") == build_tasks.prompt_key({"question": word_problem})
+    # the demo's training items read numbers in an older wording: the same item
+    read = key(numbers, 'What number is "dix-sept" in French?', "17")
+    trained = {
+        "prompt": 'Question: Which number is "dix-sept" in French? Answer with digits.\nAnswer:',
+        "answer": "17",
+    }
+    assert read == numbers.key(trained)
+    assert read != key(numbers, "How do you write the number 17 in French?", "dix-sept")
+    assert read != key(numbers, 'What number is "diecisiete" in Spanish?', "17")
+
+
+_TERM = re.compile(
+    r"What is the \w+ (?:name of the country|name of the language|word for the month|word for) (.+)\?"
+)
+
+
+def test_multilingual_terms_has_no_echo_item(configs: dict[str, dict]) -> None:
+    """An answer that is the question's English word, or part of it, scores for a model that copies it."""
+    assert build_tasks.is_echo("Togo", "Togo") and build_tasks.is_echo("Guinea", "Guiné")
+    assert build_tasks.is_echo("January", "Januar") and build_tasks.is_echo("Åland Islands", "Åland")
+    assert build_tasks.is_echo("Timor-Leste", "timor leste")
+    assert not build_tasks.is_echo("Germany", "Allemagne") and not build_tasks.is_echo("Korea", "Corea")
+    assert not build_tasks.is_echo("Guinea", "Guinea Ecuatorial")
+    for split, docs in _splits(configs["multilingual_terms"]).items():
+        for doc in docs:
+            english = _TERM.fullmatch(doc["question"])
+            assert english, doc
+            assert not build_tasks.is_echo(english[1], doc["answer"]), (split, doc)
 
 
 def test_rebuild_is_byte_identical(tmp_path: Path) -> None:
@@ -138,12 +211,13 @@ def test_answer_matching_rules() -> None:
     assert structured.score_json(doc, [' {"job": "Farm manager", "age": 55'])["json_match"] == 0.0
 
 
-def test_training_items_avoid_both_splits(configs: dict[str, dict]) -> None:
+def test_training_items_avoid_every_split() -> None:
+    held = build_tasks.split_keys()
     for name in ("math_arith", "multilingual_numbers", "code_simple", "structured_json"):
         items = build_tasks.training_items(name, 100, seed=3)
-        held = {build_tasks.prompt_key(d) for docs in _splits(configs[name]).values() for d in docs}
-        keys = {tasklib.normalize_prompt(i["prompt"]) for i in items}
-        assert len(keys) == 100 and not keys & held, name
+        keys = [build_tasks.TASKS[name].item_keys(i) for i in items]
+        assert len(set().union(*keys)) == sum(map(len, keys)), name  # no two share a key
+        assert len(items) == 100 and not set().union(*keys) & held, name
         assert build_tasks.training_items(name, 5, seed=3) == items[:5]
         assert build_tasks.training_items(name, 5, seed=4) != items[:5]
     with pytest.raises(ValueError, match="code_humaneval training"):
