@@ -45,7 +45,7 @@ def tasks(tasks_dir: TasksDir = None) -> None:
         suite = TaskSuite.discover(tasks_dir)
         counts = suite.item_counts()
     splits = _split_order({s for c in counts.values() for s in c})
-    table = Table(title=str(suite.root))
+    table = Table()
     for header in ("domain", "task", "level", "metric", *splits):
         table.add_column(header, no_wrap=header in ("domain", "task"))
     for domain, infos in suite.domains.items():
@@ -54,6 +54,7 @@ def tasks(tasks_dir: TasksDir = None) -> None:
             cells = [str(counts[info.name].get(s, "-")) for s in splits]
             table.add_row(label, info.name, info.level or "", _metric(info.primary_metric), *cells)
             label = ""
+    out.print(str(suite.root), soft_wrap=True)  # a line of its own: a table title wraps a long path
     out.print(table)
     out.print(f"{len(suite.tasks)} tasks in {len(suite.domains)} domains")
     for error in suite.errors.values():
