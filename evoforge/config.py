@@ -82,6 +82,10 @@ class EvaluationConfig(Strict):
     """Domain → task names; None = every task found under tasks_dir, by its metadata domain."""
     fitness_split: str = "validation"
     heldout_split: str = "test"
+    fitness_metric: Literal["accuracy", "likelihood"] = "accuracy"
+    """What fitness climbs on the fitness split: `accuracy` (each task's primary metric on greedy generations)
+    or `likelihood` (exp of the mean per-token log-probability of each item's gold answer, teacher-forced, no
+    decoding). The held-out split is always scored by accuracy: it is the quality claim."""
     limit: Annotated[int, Field(ge=1)] | None = None
     batch_size: Annotated[int, Field(ge=1)] = 32
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 from typing import Literal
 
 import numpy as np
@@ -32,10 +32,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
+from evoforge.evaluate.likelihood import item_scores
 from evoforge.evaluate.suite import TaskError, TaskSuite
 from evoforge.models import Device, locate_model, resolve_device
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Metric = Literal["accuracy", "likelihood"]
 
 DEFAULT_WEIGHTS: dict[str, float] = EvolutionConfig.model_fields["evaluation_weights"].default
 SEED = 1234
@@ -55,12 +57,17 @@ class TaskScore(BaseModel):
     stderr: float | None
     n_items: int
     level: str | None = None
+    items: list[float] | None = None
+    """Per-item scores in document order (always for likelihood; for accuracy when asked for), what a
+    bootstrap over items resamples."""
 
 
 class EvalResult(BaseModel):
     """What one model scored on one split; `fitness` is the weighted mean of the domain scores."""
 
     split: str
+    metric: Metric = "accuracy"
+    """`accuracy`: each task's primary metric; `likelihood`: gold-answer probability (evaluate.likelihood)."""
     tasks: dict[str, TaskScore]
     domains: dict[str, float]
     """Domain → mean primary metric of its tasks (a task tagged with two domains counts in both)."""
@@ -303,23 +310,16 @@ class Scorer:
         for task in tasks:
             task.set_fewshot_seed(seed=self.seed)
 
-    def score(self, split: str | None = None, limit: int | None = None) -> EvalResult:
-        """Evaluate the resident model on `split` (default: the fitness split), first `limit` documents of
-        each task (default: the config's limit; None = all)."""
-        split = split or self.evaluation.fitness_split
-        limit = limit if limit is not None else self.evaluation.limit
-        tasks = self.tasks(split)
-        self._reseed(tasks.values())
-        start = time.perf_counter()
+    def _accuracy(self, tasks: dict[str, Task], limit: int | None, items: bool) -> dict[str, TaskScore]:
+        """Each task's primary metric through lm-eval's `evaluate` (generation, filters, metrics)."""
         out = evaluate(
             self.lm,
             {"tasks": tasks},
             limit=limit,
             bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=False,
+            log_samples=items,
             confirm_run_unsafe_code=True,  # tasks/ is trusted; code runs in evoforge's sandbox
         )
-        wall = time.perf_counter() - start
         scores: dict[str, TaskScore] = {}
         for name, info in self.suite.tasks.items():
             metrics = out["results"][name]
@@ -338,10 +338,53 @@ class Scorer:
                 stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
                 n_items=int(out["n-samples"][name]["effective"]),
                 level=info.level,
+                items=_primary_items(out["samples"][name], info.primary_metric) if items else None,
             )
+        return scores
+
+    def _likelihood(self, tasks: dict[str, Task], limit: int | None) -> dict[str, TaskScore]:
+        """Each task's mean gold-answer probability (evaluate.likelihood), with the stderr of that mean."""
+        scores: dict[str, TaskScore] = {}
+        for name, values in item_scores(self.lm, tasks, limit).items():
+            info = self.suite.tasks[name]
+            scores[name] = TaskScore(
+                domains=list(info.domains),
+                metric="likelihood",
+                value=fmean(values),
+                stderr=stdev(values) / len(values) ** 0.5 if len(values) > 1 else None,
+                n_items=len(values),
+                level=info.level,
+                items=values,
+            )
+        return scores
+
+    def score(
+        self,
+        split: str | None = None,
+        limit: int | None = None,
+        metric: Metric | None = None,
+        items: bool = False,
+    ) -> EvalResult:
+        """Evaluate the resident model on `split` (default: the fitness split), first `limit` documents of
+        each task (default: the config's limit; None = all), by `metric` (default: the config's
+        `fitness_metric` on the fitness split, accuracy on any other). `items` keeps accuracy's per-item
+        scores too (likelihood always keeps them)."""
+        split = split or self.evaluation.fitness_split
+        limit = limit if limit is not None else self.evaluation.limit
+        if metric is None:
+            metric = self.evaluation.fitness_metric if split == self.evaluation.fitness_split else "accuracy"
+        tasks = self.tasks(split)
+        self._reseed(tasks.values())
+        start = time.perf_counter()
+        if metric == "likelihood":
+            scores = self._likelihood(tasks, limit)
+        else:
+            scores = self._accuracy(tasks, limit, items)
+        wall = time.perf_counter() - start
         domains = {d: fmean(scores[t.name].value for t in ts) for d, ts in self.suite.domains.items()}
         return EvalResult(
             split=split,
+            metric=metric,
             tasks=scores,
             domains=domains,
             weights=self.weights,
@@ -350,3 +393,9 @@ class Scorer:
             limit=limit,
             wall_s=wall,
         )
+
+
+def _primary_items(samples: list[dict], primary_metric: str) -> list[float]:
+    """One task's per-document values of its primary metric (`metric,filter`) from lm-eval's logged samples."""
+    metric, _, filt = primary_metric.partition(",")
+    return [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"]) if s["filter"] == filt]

@@ -63,6 +63,7 @@ class _HeldCandidate:
 
 def to_scores(result: EvalResult) -> Scores:
     return Scores(
+        metric=result.metric,
         fitness=result.fitness,
         domains=dict(result.domains),
         tasks={name: t.value for name, t in result.tasks.items()},

@@ -22,6 +22,8 @@ class Scores(BaseModel):
     """One model on one split: fitness = Σ weight × domain score over the weighted domains."""
 
     model_config = ConfigDict(extra="forbid")
+    metric: Literal["accuracy", "likelihood"] = "accuracy"
+    """What the task scores are: each task's primary metric, or gold-answer likelihood (fitness_metric)."""
     fitness: float
     domains: dict[str, float]
     tasks: dict[str, float]
