@@ -508,6 +508,7 @@ VALUES = [  # as source: each crosses to the program and back
     "0.1",
     "-0.0",
     "float('inf')",
+    "-float('inf')",
     "2 + 3j",
     "'naïve \\ud800 \\n'",
     "b'\\x00\\xff'",
@@ -531,6 +532,8 @@ def test_values_cross_between_program_and_tests_exactly() -> None:
     for value in [{", ".join(VALUES)}]:
         back = echo(value)
         assert back == value and type(back) is type(value) and str(back) == str(value), (value, back)
+
+    assert str(echo(float("nan"))) == "nan"
 
     def raised(call, *args):
         try:

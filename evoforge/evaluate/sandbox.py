@@ -44,20 +44,20 @@ write `pass <nonce>` on the status pipe, which the program's process closed befo
 that line, and nothing else, makes `passed`. A program that ends, hangs or breaks the link first fails.
 Still the program's: functions it defines that the tests call (the prompt's helpers too, which it may
 redefine); arguments go to it as copies (it cannot change the tests' values), and the tests see only
-what it returns, raises (builtin exception types; others as RuntimeError) or prints.
+what it returns or raises (builtin exception types; others as RuntimeError).
 
 Not contained: the program can read world-readable files of the host. Root without CAP_SYS_ADMIN (e.g. a
 default Docker container) cannot create the namespaces: `SandboxError`, no program runs uncontained.
 When the parent is not root, there is no uid to drop to and no mount namespace: the program runs as the
 calling user with the same rlimits, seccomp filter and a fresh working folder, and can write wherever that
 user can; the network and leftover processes are contained where unprivileged user namespaces are allowed
-(else not). It then sees the host's /proc: it could forge a verdict if it could read this process's
-memory for the nonce (same user; ptrace rules permitting). A warning says so once.
+(else not). Its own user namespace keeps it from our /proc entries; without one, it could write on our
+status pipe, yet pass only if it also read the nonce from our memory (ptrace rules permitting). A warning
+says so once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -96,7 +96,11 @@ _UID_SPAN = 1 << 24
 # How long to wait for output still in the pipes after the program ended.
 _DRAIN_S = 1.0
 
-_BOOT = (Path(__file__).parent / "sandbox_boot.py").read_text()
+# The bootstrap's command: its module imported by path (cached bytecode), the path dropped again.
+_BOOT = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import sandbox_boot; del sys.path[0]; "
+    "sandbox_boot.boot(sys.argv[1:])"
+)
 _FILTER = socket_filter(platform.machine())
 
 
@@ -182,23 +186,13 @@ def _run(data: bytes, tests: bytes | None, uid: int, timeout_s: float, memory_mb
         tests_fd, tests_w = os.pipe()
         ours[tests_w] = nonce + b"\n" + tests
         theirs.append(tests_fd)
-    config = {
-        "status_fd": status_w,
-        "tests_fd": tests_fd,
-        "uid": uid,
-        "tester_uid": uid and uid + _UID_SPAN,
-        "cpu_s": math.ceil(timeout_s) + 1,
-        "memory_mb": memory_mb,
-        "file_mb": _FILE_MB,
-        "disk_mb": _DISK_MB,
-        "nproc": _NPROC,
-        "nofile": _NOFILE,
-        "bpf": (_FILTER or b"").hex(),
-    }
+    # In the order `sandbox_boot.boot` reads them.
+    limits = [math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
+    args = [status_w, tests_fd, uid, uid and uid + _UID_SPAN, *limits, (_FILTER or b"").hex()]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(config)],
+            [sys.executable, "-I", "-S", "-c", _BOOT, *map(str, args)],
             stdin=stdin_r,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

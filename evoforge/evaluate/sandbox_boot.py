@@ -1,19 +1,21 @@
 """The code sandbox's child side: the bootstrap, its init, the program's process and the test process.
 
-`sandbox.py` runs this file's text as `python -I -S -c <text> <config JSON>` and says why each step is
-there. Only the stdlib is importable here (no site-packages before `site.main()`, so no evoforge). The
-bootstrap reads the program from stdin, enters the namespaces and forks an init (pid 1 of a new pid
-namespace, root there), whose child runs the program, or, when there are tests, forks the program's
-process and becomes the test process. Status lines on `status_fd` tell the parent what exit codes cannot:
-`prog` once the program's process is set up (a setup failure is not a failing program), `tests` once the
-test process is, `exit <code>` when the program ended, `pass <nonce>` once the tests ran to their end.
+`sandbox.py` starts `python -I -S`, imports this module by its path (its cached bytecode: no compiling
+per run) and calls `boot` with the arguments it lists; it says why each step is there. Only the stdlib is
+importable here (no site-packages before `site.main()`, so no evoforge), and each import costs every run:
+values cross the link as JSON through json's C scanner, without the json package (whose `re` alone would
+cost ~10 ms a run). The bootstrap reads the program from stdin, enters the namespaces and forks an init
+(pid 1 of a new pid namespace, root there), whose child runs the program, or, when there are tests, forks
+the program's process and becomes the test process. Status lines on `status_fd` tell the parent what exit
+codes cannot: `prog` once the program's process is set up (a setup failure is not a failing program),
+`tests` once the test process is, `exit <code>` when the program ended, `pass <nonce>` once the tests ran
+to their end.
 """
 
+import _json
 import atexit
 import builtins
 import ctypes
-import json
-import linecache
 import os
 import resource
 import stat
@@ -40,7 +42,11 @@ def _mount(src, target, fstype, flags, opts=None):
     )
 
 
-def boot(status_fd, tests_fd, uid, tester_uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile, bpf):
+def boot(argv):
+    status_fd, tests_fd, uid, tester_uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile = map(
+        int, argv[:10]
+    )
+    bpf = bytes.fromhex(argv[10])
     _prctl("pdeathsig", 1, 9)  # PR_SET_PDEATHSIG SIGKILL: die with the parent
     with open("/proc/self/oom_score_adj", "w") as f:  # inherited: the OOM killer takes us, not the host
         f.write("1000")
@@ -68,7 +74,6 @@ def boot(status_fd, tests_fd, uid, tester_uid, cpu_s, memory_mb, file_mb, disk_m
             (resource.RLIMIT_CORE, 0),
         ]:
             resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
-        bpf = bytes.fromhex(bpf)
         if tests_fd < 0:
             _program(source, uid, bpf, status_fd, None)
         _split(source, uid, tester_uid, bpf, status_fd, tests_fd)
@@ -207,17 +212,17 @@ def _serve(namespace, requests, replies):
     """Answer the test process's calls with the program's functions, until it closes the link."""
     sys.set_int_max_str_digits(0)
 
-    def send(message):
-        replies.write(json.dumps(message).encode() + b"\n")
+    def send(line):
+        replies.write(line.encode() + b"\n")
         replies.flush()
 
-    send(["ready", [name for name, value in namespace.items() if callable(value)]])
+    send(dumps(["ready", [name for name, value in namespace.items() if callable(value)]]))
     for line in requests:
-        name, args, kwargs = json.loads(line, object_hook=_tagged)
+        name, args, kwargs = loads(line)
         try:
-            reply = ["ok", encode(namespace[name](*args, **kwargs))]
+            reply = dumps(["ok", namespace[name](*args, **kwargs)])  # a result that is not data raises too
         except Exception as exc:
-            reply = ["raise", type(exc).__name__, str(exc)]
+            reply = dumps(["raise", type(exc).__name__, str(exc)])
         send(reply)
 
 
@@ -229,8 +234,6 @@ def _tests(program, uid, bpf, status_fd, tests_fd, req_w, rep_r):
     with open(tests_fd, "rb") as f:
         nonce, _, tests = f.read().partition(b"\n")
     sys.set_int_max_str_digits(0)
-    text = tests.decode(errors="surrogateescape")
-    linecache.cache["tests.py"] = (len(text), None, text.splitlines(True), "tests.py")  # for tracebacks
     link = _Link(req_w, rep_r)
     passed = False
     try:
@@ -240,8 +243,11 @@ def _tests(program, uid, bpf, status_fd, tests_fd, req_w, rep_r):
     except _ProgramEnded:
         pass  # its own output, or the parent's note, says how it ended
     except BaseException as exc:
+        import linecache
         import traceback  # not sys.excepthook: it reads source lines from files, and tests.py is none
 
+        text = tests.decode(errors="surrogateescape")
+        linecache.cache["tests.py"] = (len(text), None, text.splitlines(True), "tests.py")
         traceback.print_exception(exc.with_traceback(exc.__traceback__.tb_next))
     if passed:
         os.write(status_fd, b"pass " + nonce + b"\n")
@@ -279,7 +285,7 @@ class _Link:
         def call(*args, **kwargs):
             if self.ended:
                 raise _ProgramEnded
-            self._send([name, encode(list(args)), encode(kwargs)])
+            self._send([name, list(args), kwargs])
             reply = self._receive()
             if reply[0] == "ok":
                 return reply[1]
@@ -289,8 +295,9 @@ class _Link:
         return call
 
     def _send(self, message):
+        line = dumps(message).encode() + b"\n"  # first: a value that is not data fails here, link intact
         try:
-            self.requests.write(json.dumps(message).encode() + b"\n")
+            self.requests.write(line)
             self.requests.flush()
         except BrokenPipeError:
             self.ended = True
@@ -303,7 +310,7 @@ class _Link:
         if not line.endswith(b"\n"):
             self.ended = True
             raise _ProgramEnded
-        return json.loads(line, object_hook=_tagged)
+        return loads(line)
 
 
 def _exception(name, message):
@@ -317,7 +324,8 @@ def _exception(name, message):
     return RuntimeError(f"{name}: {message}")
 
 
-# Values cross the link as JSON: lists, str, int, float, bool and None as themselves, other types tagged.
+# Values cross the link as JSON: lists, str, int, float, bool and None as themselves, other types tagged
+# ({"tuple": [...]}; a dict as {"dict": [[key, value], ...]}): every JSON object is a tag.
 _TAGS = {
     "tuple": tuple,
     "set": set,
@@ -326,33 +334,65 @@ _TAGS = {
     "bytes": bytes.fromhex,
     "complex": lambda parts: complex(*parts),
 }
+_INF = float("inf")
+_CONSTANTS = {"NaN": float("nan"), "Infinity": _INF, "-Infinity": -_INF}
 
 
 def _tagged(obj):
-    """A tagged value back (JSON objects only ever hold one): whatever it holds, plain data or an error."""
+    """A tagged value back: whatever the program sent, plain data or an exception."""
     ((tag, payload),) = obj.items()
     return _TAGS[tag](payload)
 
 
-def encode(value):
-    """`value` as JSON-ready data; plain data only (subclasses as their base type), else TypeError."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
+class _Decoding:
+    """What json's C scanner reads from a decoder: strict strings, tags decoded, JSON's constants."""
+
+    strict = True
+    object_hook = staticmethod(_tagged)
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = _CONSTANTS.__getitem__
+
+
+_scan = _json.make_scanner(_Decoding())
+
+
+def loads(line):
+    """The value on one line of JSON (bytes): plain data, or ValueError (or what a tag raised)."""
+    text = line.decode()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON value") from None
+    if text[end:] != "\n":
+        raise ValueError("not one JSON value on one line")
+    return value
+
+
+def dumps(value):
+    """`value` as one line of JSON; plain data only (subclasses as their base type), else TypeError."""
+    if value is None or value is True or value is False:
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        return float.__repr__(value) if abs(value) < _INF else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
     if isinstance(value, list):
-        return [encode(item) for item in value]
+        return "[" + ",".join(map(dumps, value)) + "]"
     if isinstance(value, dict):
-        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
+        return '{"dict":[' + ",".join(f"[{dumps(k)},{dumps(v)}]" for k, v in value.items()) + "]}"
     if isinstance(value, bytes):
-        return {"bytes": value.hex()}
+        return f'{{"bytes":"{value.hex()}"}}'
     if isinstance(value, complex):
-        return {"complex": [value.real, value.imag]}
+        return f'{{"complex":[{dumps(value.real)},{dumps(value.imag)}]}}'
     for kind in (tuple, set, frozenset):
         if isinstance(value, kind):
-            return {kind.__name__: [encode(item) for item in value]}
+            return f'{{"{kind.__name__}":[' + ",".join(map(dumps, value)) + "]}"
     raise TypeError(
         f"a {type(value).__name__} cannot pass between the program and its tests (plain data only)"
     )
-
-
-if __name__ == "__main__":
-    boot(**json.loads(sys.argv[1]))
