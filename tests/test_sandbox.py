@@ -494,6 +494,12 @@ def test_tests_pass_only_once_they_ran_to_their_end() -> None:
     assert not run_python(ADD, tests=ADD_TESTS.replace("add)", "sub)")).passed  # NameError: no such function
 
 
+def test_the_programs_output_is_kept_when_its_tests_end_it() -> None:
+    program = "print('loaded')\ndef add(a, b):\n    print('adding', a, b)\n    return a + b\n"
+    result = run_python(program, tests="print('testing')\nassert add(1, 2) == 3\n")
+    assert result.passed and result.stdout == "loaded\nadding 1 2\ntesting\n"  # the tests' own at their end
+
+
 def test_an_exit_before_the_tests_ran_says_so() -> None:
     result = run_python(ADD + "exit()", tests=ADD_TESTS)
     assert (result.passed, result.returncode) == (False, 0)

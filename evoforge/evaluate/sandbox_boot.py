@@ -213,6 +213,11 @@ def _serve(namespace, requests, replies):
     sys.set_int_max_str_digits(0)
 
     def send(line):
+        for stream in (sys.stdout, sys.stderr):  # its output so far: the tests' end may end this process
+            try:
+                stream.flush()
+            except Exception:
+                pass
         replies.write(line.encode() + b"\n")
         replies.flush()
 
