@@ -29,22 +29,22 @@ The parent kills the process group (bootstrap and init) at the timeout, at an ou
 the run ended; the init's death ends the namespace.
 
 Scoring (`tests`). The program's exit status proves nothing: it is the program's to choose (`exit()`,
-`os._exit(0)` in an atexit handler, an excepthook, a signal, closing stdout...), and so is everything in
-its address space: it can rebind builtins, patch modules, trace or skip the code that runs after it, read
-its memory, fds, argv and files. So the tests never run there. The init's child forks the program's process
-and becomes the test process, a second uid of the call's own and non-dumpable: the program can neither
-signal it nor read or write its memory and fds. Only the test process receives the tests, on a pipe of its
-own, behind a per-run nonce. It waits until the program ran to its end and sent the names of its
-functions, then runs the tests; a function call in the tests goes over a pipe to the program's process,
-which runs it and sends the result back, plain data only (None, bool, int, float, complex, str, bytes,
-list, tuple, dict, set, frozenset), decoded in the test process without running any of the program's
-code: no object of the program's reaches the tests, so no `__eq__` of its own answers an assertion. Names
-of the builtins stay the builtins' in the tests. Only once the last test returned does the test process
-write `pass <nonce>` on the status pipe, which the program's process closed before the program started:
-that line, and nothing else, makes `passed`. A program that ends, hangs or breaks the link first fails.
-Still the program's: functions it defines that the tests call (the prompt's helpers too, which it may
-redefine); arguments go to it as copies (it cannot change the tests' values), and the tests see only
-what it returns or raises (builtin exception types; others as RuntimeError).
+`os._exit(0)` in an atexit handler, an excepthook, a signal, closing stdout...), and so is everything in its
+address space: it can rebind builtins, patch modules, trace or skip the code that runs after it, read its
+memory, fds, argv and files. So the tests never run there. The init's child forks the program's process and
+becomes the test process, a second uid of the call's own and non-dumpable: the program can neither signal it
+nor read or write its memory and fds. Only the test process receives the tests, on a pipe of its own, behind a
+per-run nonce. It waits until the program ran to its end and sent the names of its functions, then runs the
+tests (standard library only: no site-packages, no per-run `site` cost); a function call in the tests goes
+over a pipe to the program's process, which runs it and sends the result back, plain data only (None, bool,
+int, float, complex, str, bytes, list, tuple, dict, set, frozenset), decoded in the test process without
+running any of the program's code: no object of the program's reaches the tests, so no `__eq__` of its own
+answers an assertion. Names of the builtins stay the builtins' in the tests. Only once the last test returned
+does the test process write `pass <nonce>` on the status pipe, which the program's process closed before the
+program started: that line, and nothing else, makes `passed`. A program that ends, hangs or breaks the link
+first fails. Still the program's: functions it defines that the tests call (the prompt's helpers too, which it
+may redefine); arguments go to it as copies (it cannot change the tests' values), and the tests see only what
+it returns or raises (builtin exception types; others as RuntimeError).
 
 Not contained: the program can read world-readable files of the host. Root without CAP_SYS_ADMIN (e.g. a
 default Docker container) cannot create the namespaces: `SandboxError`, no program runs uncontained.
