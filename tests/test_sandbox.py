@@ -1,7 +1,8 @@
-"""The code sandbox: hostile programs fail and leave the host, this test process and its files untouched.
+"""The code sandbox: hostile programs fail and leave the host, this test process and its files untouched,
+and tests run apart from the program pass only when they ran to their end.
 
 Every hostile program first prints its uid (unique to the call), so each test can check afterwards that no
-process of that uid is left, zombies included.
+process of that uid (or of its test process's) is left, zombies included.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from evoforge.evaluate import sandbox
+from evoforge.evaluate import sandbox, seccomp
 from evoforge.evaluate.sandbox import SandboxError, SandboxResult, run_many, run_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +51,16 @@ def processes_of(uid: int) -> list[int]:
 
 
 def assert_contained(result: SandboxResult, uid: int) -> None:
-    assert not result.passed
-    assert processes_of(uid) == []
+    assert result.returncode != 0
+    assert processes_of(uid) == processes_of(uid + sandbox._UID_SPAN) == []
 
 
-def test_correct_program_passes_with_stdout_and_stdlib() -> None:
+def test_correct_program_runs_with_stdout_and_stdlib() -> None:
+    """Without tests nothing passes: an exit status proves nothing."""
     result = run_python(
         "import json, math, decimal\nprint(json.dumps([math.isqrt(49), str(decimal.Decimal(1) / 4)]))"
     )
-    assert result == SandboxResult(True, 0, False, '[7, "0.25"]\n', "", result.duration_s)
+    assert result == SandboxResult(False, 0, False, '[7, "0.25"]\n', "", result.duration_s)
     assert result.duration_s < 5
 
 
@@ -67,11 +70,12 @@ def test_program_runs_unprivileged() -> None:
     assert os.getuid() == os.geteuid() == os.getgid() > 0 and os.getgroups() == []
     assert "CapEff:\\t0000000000000000" in open("/proc/self/status").read()
     assert "NoNewPrivs:\\t1" in open("/proc/self/status").read()
+    assert "Seccomp:\\t2" in open("/proc/self/status").read()  # a filter is on
     assert open("/proc/self/oom_score_adj").read() == "1000\\n"
     assert os.getppid() == 1 and sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, os.getpid()]
     """
     result = run_python(textwrap.dedent(source))
-    assert result.passed, result.stderr
+    assert result.returncode == 0, result.stderr
 
 
 def test_large_source_and_empty_stdin() -> None:
@@ -80,7 +84,7 @@ def test_large_source_and_empty_stdin() -> None:
 
 
 def test_site_packages_are_importable() -> None:
-    assert run_python("import numpy\nassert numpy.arange(4).sum() == 6").passed
+    assert run_python("import numpy\nassert numpy.arange(4).sum() == 6").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -121,7 +125,7 @@ def test_exits_as_python_main_py_would() -> None:
 def test_multiprocessing_works_inside() -> None:
     source = "from multiprocessing import Pool\nwith Pool(2) as p:\n    print(p.map(abs, [-1, -2]))"
     result = run_python(source, timeout_s=10)
-    assert (result.passed, result.stdout) == (True, "[1, 2]\n"), result.stderr
+    assert (result.returncode, result.stdout) == (0, "[1, 2]\n"), result.stderr
 
 
 def test_concurrent_calls_from_threads() -> None:
@@ -152,10 +156,21 @@ def test_many_programs_end_as_each_does_alone() -> None:
     concurrent = run_many(sources, timeout_s=1.0, jobs=len(sources))
 
     def outcome(r: SandboxResult) -> tuple[object, ...]:
-        return r.passed, r.returncode, r.timed_out, r.stdout.split("\n", 1)[-1], r.stderr.splitlines()[-1:]
+        return r.returncode, r.timed_out, r.stdout.split("\n", 1)[-1], r.stderr.splitlines()[-1:]
 
     assert [outcome(r) for r in concurrent] == [outcome(r) for r in serial]
-    assert [r.passed for r in serial] == [True, False, False, False, False, False, False, False, True, False]
+    assert [r.returncode == 0 for r in serial] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
     assert [(r.returncode, r.timed_out) for r in serial[3:7]] == [
         (-9, False),
         (-11, False),
@@ -317,7 +332,7 @@ def test_own_folder_and_shm_are_private_and_gone_afterwards() -> None:
     """
     mounts = Path("/proc/self/mountinfo").read_text()
     result, _ = run(source)
-    assert result.passed, result.stderr
+    assert result.returncode == 0, result.stderr
     assert Path("/proc/self/mountinfo").read_text() == mounts  # its mounts never reach the host
     workdir = Path(result.stdout.split()[1])
     assert not workdir.exists()
@@ -398,8 +413,255 @@ def test_unprivileged_fallback_states_what_it_contains(
     time.sleep(0.2)
     """
     result = run_python(textwrap.dedent(source))
-    assert result.passed and result.duration_s < 2.0
+    assert result.returncode == 0 and result.duration_s < 2.0
     assert named(marker) == []
     target = tmp_path / "written-by-fallback"
-    assert run_python(f"open({str(target)!r}, 'w').write('x')").passed
+    assert run_python(f"open({str(target)!r}, 'w').write('x')").returncode == 0
     assert target.exists()  # not contained: the program writes as the calling user
+
+
+# ---------------------------------------------------------------------- sockets (the seccomp filter)
+
+
+def test_no_connection_to_a_world_writable_unix_socket_of_the_host(tmp_path: Path) -> None:
+    tmp_path.chmod(0o777)
+    path = tmp_path / "open.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen()
+        result, uid = run(
+            f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('sent')"
+        )
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert "PermissionError: [Errno 1] Operation not permitted" in result.stderr
+    assert "sent" not in result.stdout
+    assert_contained(result, uid)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)",
+        "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)",
+        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)",
+        "socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)",  # its sendto() could address a host path
+    ],
+)
+def test_sockets_that_could_leave_the_namespace_cannot_be_opened(call: str) -> None:
+    result = run_python(f"import socket\n{call}")
+    assert result.returncode == 1 and "Operation not permitted" in result.stderr
+
+
+def test_anonymous_socket_pairs_and_asyncio_still_work() -> None:
+    source = """
+    import asyncio, socket
+    a, b = socket.socketpair()
+    a.sendall(b"ping")
+    async def answer():
+        return b.recv(4)
+    print(asyncio.run(answer()))
+    """
+    result = run_python(textwrap.dedent(source))
+    assert (result.returncode, result.stdout) == (0, "b'ping'\n"), result.stderr
+
+
+def test_no_filter_for_an_unknown_machine_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert seccomp.socket_filter("riscv64") is None
+    monkeypatch.setattr(sandbox, "_FILTER", None)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    assert run_python("import socket\nsocket.socket(socket.AF_UNIX)").returncode == 0
+    assert "no seccomp filter" in caplog.text
+
+
+# ---------------------------------------------------------------------- tests, apart from the program
+
+ADD = "def add(a, b):\n    return a + b\n"
+ADD_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate('a', 'b') == 'ab'\n"
+ADD_TESTS += "\ncheck(add)\n"
+
+
+def test_tests_pass_only_once_they_ran_to_their_end() -> None:
+    assert run_python(ADD, tests=ADD_TESTS) == SandboxResult(True, None, False, "", "", mock.ANY)
+    wrong = run_python(ADD.replace("+", "-"), tests=ADD_TESTS)
+    assert not wrong.passed
+    assert 'File "tests.py", line 2, in check\n    assert candidate(2, 3) == 5\n' in wrong.stderr
+    assert wrong.stderr.endswith("\nAssertionError\n")
+    assert not run_python(ADD, tests=ADD_TESTS.replace("add)", "sub)")).passed  # NameError: no such function
+
+
+def test_the_programs_output_is_kept_when_its_tests_end_it() -> None:
+    program = "print('loaded')\ndef add(a, b):\n    print('adding', a, b)\n    return a + b\n"
+    result = run_python(program, tests="print('testing')\nassert add(1, 2) == 3\n")
+    assert result.passed and result.stdout == "loaded\nadding 1 2\ntesting\n"  # the tests' own at their end
+
+
+def test_an_exit_before_the_tests_ran_says_so() -> None:
+    result = run_python(ADD + "exit()", tests=ADD_TESTS)
+    assert (result.passed, result.returncode) == (False, 0)
+    assert result.stderr.endswith("[sandbox: the program exited with status 0 before its tests finished]")
+
+
+VALUES = [  # as source: each crosses to the program and back
+    "None",
+    "True",
+    "0",
+    "-(10**5000)",  # past int's default digit limit for str()
+    "0.1",
+    "-0.0",
+    "float('inf')",
+    "-float('inf')",
+    "2 + 3j",
+    "'naïve \\ud800 \\n'",
+    "b'\\x00\\xff'",
+    "[1, [2.5, 'x']]",
+    "(1, (2,), ())",
+    "{1: 'a', (2, 3): [4], 'k': {'n': None}}",
+    "{1, 2}",
+    "frozenset({'a'})",
+]
+
+
+def test_values_cross_between_program_and_tests_exactly() -> None:
+    program = """
+    def echo(x):
+        return x
+
+    def fail(kind):
+        raise {"builtin": ValueError, "own": type("Own", (Exception,), {})}[kind]("why")
+    """
+    tests = f"""
+    for value in [{", ".join(VALUES)}]:
+        back = echo(value)
+        assert back == value and type(back) is type(value) and str(back) == str(value), (value, back)
+
+    assert str(echo(float("nan"))) == "nan"
+
+    def raised(call, *args):
+        try:
+            call(*args)
+        except Exception as exc:
+            return type(exc), str(exc)
+
+    assert raised(fail, "builtin") == (ValueError, "why")
+    assert raised(fail, "own") == (RuntimeError, "Own: why")  # not a builtin type: named in a RuntimeError
+    assert raised(echo, echo)[0] is TypeError  # a function is not data
+    print("all crossed")
+    """
+    result = run_python(textwrap.dedent(program), tests=textwrap.dedent(tests))
+    assert result.passed and result.stdout == "all crossed\n", result.stderr
+
+
+def test_no_object_of_the_program_reaches_the_tests() -> None:
+    """An object equal to everything, or a builtin the program rebinds, does not answer the tests' asserts."""
+    program = """
+    import builtins
+    builtins.abs = lambda x: 0
+    def abs(x):
+        return 0
+    class Yes:
+        def __eq__(self, other):
+            return True
+    def add(a, b):
+        return Yes()
+    """
+    tests = "assert abs(-2) == 2\nassert add(1, 2) == 3\n"
+    result = run_python(textwrap.dedent(program), tests=tests)
+    assert not result.passed
+    assert result.stderr.rstrip().endswith(
+        "TypeError: a Yes cannot pass between the program and its tests (plain data only)"
+    )
+    assert run_python(textwrap.dedent(program).replace("Yes()", "a + b"), tests=tests).passed
+
+
+def test_the_program_never_sees_its_tests() -> None:
+    """No trace of the tests in its memory, fds, files or /proc: it cannot read the expected answers."""
+    secret = uuid.uuid4().hex
+    half, rest = secret[:16], secret[16:]  # the program never holds the whole secret
+    program = f"""
+    import ctypes, gc, os, re
+
+    def holds(data):
+        starts = [m.start() for m in re.finditer({half!r}.encode(), data)]
+        return any(data[i + 16 : i + 32] == {rest!r}.encode() for i in starts)
+
+    found = [type(o).__name__ for o in gc.get_objects() if holds(repr(o).encode(errors="replace"))]
+    for fd in range(3, 64):
+        try:
+            blocking = os.get_blocking(fd)
+        except OSError:
+            continue
+        os.set_blocking(fd, False)
+        try:
+            found += [f"fd {{fd}}"] if holds(os.read(fd, 1 << 20)) else []
+        except OSError:
+            pass
+        os.set_blocking(fd, blocking)  # as it was: its own link to the tests must keep working
+    found += [name for name in os.listdir() if holds(open(name, "rb").read())]
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        for what in ["cmdline", "environ"]:
+            try:
+                found += [f"{{pid}}/{{what}}"] if holds(open(f"/proc/{{pid}}/{{what}}", "rb").read()) else []
+            except OSError:  # another uid's environ
+                pass
+    for line in open("/proc/self/maps"):
+        span, perms = line.split()[:2]
+        if perms.startswith("rw"):
+            start, end = (int(x, 16) for x in span.split("-"))
+            found += [line.strip()] if holds(ctypes.string_at(start, end - start)) else []
+
+    def report():
+        return found
+    """
+    tests = f"# {secret}\nassert report() == [], report()\n"
+    result = run_python(textwrap.dedent(program), tests=tests, timeout_s=20)
+    assert result.passed, result.stderr
+    # The search itself works: with the secret in its own source, the program finds it.
+    leaked = textwrap.dedent(program).replace("def report", f"LEAK = {secret!r}\ndef report")
+    assert "AssertionError" in run_python(leaked, tests=tests, timeout_s=20).stderr
+
+
+def test_the_program_cannot_stop_trace_or_write_to_the_test_process() -> None:
+    program = """
+    import ctypes, os, signal
+    libc = ctypes.CDLL(None)
+    attacks = []
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+        for fd in range(64):
+            try:
+                os.write(os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK), b"pass 0\\n")
+                attacks.append(f"wrote {pid}/{fd}")
+            except OSError:
+                pass
+        if libc.ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH
+            attacks.append(f"traced {pid}")
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+                attacks.append(f"signalled {pid}")
+            except OSError:
+                pass
+
+    def report():
+        return attacks
+    """
+    result = run_python(textwrap.dedent(program), tests="assert report() == [], report()\n")
+    assert result.passed, result.stderr
+
+
+def test_a_verdict_needs_the_runs_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass line without the nonce only the test process reads (say, written by a fallback-mode program
+    that reached the caller's status pipe through /proc) passes nothing."""
+    communicate = sandbox._communicate
+
+    def forged(*args: object) -> tuple[bytes, bytes, bytes, bool, bool]:
+        stdout, stderr, status, timed_out, overflow = communicate(*args)  # type: ignore[arg-type]
+        return stdout, stderr, status + b"pass " + b"0" * 32 + b"\n", timed_out, overflow
+
+    monkeypatch.setattr(sandbox, "_communicate", forged)
+    assert not run_python(ADD, tests="assert add(1, 1) == 3\n").passed
+    assert run_python(ADD, tests="assert add(1, 1) == 2\n").passed

@@ -1,16 +1,17 @@
-"""Run model-written Python programs, each in a contained child process, and report how they ended.
+"""Run model-written Python programs, each in a contained child process, and their tests apart from them.
 
 Why so much machinery: code-scoring tasks execute whatever a candidate model wrote, so a program must not
-reach the host (files, network, our secrets, our processes) and must not take it down (memory, disk,
-processes, output, time). Each call starts `sys.executable -I -S` (isolated: no user site, no PYTHON*
-variables) with an empty environment, in its own session, under a short bootstrap that sets up the
-containment, forks, and runs the program in the same interpreter after `site.main()` (one interpreter
-start a program, and site's pages belong to the program's process: copy-on-write faults at exit stay few).
+reach the host (files, network, our secrets, our processes), must not take it down (memory, disk,
+processes, output, time), and must not be able to pass its tests other than by computing the right values.
+Each call starts `sys.executable -I -S` (isolated: no user site, no PYTHON* variables) with an empty
+environment, in its own session, under a bootstrap (`sandbox_boot.py`) that sets up the containment, forks,
+and runs the program in the same interpreter after `site.main()` (one interpreter start a program, and
+site's pages belong to the program's process: copy-on-write faults at exit stay few).
 
 When the parent is root (our CI and GPU machines), the bootstrap, before anything of the program runs:
 - enters new mount, network, IPC and pid namespaces. The network has only a loopback that is down: every
-  connect fails, 127.0.0.1 and abstract Unix sockets included. The program's process is a child of a
-  small init (pid 1, root, our code) that reports its exit status and then exits, and the kernel kills
+  connect fails, 127.0.0.1 and abstract Unix sockets included. The program's process descends from a
+  small init (pid 1, root, our code) that reports how it ended and then exits, and the kernel kills
   every process left in the namespace: grandchildren die when the program ends, setsid() or not, and
   none is left as a zombie. A fresh /proc shows only the namespace's processes;
 - makes every mount read-only and nosuid, then mounts a fresh size-capped tmpfs on the working folder
@@ -22,16 +23,37 @@ When the parent is root (our CI and GPU machines), the bootstrap, before anythin
   should that exhaust the host, the OOM killer takes the program's processes first;
 - drops to a uid/gid unique to the call (no passwd entry, no groups, no capabilities, no_new_privs): file
   permissions keep it from our files, it cannot signal our processes, and RLIMIT_NPROC counts only this
-  program's processes, so concurrent calls do not share the limit.
+  program's processes, so concurrent calls do not share the limit;
+- installs a seccomp filter (`seccomp.py`): no Unix-socket connection to a host path, no AF_VSOCK.
 The parent kills the process group (bootstrap and init) at the timeout, at an output overflow, or once
-the program ended; the init's death ends the namespace.
+the run ended; the init's death ends the namespace.
+
+Scoring (`tests`). The program's exit status proves nothing: it is the program's to choose (`exit()`,
+`os._exit(0)` in an atexit handler, an excepthook, a signal, closing stdout...), and so is everything in its
+address space: it can rebind builtins, patch modules, trace or skip the code that runs after it, read its
+memory, fds, argv and files. So the tests never run there. The init's child forks the program's process and
+becomes the test process, a second uid of the call's own and non-dumpable: the program can neither signal it
+nor read or write its memory and fds. Only the test process receives the tests, on a pipe of its own, behind a
+per-run nonce. It waits until the program ran to its end and sent the names of its functions, then runs the
+tests (standard library only: no site-packages, no per-run `site` cost); a function call in the tests goes
+over a pipe to the program's process, which runs it and sends the result back, plain data only (None, bool,
+int, float, complex, str, bytes, list, tuple, dict, set, frozenset), decoded in the test process without
+running any of the program's code: no object of the program's reaches the tests, so no `__eq__` of its own
+answers an assertion. Names of the builtins stay the builtins' in the tests. Only once the last test returned
+does the test process write `pass <nonce>` on the status pipe, which the program's process closed before the
+program started: that line, and nothing else, makes `passed`. A program that ends, hangs or breaks the link
+first fails. Still the program's: functions it defines that the tests call (the prompt's helpers too, which it
+may redefine); arguments go to it as copies (it cannot change the tests' values), and the tests see only what
+it returns or raises (builtin exception types; others as RuntimeError).
 
 Not contained: the program can read world-readable files of the host. Root without CAP_SYS_ADMIN (e.g. a
 default Docker container) cannot create the namespaces: `SandboxError`, no program runs uncontained.
 When the parent is not root, there is no uid to drop to and no mount namespace: the program runs as the
-calling user with the same rlimits and a fresh working folder, and can write wherever that user can; the
-network and leftover processes are contained where unprivileged user namespaces are allowed (else not).
-A warning says so once.
+calling user with the same rlimits, seccomp filter and a fresh working folder, and can write wherever that
+user can; the network and leftover processes are contained where unprivileged user namespaces are allowed
+(else not). Its own user namespace keeps it from our /proc entries; without one, it could write on our
+status pipe, yet pass only if it also read the nonce from our memory (ptrace rules permitting). A warning
+says so once.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import secrets
 import selectors
 import shutil
@@ -52,9 +75,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from pathlib import Path
 
 from evoforge.errors import EvoforgeError
+from evoforge.evaluate.seccomp import socket_filter
 
 _log = logging.getLogger(__name__)
 
@@ -65,131 +89,19 @@ _FILE_MB = 16
 _DISK_MB = 64
 _NPROC = 32  # processes and threads
 _NOFILE = 256
-# Each call runs as a fresh uid drawn from this range (far above any account's uid).
+# Each call runs as a fresh uid drawn from this range (far above any account's uid); its test process as
+# that uid + _UID_SPAN.
 _UID_BASE = 0x5E000000
 _UID_SPAN = 1 << 24
 # How long to wait for output still in the pipes after the program ended.
 _DRAIN_S = 1.0
 
-# The bootstrap runs as `python -I -S -c _BOOT status_fd uid cpu_s memory_mb file_mb disk_mb nproc nofile`
-# (uid 0: the parent is not root, fallback mode). It reads the program from stdin, enters the namespaces,
-# forks an init (pid 1 of a new pid namespace, stays root there) that forks the program's process. Status
-# lines on status_fd tell the parent what the exit code alone cannot: b"1" once the program's process is
-# set up (so a setup failure is not mistaken for a failing program), b"=<code>" when it ended.
-_BOOT = r"""
-import atexit, ctypes, os, resource, stat, sys
-
-def boot(status_fd, uid, cpu_s, memory_mb, file_mb, disk_mb, nproc, nofile):
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(ret, what):
-        if ret != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def mount(src, target, fstype, flags, opts=None):
-        enc = lambda s: None if s is None else s.encode()
-        check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(opts)), f"mount {target}")
-
-    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")  # PR_SET_PDEATHSIG SIGKILL: die with the parent
-    with open("/proc/self/oom_score_adj", "w") as f:  # inherited: the OOM killer takes us, not the host
-        f.write("1000")
-    source = sys.stdin.buffer.read()
-    if uid:
-        work = os.getcwd()
-        check(libc.unshare(0x00020000 | 0x40000000 | 0x08000000 | 0x20000000), "unshare")  # NS NET IPC PID
-        mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing propagates back
-        # Python's own files must stay readable once we are nobody in particular: over a directory that
-        # others cannot traverse (e.g. /root), lay a tmpfs holding only the Python directories below it.
-        plan = {}
-        for path in {os.path.realpath(p) for p in [sys.prefix, sys.base_prefix, *sys.path] if p}:
-            parts = path.split("/")
-            for i in range(2, len(parts) if os.path.isdir(path) else 0):
-                ancestor = "/".join(parts[:i])
-                if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-                    plan.setdefault(ancestor, set()).add(path)
-                    break
-        for hidden, paths in plan.items():
-            fds = {p: os.open(p, os.O_PATH) for p in paths}
-            mount("tmpfs", hidden, "tmpfs", 0, "size=1m,mode=0755")
-            for p, fd in sorted(fds.items()):
-                os.makedirs(p, exist_ok=True)
-                mount(f"/proc/self/fd/{fd}", p, None, 4096 | 1 << 14)  # MS_BIND | MS_REC
-                os.close(fd)
-
-        class MountAttr(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns_fd")]
-
-        attr = MountAttr(0x1 | 0x2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
-        # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, ...): every mount read-only, in one syscall.
-        check(libc.syscall(ctypes.c_long(442), ctypes.c_long(-100), b"/", ctypes.c_long(0x8000),
-                           ctypes.byref(attr), ctypes.c_long(ctypes.sizeof(attr))), "mount_setattr")
-        mount("tmpfs", work, "tmpfs", 0x2 | 0x4, f"size={disk_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
-        if os.path.isdir("/dev/shm"):
-            mount("tmpfs", "/dev/shm", "tmpfs", 0x2 | 0x4, f"size={disk_mb}m,nr_inodes=1024,mode=1777")
-        os.chdir(work)
-    else:
-        libc.unshare(0x10000000 | 0x40000000 | 0x20000000)  # USER NET PID where allowed; the parent warned
-    init = os.fork()
-    if init:  # the bootstrap stays outside the new pid namespace until its init ends
-        os.waitpid(init, 0)
-        os._exit(0)
-    # init: pid 1 of the namespace. When it exits, the kernel kills and reaps every process left in it.
-    check(libc.prctl(1, 9, 0, 0, 0), "pdeathsig")
-    if uid:
-        mount("proc", "/proc", "proc", 0x1 | 0x2 | 0x4 | 0x8)  # this namespace's processes only, read-only
-    prog = os.fork()
-    while prog:
-        pid, status = os.wait()  # reaps orphans too, until the program's own process ends
-        if pid == prog:
-            os.write(status_fd, b"=%d" % os.waitstatus_to_exitcode(status))
-            os._exit(0)
-    for res, value in [(resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_mb << 20),
-                       (resource.RLIMIT_FSIZE, file_mb << 20), (resource.RLIMIT_NOFILE, nofile),
-                       (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)]:
-        resource.setrlimit(res, (value, value + 1 if res == resource.RLIMIT_CPU else value))
-    if uid:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing
-    import site  # only now (the interpreter ran with -S): its pages are this process's own, not copied
-
-    site.main()
-    with open("main.py", "wb") as f:
-        f.write(source)
-    # Run as `python main.py` would: in a fresh __main__ module (the bootstrap's own names stay out).
-    main = type(sys)("__main__")
-    main.__file__ = sys.argv[0] = "main.py"
-    del sys.argv[1:]
-    sys.modules["__main__"] = main
-    os.write(status_fd, b"1")
-    os.close(status_fd)
-    try:
-        exec(compile(source, "main.py", "exec", dont_inherit=True), vars(main))
-        code = 0
-    except SystemExit as exc:  # the interpreter's rules: None is 0, an int is itself, else printed and 1
-        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
-    except BaseException as exc:
-        exc.with_traceback(exc.__traceback__.tb_next)  # from main.py down, as `python main.py` shows it
-        sys.excepthook(type(exc), exc, exc.__traceback__)
-        code = 1
-    # Exit as multiprocessing's forked children do: threads joined, atexit run, streams flushed, then
-    # os._exit. The interpreter's own teardown would fault in a copy of every inherited page, for nothing.
-    if "threading" in sys.modules:
-        sys.modules["threading"]._shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            code = 120
-    os._exit(code & 0xFF)
-
-boot(*map(int, sys.argv[1:]))
-"""
+# The bootstrap's command: its module imported by path (cached bytecode), the path dropped again.
+_BOOT = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import sandbox_boot; del sys.path[0]; "
+    "sandbox_boot.boot(sys.argv[1:])"
+)
+_FILTER = socket_filter(platform.machine())
 
 
 class SandboxError(EvoforgeError):
@@ -200,17 +112,23 @@ class SandboxError(EvoforgeError):
 class SandboxResult:
     """How one program ended. `stdout`/`stderr` hold at most `_OUTPUT_LIMIT` bytes each (decoded)."""
 
-    passed: bool  # exit code 0 and not timed out / killed
-    returncode: int | None
+    passed: bool  # its tests ran to their end (the test process said so); never without tests
+    returncode: int | None  # the program's exit status; -9 when killed here; None while it ran on
     timed_out: bool
     stdout: str
     stderr: str
     duration_s: float
 
 
-_warned_unprivileged = False
+_warned: set[str] = set()
 _uids_in_use: set[int] = set()
 _uids_lock = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning(message)
 
 
 @contextmanager
@@ -228,68 +146,94 @@ def _call_uid() -> Iterator[int]:
             _uids_in_use.remove(uid)
 
 
-def run_python(source: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
-    """Run `source` as `__main__` in the sandbox, wall-clock `timeout_s`, address space `memory_mb` MiB."""
-    global _warned_unprivileged
+def run_python(
+    source: str, timeout_s: float = 5.0, memory_mb: int = 512, *, tests: str | None = None
+) -> SandboxResult:
+    """Run `source` as `__main__` in the sandbox, wall-clock `timeout_s`, address space `memory_mb` MiB.
+
+    With `tests` (Python code; the program's functions by their names), `passed` says whether they ran to
+    their end in the test process once the program had run (see the module docstring)."""
     if not sys.platform.startswith("linux"):
         raise SandboxError("the code sandbox needs Linux (namespaces, rlimits, pidfd)")
     privileged = os.geteuid() == 0
-    if not privileged and not _warned_unprivileged:
-        _warned_unprivileged = True
-        _log.warning(
+    if not privileged:
+        _warn_once(
             "code sandbox runs without root: programs can write wherever this user can; network and "
             "leftover processes are contained only where unprivileged user namespaces are allowed"
         )
+    if _FILTER is None:
+        _warn_once(
+            f"code sandbox has no seccomp filter for {platform.machine()}: programs can open any socket"
+        )
     data = source.encode(errors="surrogatepass")  # a lone surrogate fails the program, not the caller
+    test_data = None if tests is None else tests.encode(errors="surrogatepass")
     if not privileged:
-        return _run(data, 0, timeout_s, memory_mb)
+        return _run(data, test_data, 0, timeout_s, memory_mb)
     with _call_uid() as uid:
-        return _run(data, uid, timeout_s, memory_mb)
+        return _run(data, test_data, uid, timeout_s, memory_mb)
 
 
-def _run(data: bytes, uid: int, timeout_s: float, memory_mb: int) -> SandboxResult:
-    """One bootstrap child running `data` as `uid` (0: unprivileged fallback); see `run_python`."""
-    limits = [uid, math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
+def _run(data: bytes, tests: bytes | None, uid: int, timeout_s: float, memory_mb: int) -> SandboxResult:
+    """One bootstrap child running `data` (and `tests`) as `uid` (0: unprivileged fallback): `run_python`."""
+    nonce = secrets.token_hex(16).encode()
     workdir = tempfile.mkdtemp(prefix="evoforge-sandbox-")
+    stdin_r, stdin_w = os.pipe()
     status_r, status_w = os.pipe()
+    ours = {stdin_w: data}  # our ends of the input pipes, and what to write there
+    theirs = [stdin_r, status_w]
+    tests_fd = -1
+    if tests is not None:  # a pipe only the test process keeps
+        tests_fd, tests_w = os.pipe()
+        ours[tests_w] = nonce + b"\n" + tests
+        theirs.append(tests_fd)
+    # In the order `sandbox_boot.boot` reads them.
+    limits = [math.ceil(timeout_s) + 1, memory_mb, _FILE_MB, _DISK_MB, _NPROC, _NOFILE]
+    args = [status_w, tests_fd, uid, uid and uid + _UID_SPAN, *limits, (_FILTER or b"").hex()]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOT, str(status_w), *map(str, limits)],
-            stdin=subprocess.PIPE,
+            [sys.executable, "-I", "-S", "-c", _BOOT, *map(str, args)],
+            stdin=stdin_r,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=workdir,
             env={},
             start_new_session=True,
-            pass_fds=(status_w,),
+            pass_fds=theirs[1:],
         )
     except BaseException:
-        os.close(status_r)
+        for fd in (*ours, status_r):
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
-        os.close(status_w)
+        for fd in theirs:
+            os.close(fd)
     try:
-        stdout, stderr, status, timed_out, overflow = _communicate(proc, data, status_r, timeout_s)
+        stdout, stderr, status, timed_out, overflow = _communicate(proc, ours, status_r, timeout_s)
     finally:
         proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        for pipe in (proc.stdout, proc.stderr):
             pipe.close()  # type: ignore[union-attr]
         os.close(status_r)
         shutil.rmtree(workdir, ignore_errors=True)
     duration = time.monotonic() - start
-    if not status.startswith(b"1") and not timed_out:
+    lines = status.split(b"\n")
+    if not (b"prog" in lines and (tests is None or b"tests" in lines)) and not timed_out:
         last_line = stderr.decode(errors="replace").strip().rsplit("\n", 1)[-1]
         raise SandboxError(f"code sandbox setup failed: {last_line or f'exit status {proc.returncode}'}")
-    returncode = int(status[2:]) if status.startswith(b"1=") else proc.returncode
+    exits = [int(line[5:]) for line in lines if line.startswith(b"exit ")]
+    returncode = exits[0] if exits else -9 if timed_out or overflow else None
+    passed = tests is not None and b"pass " + nonce in lines
     note = ""
     if timed_out:
         note = f"\n[sandbox: killed after the {timeout_s:g} s timeout]"
     elif overflow:
         note = f"\n[sandbox: killed for writing more than {_OUTPUT_LIMIT} bytes]"
+    elif tests is not None and not passed and returncode == 0:
+        note = "\n[sandbox: the program exited with status 0 before its tests finished]"
     return SandboxResult(
-        passed=returncode == 0 and not timed_out and not overflow,
+        passed=passed,
         returncode=returncode,
         timed_out=timed_out,
         stdout=stdout.decode(errors="replace"),
@@ -299,22 +243,34 @@ def _run(data: bytes, uid: int, timeout_s: float, memory_mb: int) -> SandboxResu
 
 
 def run_many(
-    sources: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 512, jobs: int | None = None
+    sources: Sequence[str],
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    jobs: int | None = None,
+    *,
+    tests: Sequence[str | None] | None = None,
 ) -> list[SandboxResult]:
-    """`run_python` on every source, `jobs` at a time, results in the sources' order.
+    """`run_python` on every source (with `tests[i]` if given), `jobs` at a time, results in order.
 
     Why: a task's programs spend their time in their own processes, so they run side by side, each with its
-    own uid, working folder and namespaces (nothing shared but the host). `jobs` defaults to
+    own uids, working folder and namespaces (nothing shared but the host). `jobs` defaults to
     `EVOFORGE_SANDBOX_JOBS`, else the CPUs this process may use: one program a CPU, so a program that
     passes alone does not hit its wall-clock timeout here for want of CPU time.
     """
     if not sources:
         return []
+    all_tests = [None] * len(sources) if tests is None else list(tests)
+    if len(all_tests) != len(sources):
+        raise ValueError(f"run_many: {len(sources)} sources but {len(all_tests)} tests")
     workers = min(_default_jobs() if jobs is None else jobs, len(sources))
+
+    def run(source: str, source_tests: str | None) -> SandboxResult:
+        return run_python(source, timeout_s, memory_mb, tests=source_tests)
+
     # A child's PR_SET_PDEATHSIG fires when the thread that started it ends: the pool's threads outlive
     # every run. A SandboxError from one run cancels the runs not started yet.
     with ThreadPoolExecutor(workers, thread_name_prefix="evoforge-sandbox") as pool:
-        return list(pool.map(partial(run_python, timeout_s=timeout_s, memory_mb=memory_mb), sources))
+        return list(pool.map(run, sources, all_tests))
 
 
 def _default_jobs() -> int:
@@ -327,20 +283,19 @@ def _default_jobs() -> int:
 
 
 def _communicate(
-    proc: subprocess.Popen[bytes], data: bytes, status_fd: int, timeout_s: float
+    proc: subprocess.Popen[bytes], inputs: dict[int, bytes], status_fd: int, timeout_s: float
 ) -> tuple[bytes, bytes, bytes, bool, bool]:
-    """Feed the program, read its output up to the cap, stop at exit/timeout/overflow, kill all, drain.
+    """Feed the inputs (closing each once written), read the output up to the cap, stop at
+    exit/timeout/overflow, kill all, drain.
 
     Returns (stdout, stderr, status lines, timed_out, overflow). The end is seen through a pidfd, not
     through EOF on the pipes, and whatever is left is killed at once: a grandchild holding the pipes open
     must not stretch the run.
     """
-    assert proc.stdin and proc.stdout and proc.stderr
+    assert proc.stdout and proc.stderr
     deadline = time.monotonic() + timeout_s
     out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), status_fd: bytearray()}
-    stdin = proc.stdin.fileno()
-    os.set_blocking(stdin, False)
-    pending = memoryview(data)
+    pending = {fd: memoryview(data) for fd, data in inputs.items()}
     timed_out = exited = False
 
     def read(fd: int) -> None:
@@ -350,6 +305,19 @@ def _communicate(
         else:  # keep one byte past the limit: that is how overflow shows
             out[fd] += chunk[: _OUTPUT_LIMIT + 1 - len(out[fd])]
 
+    def write(fd: int) -> None:
+        try:
+            pending[fd] = pending[fd][os.write(fd, pending[fd][: 1 << 16]) :]
+        except BrokenPipeError:
+            pending[fd] = pending[fd][:0]
+        if not pending[fd]:
+            close(fd)
+
+    def close(fd: int) -> None:
+        sel.unregister(fd)
+        os.close(fd)
+        del pending[fd]
+
     def overflow() -> bool:
         return any(len(buf) > _OUTPUT_LIMIT for buf in out.values())
 
@@ -358,7 +326,9 @@ def _communicate(
         try:
             for fd in [*out, pidfd]:
                 sel.register(fd, selectors.EVENT_READ)
-            sel.register(stdin, selectors.EVENT_WRITE)
+            for fd in pending:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_WRITE)
             while not (exited or overflow()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -367,14 +337,8 @@ def _communicate(
                 for key, _ in sel.select(remaining):
                     if key.fd == pidfd:
                         exited = True
-                    elif key.fd == stdin:
-                        try:
-                            pending = pending[os.write(stdin, pending[: 1 << 16]) :]
-                        except BrokenPipeError:
-                            pending = pending[:0]
-                        if not pending:
-                            sel.unregister(stdin)
-                            proc.stdin.close()
+                    elif key.fd in pending:
+                        write(key.fd)
                     else:
                         read(key.fd)
         finally:
@@ -386,8 +350,8 @@ def _communicate(
                 pass
             sel.unregister(pidfd)
             os.close(pidfd)
-        if not proc.stdin.closed:
-            sel.unregister(stdin)
+            for fd in list(pending):
+                close(fd)
         drain_end = time.monotonic() + _DRAIN_S
         while sel.get_map() and (remaining := drain_end - time.monotonic()) > 0:
             for key, _ in sel.select(remaining):

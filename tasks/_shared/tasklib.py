@@ -72,9 +72,11 @@ def score_text(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": float(normalize_text(results[0]) == normalize_text(doc["answer"]))}
 
 
-def program_source(doc: dict, completion: str) -> str:
-    """The program a code item runs: prompt + completion, then the item's `check` on its entry point."""
-    return f"{doc['prompt']}{completion}\n\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+def program_and_tests(doc: dict, completion: str) -> tuple[str, str]:
+    """What a code item runs: the program (prompt + completion) and, apart from it, its tests (the item's
+    `check` on the entry point). The sandbox runs the tests in a process of their own that calls the
+    program's functions: the program's exit status, hooks or patches cannot pass them."""
+    return f"{doc['prompt']}{completion}\n", f"{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
 
 def run_programs(resps: list[list[str]], docs: list[dict]) -> list[dict]:
@@ -84,7 +86,8 @@ def run_programs(resps: list[list[str]], docs: list[dict]) -> list[dict]:
     from evoforge.evaluate.sandbox import run_many
 
     completions = [resp[0] for resp in resps]
-    results = run_many([program_source(doc, c) for doc, c in zip(docs, completions, strict=True)])
+    runs = [program_and_tests(doc, c) for doc, c in zip(docs, completions, strict=True)]
+    results = run_many([program for program, _ in runs], tests=[tests for _, tests in runs])
     return [
         {
             "completion": c,
