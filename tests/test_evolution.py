@@ -25,7 +25,9 @@ from evoforge import BaseModelConfig, EvolutionConfig, EvoMergePipeline
 from evoforge.cli import app
 from evoforge.config import load_config
 from evoforge.evolve.checkpoint import Member
-from evoforge.evolve.loop import next_population, parent_weights, plateaued, seed_population
+from evoforge.evolve.loop import members, plateaued
+from evoforge.evolve.strategies.base import seed_proposals
+from evoforge.evolve.strategies.ga import next_round, parent_weights
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
 from evoforge.genome import GenomeSpace
 from evoforge.merge.disk import merge_recipe
@@ -35,14 +37,16 @@ from evoforge.tiny import make_family
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
 
 
-def test_next_generation_is_six_mutants_of_the_top_two_and_two_children_of_the_rest():
+def test_next_generation_is_the_top_two_their_six_mutants_and_two_children_of_the_next_six():
     cfg = EvolutionConfig(base_models=[{"name": n, "path": f"/m/{n}"} for n in SPACE.models])
-    population = seed_population(cfg, SPACE)
+    population = seed_proposals(cfg, SPACE)
     fitness = [0.1, 0.9, 0.3, 0.8, 0.2, 0.4, 0.5, 0.0]
     ranked = sorted(zip(population, fitness), key=lambda mf: -mf[1])
-    nxt = next_population(ranked, 1, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
-    assert len(nxt) == 8
-    mutants, children = nxt[:6], nxt[6:]
+    nxt = next_round(ranked, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
+    assert len(nxt) == 10
+    elites, mutants, children = nxt[:2], nxt[2:8], nxt[8:]
+    assert [e.genome for e in elites] == [population[1].genome, population[3].genome]
+    assert all(e.operator == "elite" for e in elites)
     assert all(m.operator == "mutation" for m in mutants) and all(
         c.operator == "recombination" for c in children
     )
@@ -51,8 +55,8 @@ def test_next_generation_is_six_mutants_of_the_top_two_and_two_children_of_the_r
     bottom = {m.genome.hash for m, _ in ranked[2:]}
     used = [p for c in children for p in c.parents]
     assert len(used) == 6 and set(used) == bottom  # two disjoint triples covering the bottom six
-    assert len({m.genome.hash for m in nxt}) == 8 and not {m.genome.hash for m in mutants} & set(top)
-    again = next_population(ranked, 1, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
+    assert len({m.genome.hash for m in nxt}) == 10 and not {m.genome.hash for m in mutants} & set(top)
+    again = next_round(ranked, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
     assert [m.genome for m in again] == [m.genome for m in nxt]
 
 
@@ -262,8 +266,8 @@ def test_malformed_resume_files(straight_run, diverse_family, mc_tasks, tmp_path
 
 def test_members_round_trip_through_checkpoint_json():
     cfg = EvolutionConfig(base_models=[{"name": n, "path": f"/m/{n}"} for n in SPACE.models])
-    members = seed_population(cfg, SPACE)
-    assert [Member.model_validate_json(m.model_dump_json()) for m in members] == members
+    seeds = members(0, seed_proposals(cfg, SPACE))
+    assert [Member.model_validate_json(m.model_dump_json()) for m in seeds] == seeds
 
 
 @pytest.mark.slow
