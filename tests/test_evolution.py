@@ -26,9 +26,9 @@ from evoforge.cli import app
 from evoforge.config import load_config
 from evoforge.evolve.checkpoint import Member
 from evoforge.evolve.loop import members, plateaued
+from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
 from evoforge.evolve.strategies.base import seed_proposals
 from evoforge.evolve.strategies.ga import next_round, parent_weights
-from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
 from evoforge.genome import GenomeSpace
 from evoforge.merge.disk import merge_recipe
 from evoforge.recipe import random_seed

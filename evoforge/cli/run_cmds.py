@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-
-from evoforge.cli.app import app, console, forge_app, out, user_errors
 from pydantic import ValidationError
 
+from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, SearchConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir

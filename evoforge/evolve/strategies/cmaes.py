@@ -88,7 +88,9 @@ class CMAES:
                 "verb_disp": 0,
             }
             with self._numpy():
-                self.es = cma.CMAEvolutionStrategy(self.box.encode(self.box.incumbent), self.cfg.search.sigma0, options)
+                self.es = cma.CMAEvolutionStrategy(
+                    self.box.encode(self.box.incumbent), self.cfg.search.sigma0, options
+                )
             return
         with self._numpy():
             self.es.tell([np.array(x) for x in self.asked], [-(f or 0.0) for _, f in results])
