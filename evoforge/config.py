@@ -220,7 +220,9 @@ def format_validation_error(source: str | Path, err: ValidationError) -> str:
     """The first pydantic error as one line: `file: field: problem`."""
     first = err.errors()[0]
     loc = tuple(
-        p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "int", "str")))
+        p
+        for p in first["loc"]
+        if not (isinstance(p, str) and (p in ("int", "str") or p.startswith("function-")))
     )
     msg = first["msg"]
     if first["type"] == "extra_forbidden":

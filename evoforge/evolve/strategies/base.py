@@ -79,11 +79,13 @@ def seed_proposals(cfg: EvolutionConfig, space: GenomeSpace) -> list[Proposal]:
 
 
 def ranked(results: Sequence[Result]) -> list[tuple[Proposal, float]]:
-    """Distinct genomes, fittest first (a failure counts 0; on ties the earlier proposal first)."""
+    """Distinct genomes as plain proposals (the runner tells its members), fittest first (a failure counts 0;
+    on ties the earlier proposal first)."""
     seen: set[str] = set()
     out = []
     for proposal, fitness in results:
         if proposal.genome.hash not in seen:
             seen.add(proposal.genome.hash)
-            out.append((proposal, fitness if fitness is not None else 0.0))
+            plain = Proposal(genome=proposal.genome, operator=proposal.operator, parents=proposal.parents)
+            out.append((plain, fitness if fitness is not None else 0.0))
     return sorted(out, key=lambda pf: -pf[1])
