@@ -132,13 +132,14 @@ def test_evoforge_run_end_to_end(diverse_family, mc_tasks, tmp_path):
     result = CliRunner().invoke(app, ["run", str(run_file), "--wandb", "offline", "--seed", "5"])
     assert result.exit_code == 0, result.output + str(result.exception)
     assert load_config(run_dir / "config.yaml").seed == 5
-    for gen in range(3):
+    for gen, size in enumerate((8, 10, 10)):  # the seeds, then 2 elites + 6 mutants + 2 children
         recipes = sorted((run_dir / "candidates" / f"gen_{gen}").glob("*.yaml"))
-        assert len(recipes) == 8 and all(r.read_text().startswith("# evoforge candidate") for r in recipes)
+        assert len(recipes) == size and all(r.read_text().startswith("# evoforge candidate") for r in recipes)
     records = list(read_records(run_dir / "evaluations.jsonl", EvaluationRecord))
     fit = [r for r in records if r.split == "validation"]
-    assert len(fit) == 24 and {r.generation for r in fit} == {0, 1, 2}
-    assert {r.operator for r in fit if r.generation > 0} == {"mutation", "recombination"}
+    assert len(fit) == 28 and {r.generation for r in fit} == {0, 1, 2}
+    assert {r.operator for r in fit if r.generation > 0} == {"elite", "mutation", "recombination"}
+    assert all(r.cached for r in fit if r.operator == "elite")
     assert all(r.scores and set(r.scores.domains) == {"math", "multilingual"} for r in fit if not r.error)
     assert len({r.fitness for r in fit}) > 1, "candidates should differ in fitness"
     gens = list(read_records(run_dir / "generations.jsonl", GenerationRecord))
@@ -181,12 +182,24 @@ SMALL = {"population_size": 5, "mutation_rate": 0.3, "wandb_mode": "disabled"}
 
 
 @pytest.fixture(scope="module")
-def straight_run(diverse_family, mc_tasks, tmp_path_factory) -> Path:
-    """Four generations, uninterrupted: the reference for resume and SIGKILL."""
-    root = tmp_path_factory.mktemp("straight")
-    cfg = EvolutionConfig(**run_config(diverse_family, mc_tasks, root / "run", max_generations=4, **SMALL))
-    EvoMergePipeline(cfg).run()
-    return root / "run"
+def straight_runs(diverse_family, mc_tasks, tmp_path_factory):
+    """strategy → four generations, uninterrupted: the reference for resume and SIGKILL (made on first use)."""
+    runs: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in runs:
+            root = tmp_path_factory.mktemp(f"straight_{strategy}")
+            data = run_config(diverse_family, mc_tasks, root / "run", max_generations=4, **SMALL)
+            EvoMergePipeline(EvolutionConfig(**data, search={"strategy": strategy})).run()
+            runs[strategy] = root / "run"
+        return runs[strategy]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_runs) -> Path:
+    return straight_runs("ga")
 
 
 @pytest.mark.slow
@@ -206,13 +219,14 @@ def test_two_plus_resume_two_equals_four(straight_run, diverse_family, mc_tasks,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ga", "cmaes", "random"])
 def test_sigkill_at_random_points_resumes_to_the_same_result(
-    straight_run, diverse_family, mc_tasks, tmp_path
+    strategy, straight_runs, diverse_family, mc_tasks, tmp_path
 ):
+    straight_run = straight_runs(strategy)
     run_dir = tmp_path / "run"
-    run_file = write_run(
-        tmp_path / "run.yaml", run_config(diverse_family, mc_tasks, run_dir, max_generations=4, **SMALL)
-    )
+    data = run_config(diverse_family, mc_tasks, run_dir, max_generations=4, **SMALL)
+    run_file = write_run(tmp_path / "run.yaml", {**data, "search": {"strategy": strategy}})
     evaluations = run_dir / "evaluations.jsonl"
     rng = random.Random(11)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
