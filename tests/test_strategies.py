@@ -4,7 +4,12 @@ uninterrupted run's records) with a synthetic evaluator."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from statistics import fmean
 from typing import ClassVar
 
@@ -122,6 +127,40 @@ def test_mutants_at_a_low_rate_keep_their_parents_methods_and_path():
     assert same_path == pytest.approx(0.98**6, abs=0.05)  # only layer edits change a dfs path at this rate
     assert sum(m.label == parent.label for m in mutants) / len(mutants) > 0.95  # method flips: rate/4
     assert all(m.hash != parent.hash for m in mutants)
+
+
+RESUME_ELSEWHERE = """
+import json, random, sys
+from test_strategies import SPACE, config, objective
+from evoforge.evolve import strategies
+s = strategies.make(config("cmaes"), SPACE, random.Random(0))
+s.load_state_dict(json.loads(open(sys.argv[1]).read()))
+s.tell([(None, objective(s.box.decode(x))) for x in s.asked])
+print(json.dumps([p.genome.hash for p in s.ask()]))
+"""
+
+
+def test_cmaes_state_resumes_in_another_process(tmp_path):
+    """pycma files asked points under Python's salted `hash`: a checkpoint must be told in a new process."""
+    s = strategies.make(config("cmaes"), SPACE, random.Random(0))
+    for _ in range(2):
+        proposals = s.ask()
+        s.tell([(p, objective(p.genome)) for p in proposals])
+    proposals = s.ask()
+    (tmp_path / "state.json").write_text(json.dumps(s.state_dict()))
+    s.tell([(p, objective(p.genome)) for p in proposals])
+    expected = [p.genome.hash for p in s.ask()]
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", RESUME_ELSEWHERE, str(tmp_path / "state.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == expected
 
 
 class SyntheticEvaluator:

@@ -7,7 +7,9 @@ bound in 2.5σ) inside the bounds [0, 1]^d (pycma's BoundTransform keeps every s
 asks `population_size` (default 8) points and tells their fitness, negated (pycma minimises; a failed
 candidate counts 0). The `CMAEvolutionStrategy` (pickled, base64) and the numpy RNG state pycma samples from
 are the strategy's checkpoint state: pycma draws from numpy's global RNG, which is swapped in for each call
-and out again, so a resumed run samples exactly what the uninterrupted one did.
+and out again, so a resumed run samples exactly what the uninterrupted one did. Both are saved as they were
+before the round's ask, and loading asks again: pycma files asked points under Python's per-process salted
+`hash`, so a pickle of the strategy after an ask cannot be told in another process.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class CMAES:
         self.es: cma.CMAEvolutionStrategy | None = None
         self.numpy_state: tuple | None = None
         self.asked: list[list[float]] = []
+        self.before_ask: tuple[str | None, str | None] = (None, None)
+        """The pickled strategy and numpy state before the last ask: what a checkpoint holds."""
 
     @contextmanager
     def _numpy(self) -> Iterator[None]:
@@ -69,11 +73,16 @@ class CMAES:
     def ask(self) -> list[Proposal]:
         if self.box is None or self.es is None:
             return seed_proposals(self.cfg, self.space)
+        self.before_ask = (_dump(self.es), _dump(self.numpy_state))
+        self._ask()
+        parent = [self.box.incumbent.hash]
+        return [Proposal(genome=self.box.decode(x), operator="cmaes", parents=parent) for x in self.asked]
+
+    def _ask(self) -> None:
+        assert self.es is not None
         with self._numpy():
             points = self.es.ask()
         self.asked = [[float(v) for v in x] for x in points]
-        parent = [self.box.incumbent.hash]
-        return [Proposal(genome=self.box.decode(x), operator="cmaes", parents=parent) for x in self.asked]
 
     def tell(self, results: Sequence[Result]) -> None:
         if self.es is None:
@@ -94,12 +103,22 @@ class CMAES:
             return
         with self._numpy():
             self.es.tell([np.array(x) for x in self.asked], [-(f or 0.0) for _, f in results])
+        self.asked = []
 
     def state_dict(self) -> dict:
+        """Before round 1's ask (the ES was just made): the ES as it is; later: as it was before the ask."""
+        es, numpy_state = (
+            self.before_ask
+            if self.asked
+            else (
+                _dump(self.es) if self.es is not None else None,
+                _dump(self.numpy_state) if self.numpy_state is not None else None,
+            )
+        )
         return {
             "incumbent": self.box.incumbent.model_dump(mode="json") if self.box else None,
-            "es": _dump(self.es) if self.es is not None else None,
-            "numpy": _dump(self.numpy_state) if self.numpy_state is not None else None,
+            "es": es,
+            "numpy": numpy_state,
             "asked": self.asked,
         }
 
@@ -108,4 +127,9 @@ class CMAES:
         self.box = Box(Genome.model_validate(inc)) if inc is not None else None
         self.es = _load(state["es"]) if state["es"] is not None else None
         self.numpy_state = _load(state["numpy"]) if state["numpy"] is not None else None
-        self.asked = [list(x) for x in state["asked"]]
+        self.asked = []
+        if state["asked"]:
+            self.before_ask = (state["es"], state["numpy"])
+            self._ask()  # the same points, filed under this process's hashes
+            if self.asked != state["asked"]:
+                raise ValueError("cmaes: the checkpoint's strategy does not ask its recorded points again")
