@@ -94,6 +94,27 @@ class EvaluationConfig(Strict):
     shape or model depth compiles once (tens of seconds), so it pays over many candidates of one depth."""
 
 
+class SearchConfig(Strict):
+    """How candidates are proposed (`evoforge.evolve.strategies`): `ga` (default), `cmaes` or `random`.
+
+    A round (one of `max_generations`) evaluates `population_size` new genomes with every strategy, after a
+    round 0 of the 8 seeds: ga's 2 elites ride along cached; cmaes and random sample the continuous genes
+    of the best seed."""
+
+    strategy: str = "ga"
+    sigma0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    """cmaes: initial step size, as a fraction of each parameter's range."""
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from evoforge.evolve.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"{name!r} is not one of {sorted(STRATEGIES)}")
+        return name
+
+
 class EvolutionConfig(Strict):
     """A whole run. Field names follow the seed document (flat evolution parameters, `merge_operators`,
     `evaluation_weights`), so its JSON examples load unchanged."""
@@ -108,6 +129,7 @@ class EvolutionConfig(Strict):
     plateau_patience: Annotated[int, Field(ge=1)] = 5
     plateau_threshold: Annotated[float, Field(ge=0.0)] = 0.01
     seed: int = 42
+    search: SearchConfig = SearchConfig()
     merge_operators: MergeOperators = MergeOperators()
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     evaluation_weights: dict[str, Annotated[float, Field(ge=0.0)]] = {d: 0.25 for d in DOMAINS}
@@ -202,7 +224,9 @@ def format_validation_error(source: str | Path, err: ValidationError) -> str:
     """The first pydantic error as one line: `file: field: problem`."""
     first = err.errors()[0]
     loc = tuple(
-        p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "int", "str")))
+        p
+        for p in first["loc"]
+        if not (isinstance(p, str) and (p in ("int", "str") or p.startswith("function-")))
     )
     msg = first["msg"]
     if first["type"] == "extra_forbidden":

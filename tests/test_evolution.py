@@ -25,8 +25,10 @@ from evoforge import BaseModelConfig, EvolutionConfig, EvoMergePipeline
 from evoforge.cli import app
 from evoforge.config import load_config
 from evoforge.evolve.checkpoint import Member
-from evoforge.evolve.loop import next_population, parent_weights, plateaued, seed_population
+from evoforge.evolve.loop import members, plateaued
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
+from evoforge.evolve.strategies.base import seed_proposals
+from evoforge.evolve.strategies.ga import next_round, parent_weights
 from evoforge.genome import GenomeSpace
 from evoforge.merge.disk import merge_recipe
 from evoforge.recipe import random_seed
@@ -35,14 +37,16 @@ from evoforge.tiny import make_family
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
 
 
-def test_next_generation_is_six_mutants_of_the_top_two_and_two_children_of_the_rest():
+def test_next_generation_is_the_top_two_their_six_mutants_and_two_children_of_the_next_six():
     cfg = EvolutionConfig(base_models=[{"name": n, "path": f"/m/{n}"} for n in SPACE.models])
-    population = seed_population(cfg, SPACE)
+    population = seed_proposals(cfg, SPACE)
     fitness = [0.1, 0.9, 0.3, 0.8, 0.2, 0.4, 0.5, 0.0]
     ranked = sorted(zip(population, fitness), key=lambda mf: -mf[1])
-    nxt = next_population(ranked, 1, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
-    assert len(nxt) == 8
-    mutants, children = nxt[:6], nxt[6:]
+    nxt = next_round(ranked, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
+    assert len(nxt) == 10
+    elites, mutants, children = nxt[:2], nxt[2:8], nxt[8:]
+    assert [e.genome for e in elites] == [population[1].genome, population[3].genome]
+    assert all(e.operator == "elite" for e in elites)
     assert all(m.operator == "mutation" for m in mutants) and all(
         c.operator == "recombination" for c in children
     )
@@ -51,8 +55,8 @@ def test_next_generation_is_six_mutants_of_the_top_two_and_two_children_of_the_r
     bottom = {m.genome.hash for m, _ in ranked[2:]}
     used = [p for c in children for p in c.parents]
     assert len(used) == 6 and set(used) == bottom  # two disjoint triples covering the bottom six
-    assert len({m.genome.hash for m in nxt}) == 8 and not {m.genome.hash for m in mutants} & set(top)
-    again = next_population(ranked, 1, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
+    assert len({m.genome.hash for m in nxt}) == 10 and not {m.genome.hash for m in mutants} & set(top)
+    again = next_round(ranked, cfg, SPACE, random.Random(0), {m.genome.hash for m in population})
     assert [m.genome for m in again] == [m.genome for m in nxt]
 
 
@@ -128,13 +132,14 @@ def test_evoforge_run_end_to_end(diverse_family, mc_tasks, tmp_path):
     result = CliRunner().invoke(app, ["run", str(run_file), "--wandb", "offline", "--seed", "5"])
     assert result.exit_code == 0, result.output + str(result.exception)
     assert load_config(run_dir / "config.yaml").seed == 5
-    for gen in range(3):
+    for gen, size in enumerate((8, 10, 10)):  # the seeds, then 2 elites + 6 mutants + 2 children
         recipes = sorted((run_dir / "candidates" / f"gen_{gen}").glob("*.yaml"))
-        assert len(recipes) == 8 and all(r.read_text().startswith("# evoforge candidate") for r in recipes)
+        assert len(recipes) == size and all(r.read_text().startswith("# evoforge candidate") for r in recipes)
     records = list(read_records(run_dir / "evaluations.jsonl", EvaluationRecord))
     fit = [r for r in records if r.split == "validation"]
-    assert len(fit) == 24 and {r.generation for r in fit} == {0, 1, 2}
-    assert {r.operator for r in fit if r.generation > 0} == {"mutation", "recombination"}
+    assert len(fit) == 28 and {r.generation for r in fit} == {0, 1, 2}
+    assert {r.operator for r in fit if r.generation > 0} == {"elite", "mutation", "recombination"}
+    assert all(r.cached for r in fit if r.operator == "elite")
     assert all(r.scores and set(r.scores.domains) == {"math", "multilingual"} for r in fit if not r.error)
     assert len({r.fitness for r in fit}) > 1, "candidates should differ in fitness"
     gens = list(read_records(run_dir / "generations.jsonl", GenerationRecord))
@@ -177,12 +182,24 @@ SMALL = {"population_size": 5, "mutation_rate": 0.3, "wandb_mode": "disabled"}
 
 
 @pytest.fixture(scope="module")
-def straight_run(diverse_family, mc_tasks, tmp_path_factory) -> Path:
-    """Four generations, uninterrupted: the reference for resume and SIGKILL."""
-    root = tmp_path_factory.mktemp("straight")
-    cfg = EvolutionConfig(**run_config(diverse_family, mc_tasks, root / "run", max_generations=4, **SMALL))
-    EvoMergePipeline(cfg).run()
-    return root / "run"
+def straight_runs(diverse_family, mc_tasks, tmp_path_factory):
+    """strategy → four generations, uninterrupted: the reference for resume and SIGKILL (made on first use)."""
+    runs: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in runs:
+            root = tmp_path_factory.mktemp(f"straight_{strategy}")
+            data = run_config(diverse_family, mc_tasks, root / "run", max_generations=4, **SMALL)
+            EvoMergePipeline(EvolutionConfig(**data, search={"strategy": strategy})).run()
+            runs[strategy] = root / "run"
+        return runs[strategy]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight_runs) -> Path:
+    return straight_runs("ga")
 
 
 @pytest.mark.slow
@@ -202,13 +219,14 @@ def test_two_plus_resume_two_equals_four(straight_run, diverse_family, mc_tasks,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ga", "cmaes", "random"])
 def test_sigkill_at_random_points_resumes_to_the_same_result(
-    straight_run, diverse_family, mc_tasks, tmp_path
+    strategy, straight_runs, diverse_family, mc_tasks, tmp_path
 ):
+    straight_run = straight_runs(strategy)
     run_dir = tmp_path / "run"
-    run_file = write_run(
-        tmp_path / "run.yaml", run_config(diverse_family, mc_tasks, run_dir, max_generations=4, **SMALL)
-    )
+    data = run_config(diverse_family, mc_tasks, run_dir, max_generations=4, **SMALL)
+    run_file = write_run(tmp_path / "run.yaml", {**data, "search": {"strategy": strategy}})
     evaluations = run_dir / "evaluations.jsonl"
     rng = random.Random(11)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -262,8 +280,8 @@ def test_malformed_resume_files(straight_run, diverse_family, mc_tasks, tmp_path
 
 def test_members_round_trip_through_checkpoint_json():
     cfg = EvolutionConfig(base_models=[{"name": n, "path": f"/m/{n}"} for n in SPACE.models])
-    members = seed_population(cfg, SPACE)
-    assert [Member.model_validate_json(m.model_dump_json()) for m in members] == members
+    seeds = members(0, seed_proposals(cfg, SPACE))
+    assert [Member.model_validate_json(m.model_dump_json()) for m in seeds] == seeds
 
 
 @pytest.mark.slow

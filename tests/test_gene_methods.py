@@ -88,4 +88,4 @@ def test_a_new_crossover_operator_is_one_registry_entry(with_task_arithmetic, qw
             assert all(set(m["parameters"]) == {"weight"} for m in stage["models"])
         assert parse(text, space) == g
     flips = {mutate(seeds["linear-ties-frankenmerge"], space, rng, 1.0).crossover.method for _ in range(40)}
-    assert flips == {"dare", "task_arithmetic"}  # mutation reaches the new method too
+    assert "task_arithmetic" in flips  # mutation reaches the new method too

@@ -24,7 +24,7 @@ from evoforge.evolve.records import (
     write_json_atomic,
 )
 from evoforge.evolve.run_dir import RUN_ID_FILE, Run
-from evoforge.track.report import write_report
+from evoforge.track.report import best_so_far, fresh_evaluations, write_report
 from evoforge.track.wandb_log import WandbTracker
 
 DOMAINS = ["code", "math", "multilingual", "structured_data"]
@@ -158,12 +158,22 @@ def test_report_numbers_match_the_records(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     evals = make_run(run_dir)
     paths = write_report(run_dir)
-    assert [p.name for p in paths] == ["fitness.png", "domains.png", "lineage.png", "summary.md"]
+    assert [p.name for p in paths] == [
+        "fitness.png",
+        "domains.png",
+        "lineage.png",
+        "search.png",
+        "summary.md",
+    ]
+    fresh = fresh_evaluations(Run.load(run_dir))
+    curve = best_so_far(fresh)
+    assert len(curve) == sum(e.split == "validation" and not e.cached for e in evals)
+    assert curve == sorted(curve) and curve[-1] == max(e.fitness for e in evals if e.split == "validation")
     assert all(p.parent == run_dir / "report" for p in paths)
-    for png in paths[:3]:
+    for png in paths[:-1]:
         check_png(png)
 
-    text = paths[3].read_text()
+    text = paths[-1].read_text()
     gens = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     best = max(evals, key=lambda e: e.fitness)
     assert best.generation == 1  # the fixture's peak: the run's best is not the last generation's
@@ -200,7 +210,7 @@ def test_report_numbers_match_the_records(tmp_path: Path) -> None:
     failed = next(e for e in evals if e.error)
     assert f"- `{failed.id}` (gen 1, {failed.label}): merge failed: tensor shapes differ" in text
     assert table_row(text, "1")[-1] == "1"  # the generations table counts it
-    for name in ("fitness.png", "domains.png", "lineage.png"):
+    for name in ("fitness.png", "domains.png", "lineage.png", "search.png"):
         assert f"]({name})" in text
 
 
@@ -228,9 +238,9 @@ def test_report_of_a_one_generation_run_with_ancestor(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     evals = make_run(run_dir, generations=1, ancestor=0.9)
     paths = write_report(run_dir)
-    for png in paths[:3]:
+    for png in paths[:-1]:
         check_png(png)
-    text = paths[3].read_text()
+    text = paths[-1].read_text()
     assert "Generations: 1 (gen 0–0)" in text
     assert table_row(text, "validation (fitness)")[1] == "beta"
     assert table_row(text, "root (ancestor)")[1] != "not scored"
@@ -254,9 +264,9 @@ def test_report_when_every_candidate_failed(tmp_path: Path) -> None:
     )
     (run_dir / "generations.jsonl").write_text(json.dumps(gen) + "\n")
     paths = write_report(run_dir)
-    for png in paths[:3]:
+    for png in paths[:-1]:
         check_png(png)
-    text = paths[3].read_text()
+    text = paths[-1].read_text()
     assert f"`{gen['best_id']}`" in text and "(it failed: CUDA out of memory)" in text
     assert "8 failed" in text and "- Model: not written" in text
     assert table_row(text, "test (held-out)")[3] == "not scored"

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from pydantic import ValidationError
 
 from evoforge.cli.app import app, console, forge_app, out, user_errors
-from evoforge.config import EvolutionConfig, load_config
+from evoforge.config import EvolutionConfig, SearchConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir
 from evoforge.models import Device
@@ -23,6 +24,17 @@ def output_dir_option(output_dir: Path | None, resumed: RunDir | None) -> str | 
     if output_dir:
         return str(output_dir)
     return str(resumed.root) if resumed else None
+
+
+def with_strategy(cfg: EvolutionConfig, strategy: str | None) -> EvolutionConfig:
+    """--strategy replaces `search.strategy`, keeping the run file's other search options."""
+    if strategy is None:
+        return cfg
+    try:
+        search = SearchConfig(**{**cfg.search.model_dump(), "strategy": strategy})
+    except ValidationError as err:
+        raise ConfigError(f"--strategy: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return cfg.model_copy(update={"search": search})
 
 
 def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
@@ -62,6 +74,7 @@ def run(
     merge_path: Annotated[
         MergePath | None, typer.Option("--merge-path", help="memory (fast) or disk.")
     ] = None,
+    strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
 ) -> None:
     """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
     resumed = RunDir.containing(resume) if resume else None
@@ -78,7 +91,7 @@ def run(
         seed=seed,
         merge_path=merge_path,
     )
-    execute(cfg, resume)
+    execute(with_strategy(cfg, strategy), resume)
 
 
 @forge_app.command()
@@ -92,6 +105,7 @@ def evo(
     device: Annotated[Device | None, typer.Option()] = None,
     resume: Annotated[Path | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run file (YAML or JSON).")] = None,
+    strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
 ) -> None:
     """The seed document's `forge evo`: the same run as `evoforge run`."""
     resumed = RunDir.containing(resume) if resume else None
@@ -112,4 +126,4 @@ def evo(
         if len(names) < 2:
             raise ConfigError("--base-models: name at least 2 models")
         cfg = cfg.model_copy(update={"base_models": [by_name[n] for n in names]})
-    execute(cfg, resume)
+    execute(with_strategy(cfg, strategy), resume)

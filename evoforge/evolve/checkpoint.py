@@ -2,7 +2,7 @@
 
 `checkpoints/evolution_checkpoint_gen_<N>.json` is written (atomically, with Ctrl-C held back while it is
 written) when generation N is about to start: it holds generation N's population, the RNG state after making
-it, the best-so-far history and every evaluation so far (the fitness cache; evaluations.jsonl adds the ones
+it, the search strategy's state after proposing it, the best-so-far history and every evaluation so far (the fitness cache; evaluations.jsonl adds the ones
 finished after it). Since seeds, variation and scoring are deterministic, resuming from it
 gives the same genomes and fitness as the uninterrupted run.
 """
@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
-from evoforge.evolve.records import Operator, Scores, write_json_atomic
+from evoforge.evolve.records import Scores, write_json_atomic
 from evoforge.evolve.run_dir import RunDir
-from evoforge.genome import Genome
+from evoforge.evolve.strategies.base import Proposal
 
-VERSION = 1
+VERSION = 2
 RESUMABLE_CHANGES = {"max_generations", "output_dir", "wandb_mode", "wandb_project", "device", "source"}
 """Config keys a resumed run may change; any other change makes the checkpoint belong to another run."""
 
@@ -33,12 +33,10 @@ class CheckpointError(EvoforgeError):
     """A checkpoint that cannot be resumed (truncated, other version, other run)."""
 
 
-class Member(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Member(Proposal):
+    """A proposal placed in a generation: `id` names its recipe and records."""
+
     id: str
-    genome: Genome
-    operator: Operator
-    parents: list[str]
 
 
 class Outcome(BaseModel):
@@ -63,13 +61,13 @@ class State(BaseModel):
     """The next generation to evaluate."""
     population: list[Member]
     rng_state: list
+    strategy: dict
+    """The search strategy's `state_dict()` after proposing `population`."""
     best_history: list[float]
     best_id: str | None = None
     best_hash: str | None = None
     cache: dict[str, Outcome]
     """`<genome hash>:<split>` → outcome; a genome is never evaluated twice on a split."""
-    seen: list[str] = []
-    """Hashes of every genome put in a population so far: mutation avoids them."""
     wandb_id: str | None = None
 
     def rng(self) -> random.Random:

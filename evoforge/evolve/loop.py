@@ -1,8 +1,11 @@
-"""The generational loop: evaluate 8 → top 2 make 3 mutants each → bottom 6 merged in two triples → repeat.
+"""The runner: rounds ("generations") of ask → render → evaluate → tell → checkpoint, around a search strategy.
 
-Everything random comes from one `random.Random(cfg.seed)` whose state is checkpointed; evaluations are
-cached by genome hash and persisted (evaluations.jsonl, checkpoints), so a resumed run — even one killed with
-SIGKILL — reaches the same result and never evaluates a finished candidate again.
+The strategy (`evolve.strategies`, chosen by the run file's `search.strategy`) proposes genomes; the runner
+keeps everything else: the fitness cache, evaluations.jsonl, recipes, checkpoints, hooks and the
+plateau/max_generations stop. Everything random comes from one `random.Random(cfg.seed)` whose state is
+checkpointed with the strategy's; evaluations are cached by genome hash and persisted (evaluations.jsonl,
+checkpoints), so a resumed run — even one killed with SIGKILL — reaches the same result and never evaluates
+a finished candidate again.
 """
 
 from __future__ import annotations
@@ -16,75 +19,24 @@ from statistics import fmean
 
 from evoforge.config import EvolutionConfig
 from evoforge.evolve import checkpoint as ckpt
+from evoforge.evolve import strategies
 from evoforge.evolve.checkpoint import Member, Outcome, State
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record
 from evoforge.evolve.run_dir import RunDir
-from evoforge.genome import Genome, GenomeSpace, mutate, recombine, seed_genomes
+from evoforge.evolve.strategies import Proposal
+from evoforge.genome import Genome, GenomeSpace
 from evoforge.recipe import render
-
-ELITE = 2
-"""Candidates whose mutants fill the next generation."""
 
 
 def member_id(generation: int, index: int, genome: Genome) -> str:
     return f"g{generation:03d}-c{index}-{genome.hash[:8]}"
 
 
-def seed_population(cfg: EvolutionConfig, space: GenomeSpace) -> list[Member]:
-    seeds = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
+def members(generation: int, proposals: Sequence[Proposal]) -> list[Member]:
+    """The proposals of one round, named by generation and place."""
     return [
-        Member(id=member_id(0, i, g), genome=g, operator="seed", parents=[])
-        for i, g in enumerate(seeds.values())
-    ]
-
-
-def parent_weights(fitness: Sequence[float], pressure: float) -> list[float]:
-    """How much each parent's continuous genes count in a child: `selection_pressure` 0 = plain mean of the
-    parents, 1 = fitness-proportional mean, in between a mix of the two."""
-    total = sum(max(f, 0.0) for f in fitness)
-    share = [max(f, 0.0) / total if total > 0 else 1.0 / len(fitness) for f in fitness]
-    return [(1.0 - pressure) / len(fitness) + pressure * s for s in share]
-
-
-def next_population(
-    ranked: Sequence[tuple[Member, float]],
-    generation: int,
-    cfg: EvolutionConfig,
-    space: GenomeSpace,
-    rng: random.Random,
-    known: set[str],
-) -> list[Member]:
-    """Generation `generation` from the ranked previous one (best first): mutants of the top 2, then one
-    child per triple of the shuffled rest. Mutants avoid genomes seen before (`known` hashes, updated)."""
-    size = cfg.population_size
-    n_children = (size - ELITE) // 3
-    n_mutants = size - n_children
-    out: list[Genome] = []
-    origin: list[tuple[str, list[str]]] = []
-    for k in range(n_mutants):
-        parent = ranked[k % ELITE][0] if k < ELITE * (n_mutants // ELITE) else ranked[0][0]
-        for _ in range(8):
-            child = mutate(parent.genome, space, rng, cfg.mutation_rate)
-            if child.hash not in known:
-                break
-        known.add(child.hash)
-        out.append(child)
-        origin.append(("mutation", [parent.genome.hash]))
-    rest = list(ranked[ELITE:])
-    rng.shuffle(rest)
-    for t in range(n_children):
-        triple = rest[3 * t : 3 * t + 3]
-        weights = parent_weights([f for _, f in triple], cfg.selection_pressure)
-        child = recombine([m.genome for m, _ in triple], weights, space, rng)
-        known.add(child.hash)
-        out.append(child)
-        origin.append(("recombination", [m.genome.hash for m, _ in triple]))
-    order = sorted(range(len(out)), key=lambda i: 0 if origin[i][0] == "mutation" else 1)
-    return [
-        Member(
-            id=member_id(generation, i, out[j]), genome=out[j], operator=origin[j][0], parents=origin[j][1]
-        )
-        for i, j in enumerate(order)
+        Member(id=member_id(generation, i, p.genome), genome=p.genome, operator=p.operator, parents=p.parents)
+        for i, p in enumerate(proposals)
     ]
 
 
@@ -117,15 +69,15 @@ class Evolution:
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
-        population = seed_population(self.cfg, self.space)
+        strategy = strategies.make(self.cfg, self.space, rng)
         return State(
             config_fingerprint=ckpt.fingerprint(self.cfg),
             generation=0,
-            population=population,
+            population=members(0, strategy.ask()),
             rng_state=ckpt.rng_state(rng),
+            strategy=strategy.state_dict(),
             best_history=[],
             cache={},
-            seen=[m.genome.hash for m in population],
         )
 
     def restore_cache(self, state: State) -> None:
@@ -170,6 +122,11 @@ class Evolution:
                     label=member.genome.label,
                     operator=member.operator,
                     parents=member.parents,
+                    parent_fitness=[
+                        state.cache[k].fitness
+                        for p in member.parents
+                        if (k := f"{p}:{self.cfg.evaluation.fitness_split}") in state.cache
+                    ],
                     recipe=str(self.run_dir.recipe(generation, member.id).relative_to(self.run_dir.root)),
                     fitness=outcome.fitness,
                     scores=outcome.scores,
@@ -181,7 +138,7 @@ class Evolution:
             )
         return outcome, cached
 
-    def run_generation(self, state: State) -> tuple[GenerationRecord, list[tuple[Member, float]]]:
+    def run_generation(self, state: State) -> tuple[GenerationRecord, list[Outcome]]:
         gen, t0 = state.generation, time.perf_counter()
         for member in state.population:
             path = self.run_dir.recipe(gen, member.id)
@@ -195,9 +152,8 @@ class Evolution:
             outcome, cached = self.evaluate(state, gen, member, self.cfg.evaluation.fitness_split)
             outcomes.append(outcome)
             self.hooks.on_candidate(gen, member, outcome, cached)
-        ranked_idx = sorted(range(len(outcomes)), key=lambda i: -outcomes[i].fitness)
-        ranked = [(state.population[i], outcomes[i].fitness) for i in ranked_idx]
-        best_member, best_outcome = state.population[ranked_idx[0]], outcomes[ranked_idx[0]]
+        top = min(range(len(outcomes)), key=lambda i: -outcomes[i].fitness)
+        best_member, best_outcome = state.population[top], outcomes[top]
         scored = [o.scores for o in outcomes if o.scores]
         domains = sorted({d for s in scored for d in s.domains})
         record = GenerationRecord(
@@ -220,25 +176,26 @@ class Evolution:
             record.best_model = self.hooks.on_new_best(gen, best_member, best_outcome)
         state.best_history.append(max(previous_best, best_outcome.fitness))
         record.wall_s = time.perf_counter() - t0
-        return record, ranked
+        return record, outcomes
 
     def run(self, state: State) -> State:
         """Run generations until max_generations or a plateau. A checkpoint is written at the start of
         every generation, so the latest one plus evaluations.jsonl always describe where the run is."""
+        rng = state.rng()
+        strategy = strategies.make(self.cfg, self.space, rng)
+        strategy.load_state_dict(state.strategy)
         self.restore_cache(state)
         self.run_dir.keep_generations_before(state.generation)
         if not self.run_dir.checkpoint(state.generation).exists():
             ckpt.save(self.run_dir, state)
         while state.generation < self.cfg.max_generations:
-            record, ranked = self.run_generation(state)
+            record, outcomes = self.run_generation(state)
             append_record(self.run_dir.generations, record)
             self.hooks.on_generation(record)
             stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
-            rng = state.rng()
-            state.population = next_population(
-                ranked, state.generation + 1, self.cfg, self.space, rng, set(state.seen)
-            )
-            state.seen += [m.genome.hash for m in state.population]
+            strategy.tell([(m, o.fitness if o.scores else None) for m, o in zip(state.population, outcomes)])
+            state.population = members(state.generation + 1, strategy.ask())
+            state.strategy = strategy.state_dict()
             state.rng_state = ckpt.rng_state(rng)
             state.generation += 1
             ckpt.save(self.run_dir, state)

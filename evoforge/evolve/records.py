@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from statistics import fmean, median
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-Operator = Literal["seed", "mutation", "recombination"]
+Operator = Literal["seed", "elite", "mutation", "recombination", "cmaes", "random"]
+"""How a candidate was made: `elite` is a genome carried unchanged (cached), `cmaes`/`random` samples of
+those strategies."""
 
 
 class Scores(BaseModel):
@@ -42,6 +45,8 @@ class EvaluationRecord(BaseModel):
     operator: Operator
     parents: list[str]
     """Genome hashes of the parents (empty for seeds)."""
+    parent_fitness: list[float] = []
+    """The parents' fitness (on the fitness split), so a mutant's or child's gain over them is measurable."""
     recipe: str
     """Path of the candidate's YAML, relative to the run directory."""
     fitness: float
@@ -50,6 +55,18 @@ class EvaluationRecord(BaseModel):
     cached: bool = False
     merge_s: float = 0.0
     eval_s: float = 0.0
+
+
+def parent_ratios(records: Iterable[EvaluationRecord], split: str) -> dict[str, float]:
+    """Operator → median of fitness / mean parent fitness over its fresh (not cached) records on `split` (the
+    fitness split) with scored parents: e.g. how much of its parent's fitness the median mutant keeps."""
+    ratios: dict[str, list[float]] = {}
+    for rec in records:
+        mean = fmean(rec.parent_fitness) if rec.parent_fitness else 0.0
+        if rec.split != split or rec.operator in {"seed", "elite"} or rec.cached or mean <= 0:
+            continue
+        ratios.setdefault(rec.operator, []).append(rec.fitness / mean)
+    return {op: median(r) for op, r in sorted(ratios.items())}
 
 
 class GenerationRecord(BaseModel):

@@ -27,6 +27,10 @@ class Method:
 
 M = TypeVar("M", bound=Method)
 
+FLIP_SHARE = 0.25
+"""A mutation flips a gene's method with probability FLIP_SHARE × mutation_rate: another method changes the
+whole merge, so it is the rarest edit."""
+
 
 class Registry(Generic[M]):
     """One gene's methods by name, in registration order."""
@@ -75,9 +79,9 @@ class Registry(Generic[M]):
         return list(dict.fromkeys(name for m in self for name in m.mergekit))
 
     def flip(self, method: str, rng: random.Random, rate: float) -> str:
-        """With probability `rate` another method: the other one of two (one draw in all), or a uniform
-        choice among the others of three or more."""
-        flipped = rng.random() < rate
+        """With probability FLIP_SHARE × `rate` (the mutation rate) another method: the other one of two (one
+        draw in all), or a uniform choice among the others of three or more."""
+        flipped = rng.random() < FLIP_SHARE * rate
         others = [name for name in self.entries if name != method]
         if not flipped or not others:
             return method

@@ -232,12 +232,19 @@ def _rebuild(path: Sequence[Step], method: str) -> StructureGene:
     return StructureGene(method=method, path=steps)
 
 
+def edit_count(depth: int, rng: random.Random, rate: float) -> int:
+    """How many path edits a mutation makes: each of the `depth` steps is edited with probability `rate`, so
+    rate × depth on average and none at all with probability (1 − rate)^depth (layer edits are what break a
+    small model most; most mutants at a low rate keep their parent's path)."""
+    return sum(rng.random() < rate for _ in range(depth))
+
+
 def mutate(gene: StructureGene, space: GenomeSpace, rng: random.Random, rate: float) -> StructureGene:
-    """Maybe another method, then max(1, round(rate × depth)) of the (new) method's path edits."""
+    """Maybe another method, then `edit_count` of the (new) method's path edits."""
     method = METHODS.flip(gene.method, rng, rate)
     edit = METHODS[method].edit
     path = list(gene.path)
-    for _ in range(max(1, round(rate * len(path)))):
+    for _ in range(edit_count(len(path), rng, rate)):
         path = edit(path, space, rng, rate)
     return _rebuild(path, method)
 

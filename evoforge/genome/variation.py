@@ -24,9 +24,10 @@ def _mutate_once(genome: Genome, space: GenomeSpace, rng: random.Random, rate: f
 
 
 def mutate(genome: Genome, space: GenomeSpace, rng: random.Random, rate: float) -> Genome:
-    """A mutant that differs from its parent. `rate` is both the σ of the Gaussian noise on every continuous
-    parameter and the probability of flipping each gene's method; the layer path gets
-    max(1, round(rate × depth)) block (frankenmerge) or step (dfs) edits."""
+    """A mutant that differs from its parent; `rate` (the run's mutation_rate) sets how far: the σ of the
+    Gaussian noise on every continuous parameter is `rate`, each gene's method flips with probability
+    rate/4 (`methods.FLIP_SHARE`), and each layer-path step is edited with probability `rate`
+    (`structure.edit_count`: rate × depth edits on average, possibly none)."""
     for _ in range(32):
         child = _mutate_once(genome, space, rng, rate)
         if child.hash != genome.hash:

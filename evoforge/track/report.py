@@ -8,17 +8,25 @@ no GUI backend, no global figure state in a long-lived process.
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import accumulate
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from evoforge.config import DOMAINS
-from evoforge.evolve.records import EvaluationRecord, Scores
+from evoforge.config import DOMAINS, read_mapping
+from evoforge.evolve.records import EvaluationRecord, Scores, parent_ratios
 from evoforge.evolve.run_dir import Run
 
-OPERATOR_COLOURS = {"seed": "#9ecae1", "mutation": "#a1d99b", "recombination": "#fdae6b"}
+OPERATOR_COLOURS = {
+    "seed": "#9ecae1",
+    "elite": "#dadaeb",
+    "mutation": "#a1d99b",
+    "recombination": "#fdae6b",
+    "cmaes": "#bcbddc",
+    "random": "#d9d9d9",
+}
 BEST_COLOUR = "#d62728"
 
 
@@ -76,6 +84,48 @@ def plot_fitness(run: Run, path: Path) -> None:
     ax.set_ylabel(f"fitness ({run.baselines.fitness_split} split)")
     ax.set_title(f"{run.name}: fitness per generation")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # fitness is ≥ 0: bars of progress start at zero
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def fresh_evaluations(run: Run) -> list[EvaluationRecord]:
+    """The run's evaluations in the order they were paid for: cached ones (elites, repeats) cost nothing."""
+    return sorted((e for e in run.evaluations if not e.cached), key=lambda e: e.generation)
+
+
+def best_so_far(evaluations: list[EvaluationRecord]) -> list[float]:
+    """The running maximum of fitness: the search's progress per evaluation."""
+    return list(accumulate((e.fitness for e in evaluations), max))
+
+
+def plot_search(run: Run, path: Path) -> None:
+    """Best-so-far fitness per evaluation (cached candidates cost none and are left out): how fast the search
+    strategy climbs, comparable across strategies at equal budgets; the best seed and base model as lines."""
+    fresh = fresh_evaluations(run)
+    curve = best_so_far(fresh)
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.step(range(1, len(curve) + 1), curve, where="post", color=BEST_COLOUR, label="best so far")
+    seeds = [e.fitness for e in fresh if e.operator == "seed"]
+    if seeds:
+        ax.axhline(max(seeds), ls=":", color="#1f77b4", label=f"best seed ({max(seeds):.3f})")
+    base = run.best_base(run.baselines.fitness_split)
+    if base is not None:
+        ax.axhline(
+            base[1].fitness, ls="--", color="0.3", label=f"best base model: {base[0]} ({base[1].fitness:.3f})"
+        )
+    search = read_mapping(run.run_dir.config).get("search", {}) if run.run_dir.config.is_file() else {}
+    ratios = parent_ratios(run.evaluations, run.baselines.fitness_split)
+    kept = ", ".join(f"{op} {r:.0%}" for op, r in ratios.items())
+    ax.set_title(
+        f"{run.name}: search {search.get('strategy', 'ga')}"
+        + (f" (median fitness vs parents: {kept})" if kept else ""),
+        fontsize=10,
+    )
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel(f"best fitness so far ({run.baselines.fitness_split} split)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     fig.savefig(path, dpi=110)
@@ -303,6 +353,8 @@ def summary_markdown(run: Run) -> str:
         "",
         "![Domain scores](domains.png)",
         "",
+        "![Best fitness so far per evaluation](search.png)",
+        "",
         "![Ancestry of the best candidate](lineage.png)",
         "",
     ]
@@ -310,13 +362,21 @@ def summary_markdown(run: Run) -> str:
 
 
 def write_report(run_dir: Path) -> list[Path]:
-    """Write `run_dir/report/`: fitness.png, domains.png, lineage.png, summary.md; return their paths."""
+    """Write `run_dir/report/`: fitness.png, domains.png, lineage.png, search.png, summary.md; return their
+    paths."""
     run = Run.load(run_dir)
     out = run.run_dir.report
     out.mkdir(exist_ok=True)
-    paths = [out / "fitness.png", out / "domains.png", out / "lineage.png", out / "summary.md"]
+    paths = [
+        out / "fitness.png",
+        out / "domains.png",
+        out / "lineage.png",
+        out / "search.png",
+        out / "summary.md",
+    ]
     plot_fitness(run, paths[0])
     plot_domains(run, paths[1])
     plot_lineage(run, paths[2])
-    paths[3].write_text(summary_markdown(run), encoding="utf-8")
+    plot_search(run, paths[3])
+    paths[4].write_text(summary_markdown(run), encoding="utf-8")
     return paths
