@@ -82,7 +82,7 @@ class EvaluationConfig(Strict):
     """Domain → task names; None = every task found under tasks_dir, by its metadata domain."""
     fitness_split: str = "validation"
     heldout_split: str = "test"
-    fitness_metric: Literal["accuracy", "likelihood"] = "likelihood"
+    fitness_metric: Literal["accuracy", "likelihood"] = "accuracy"
     """What fitness climbs on the fitness split: `accuracy` (each task's primary metric on greedy generations)
     or `likelihood` (exp of the mean per-token log-probability of each item's gold answer, teacher-forced, no
     decoding). The held-out split is always scored by accuracy: it is the quality claim."""
