@@ -223,7 +223,9 @@ def parse(doc: dict, space: GenomeSpace, source: str, random_seed: int | None) -
     given = per_model(doc.get("models") or [], space, entry.params, source, CROSSOVER_STAGE)
     if "interp" in given and not space.ancestor:
         raise fail(
-            source, f"{CROSSOVER_STAGE}.models", f"{INTERP_STAGE} is the base without an ancestor, not a model"
+            source,
+            f"{CROSSOVER_STAGE}.models",
+            f"{INTERP_STAGE} is the base without an ancestor, not a model",
         )
     absent = {"weight": (0.0,) * space.layer_groups, "density": (1.0,) * space.layer_groups}
     rows = [{**absent, **given.get(n, {})} for n in space.models]
