@@ -2,8 +2,9 @@
 
 A refactor of the genes must leave every genome, every recipe and every RNG draw as it was (a run is
 reproducible from its seed, and a resumed run continues as the uninterrupted one would). The digests in
-`golden/demo_recipes.json` were made by the code before genes were organised by gene; regenerate them only
-for an intended change of behaviour:
+`golden/demo_recipes.json` were made by the code before genes were organised by gene, and regenerated once
+when `mutation_rate` became the mutation strength (binomial path edits, rare method flips; the seeds'
+digests did not change); regenerate them only for an intended change of behaviour:
 
     python tests/test_recipe_pins.py > tests/golden/demo_recipes.json
 """
