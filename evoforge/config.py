@@ -59,7 +59,8 @@ class MergeOperators(Strict):
       output, k = the k-th base model (1-based), or a base model's name, ``crossover`` or ``interp``.
     - ``dfs_merge_ratio`` (structure=dfs, passthrough with per-layer ``scale``): the data-flow path starts as
       the crossover output's layers in order, with that fraction of steps (evenly spaced) taking the same
-      layer from the base models instead, round robin; every step's input scale starts at 1.
+      layer from the base models instead, round robin (one step more where that path would be the
+      frankenmerge seed's, so the two seeds differ); every step's input scale starts at 1.
     - ``layer_groups``: 1 = global continuous parameters; G > 1 = G-point mergekit gradients over depth.
     """
 

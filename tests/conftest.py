@@ -8,6 +8,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
+from evoforge.merge.memory import MemoryMerger
 from evoforge.tiny import make_family
 
 
@@ -46,3 +47,12 @@ def offline_hf_cache(hf_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache_dir))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return "evoforge-test/tiny-qwen"
+
+
+@pytest.fixture(scope="session")
+def mergers(qwen_family: dict[str, Path], llama_family: dict[str, Path]) -> dict[str, MemoryMerger]:
+    """One memory merger per tiny family, holding the three children and the ancestor (float32, CPU)."""
+    return {
+        arch: MemoryMerger([family[n] for n in ("alpha", "beta", "gamma", "ancestor")], device="cpu")
+        for arch, family in (("qwen", qwen_family), ("llama", llama_family))
+    }

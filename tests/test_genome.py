@@ -1,5 +1,6 @@
 """Genome: the 8 seeds, hashing, and variation operators that always yield valid genomes."""
 
+import dataclasses
 import random
 
 import pytest
@@ -7,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evoforge.config import MergeOperators
-from evoforge.genome import SEED_LABELS, GenomeSpace, mutate, recombine, seed_genomes
+from evoforge.genome import SEED_LABELS, Genome, GenomeSpace, mutate, recombine, seed_genomes
+from evoforge.genome.mergekit_yaml import RecipeError
 from evoforge.recipe import parse, render
 
 SPACE = GenomeSpace(
@@ -129,3 +131,44 @@ def test_tiny_values_render_as_yaml_floats_and_round_trip():
     text = render(g, SPACE)
     assert "weight: 1.0e-05, density: 5.0e-06" in text and "value: 1.0e-05" in text
     assert parse(text, SPACE) == g
+
+
+def interp_entry(weight: str, density: str) -> str:
+    """The crossover stage's `evoforge_interp` entry over 3 layer groups (SPACES[1])."""
+    return f"  - model: evoforge_interp  # interp\n    parameters: {{weight: [{weight}], density: [{density}]}}\n"
+
+
+def test_with_an_ancestor_the_interp_output_is_one_of_the_crossovers_task_vectors():
+    space = SPACES[1]
+    s = seeds(space, MergeOperators(ties_threshold=0.2))
+    ties = s["linear-ties-frankenmerge"].crossover
+    assert ties.interp_weight == (0.333333,) * 3 and ties.interp_density == (0.8,) * 3
+    text = render(s["slerp-ties-dfs"], space)
+    assert interp_entry("0.333333, 0.333333, 0.333333", "0.8, 0.8, 0.8") in text
+    assert all(not g.crossover.interp_weight for g in seeds().values())  # no ancestor: interp is the base
+
+
+def test_a_recipe_or_genome_from_before_the_interp_entry_stays_the_same_model():
+    """Without the entry, the crossover is what it was: the genome renders the recipe it came from, and its
+    JSON (a checkpoint's) loads with the hash the run recorded."""
+    space = SPACES[1]
+    new = seeds(space)["linear-dare-dfs"]
+    old_text = render(new, space).replace(interp_entry("0.333333, 0.333333, 0.333333", "0.9, 0.9, 0.9"), "")
+    old = parse(old_text, space, source="old.yaml")
+    assert old.crossover.interp_weight == ()
+    assert render(old, space).split("\n---\n", 1)[1] == old_text.split("\n---\n", 1)[1]  # header: hash
+    dumped = old.model_dump(mode="json")
+    assert "interp_weight" not in dumped["crossover"] and "interp_weight" in new.model_dump()["crossover"]
+    assert Genome.model_validate(dumped).hash == old.hash
+    child = recombine([old, new, new], [1.0, 1.0, 0.0], space, random.Random(0))
+    assert child.crossover.interp_weight == pytest.approx((0.333333 / 2,) * 3, abs=1e-6)  # old: weight 0
+    assert child.crossover.interp_density == (0.95,) * 3
+
+
+def test_an_interp_entry_in_the_crossover_without_an_ancestor_names_file_and_field():
+    text = render(seeds(SPACES[1])["linear-ties-dfs"], SPACES[1])
+    text = text.replace("base_model: /m/anc", "base_model: evoforge_interp")
+    with pytest.raises(
+        RecipeError, match=r"^bad.yaml: evoforge_crossover.models: evoforge_interp is the base"
+    ):
+        parse(text, dataclasses.replace(SPACES[1], ancestor=None), source="bad.yaml")

@@ -34,15 +34,6 @@ from evoforge.recipe import random_seed, render
 BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 
 
-@pytest.fixture(scope="module")
-def mergers(qwen_family, llama_family) -> dict[str, MemoryMerger]:
-    """One merger per family, holding the three base models and the ancestor (float32, CPU)."""
-    return {
-        arch: MemoryMerger([family[n] for n in (*NAMES, "ancestor")], device="cpu")
-        for arch, family in (("qwen", qwen_family), ("llama", llama_family))
-    }
-
-
 def deep_dfs(seed: Genome) -> Genome:
     """A DARE genome whose DFS path is 9 layers deep (6 in the base models), repeats layers, mixes all
     sources and scales o_proj/down_proj."""

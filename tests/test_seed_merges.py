@@ -1,9 +1,13 @@
-"""The 8 seeds as real merges: disk path == stock mergekit-multi, hand edits, and exact DFS input scaling."""
+"""The 8 seeds as real merges: 8 different models, disk path == stock mergekit-multi, hand edits, and exact
+DFS input scaling."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,14 +16,70 @@ from evolution_support import NAMES, space_of
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from evoforge.config import MergeOperators
-from evoforge.genome import Genome, Step, StructureGene, seed_genomes
+from evoforge.config import MergeOperators, load_config
+from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
 from evoforge.merge.disk import merge_recipe
+from evoforge.merge.memory import MemoryMerger
 from evoforge.recipe import parse, random_seed, render
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """Hash of every tensor's name, dtype, shape and bytes: equal exactly when the models are."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def seed_fingerprints(
+    space: GenomeSpace, ops: MergeOperators, weights: Sequence[float], merger: MemoryMerger, run_seed: int
+) -> dict[str, str]:
+    """label → fingerprint of the merged model, for each of the 8 seeds (memory path == disk path)."""
+    out = {}
+    for label, genome in seed_genomes(space, ops, weights, run_seed).items():
+        text = render(genome, space)
+        out[label] = fingerprint(merger.merge(text, random_seed(text))[0])
+    return out
+
+
+@pytest.mark.parametrize("operators", ["default", "demo"])
+@pytest.mark.parametrize(
+    "arch,ancestor", [("qwen", False), ("qwen", True), ("llama", False), ("llama", True)]
+)
+def test_the_eight_seeds_are_eight_different_models(arch, ancestor, operators, request, mergers):
+    """Every gene enters the result: with an ancestor the interp output is one of the crossover's task
+    vectors, and the dfs seed differs from the frankenmerge seed even where the demo's operators (all layers
+    from the crossover, no DFS swaps) would make their paths equal."""
+    ops = MergeOperators() if operators == "default" else load_config(DEMO).merge_operators
+    space = dataclasses.replace(
+        space_of(request.getfixturevalue(f"{arch}_family"), ancestor), layer_groups=ops.layer_groups
+    )
+    prints = seed_fingerprints(space, ops, [1.0, 1.0, 1.0], mergers[arch], run_seed=7)
+    assert len(set(prints.values())) == 8, prints
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # 8 merges of a 135 M trio on CPU: minutes each on 2 shared cores
+def test_demo_trio_seeds_are_eight_different_models():
+    """The demo run file's 8 seeds on its real models (`evoforge demo prepare`); run with -s to see them."""
+    cfg = load_config(DEMO)
+    paths = [cfg.resolve(m) for m in (*cfg.base_models, cfg.ancestor)]
+    if not all(Path(p).is_dir() for p in paths):
+        pytest.skip("the demo models are not prepared (evoforge demo prepare)")
+    space = GenomeSpace.from_config(cfg)
+    merger = MemoryMerger(paths, device="cpu")
+    weights = [m.weight for m in cfg.base_models]
+    prints = seed_fingerprints(space, cfg.merge_operators, weights, merger, cfg.seed)
+    print("\n".join(f"{label:28} {fp}" for label, fp in prints.items()))
+    assert len(set(prints.values())) == 8, prints
 
 
 STOCK = """

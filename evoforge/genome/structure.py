@@ -147,17 +147,21 @@ def _frankenmerge_slices(path: Sequence[Step], space: GenomeSpace) -> list[str]:
 
 def _dfs_seed(space: GenomeSpace, ops: MergeOperators) -> tuple[Step, ...]:
     """The crossover output's layers in order; round(dfs_merge_ratio·depth) evenly spaced steps take the same
-    layer from the base models instead (round robin)."""
-    depth = space.num_layers
+    layer from the base models instead (round robin). Where that is the frankenmerge seed's path (e.g. ratio 0
+    and frankenmerge_layers all 0), one more step is swapped: the two seeds are always different models."""
+    depth, frankenmerge = space.num_layers, _frankenmerge_seed(space, ops)
     swaps = round(ops.dfs_merge_ratio * depth)
-    picked = {round((i + 0.5) * depth / swaps - 0.5) for i in range(swaps)} if swaps else set()
-    steps, k = [], 0
-    for layer in range(depth):
-        source = "crossover"
-        if layer in picked:
-            source, k = space.models[k % len(space.models)], k + 1
-        steps.append(Step(source=source, layer=layer, scale=1.0))
-    return tuple(steps)
+    while True:
+        picked = {round((i + 0.5) * depth / swaps - 0.5) for i in range(swaps)} if swaps else set()
+        steps, k = [], 0
+        for layer in range(depth):
+            source = "crossover"
+            if layer in picked:
+                source, k = space.models[k % len(space.models)], k + 1
+            steps.append(Step(source=source, layer=layer, scale=1.0))
+        if tuple(steps) != frankenmerge or swaps >= depth:
+            return tuple(steps)
+        swaps += 1
 
 
 def _edit_dfs(path: list[Step], space: GenomeSpace, rng: random.Random, rate: float) -> list[Step]:

@@ -62,6 +62,16 @@ def tokenizer_donor(documents: list[dict], source: str = "recipe") -> MergeConfi
     raise NotInMemory(f"{source}: the stages' donors form a cycle")  # validate_recipe refuses cycles first
 
 
+def _without_stages(config: MergeConfiguration, documents: list[dict]) -> MergeConfiguration:
+    """`config` less the models that are this recipe's own stages: mergekit's architecture lookup loads every
+    model a document names, and a stage name is no model it can load (it would try the hub)."""
+    stages = {doc.get("name") for doc in documents} - {None}
+    if not config.models:
+        return config
+    kept = [m for m in config.models if str(m.model.model.path) not in stages]
+    return config.model_copy(update={"models": kept})
+
+
 def save_merged(
     merger: MemoryMerger,
     recipe_yaml: str,
@@ -79,8 +89,9 @@ def save_merged(
     writes its own). `merged`: this recipe's config and (name, tensor) pairs as `merger` gave them for this
     seed, written instead of merging again. `NotInMemory` for what only the disk path can do, before
     anything is written."""
-    donor = tokenizer_donor(validate_recipe(recipe_yaml, source=source), source)
-    arch_info = get_architecture_info(donor, merger.options)
+    documents = validate_recipe(recipe_yaml, source=source)
+    donor = tokenizer_donor(documents, source)
+    arch_info = get_architecture_info(_without_stages(donor, documents), merger.options)
     if getattr(arch_info, "post_fill_parameters", False):
         raise NotInMemory(
             f"{source}: mergekit fills this architecture's parameters after merging (disk path)"
