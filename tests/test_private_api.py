@@ -322,6 +322,13 @@ EXPECTED = [
         ("generation", "stop", "think_end_token"),
     ),
     Expect("lm_eval.api.instance.Instance", "evaluate/generation.py reads request.args", attrs=("args",)),
+    # likelihood fitness: gold tokens counted on the boundary lm-eval's loglikelihood encodes them with
+    Expect(
+        "lm_eval.api.model.TemplateLM._encode_pair",
+        "evaluate/likelihood.py (item_scores)",
+        ("self", "context", "continuation"),
+        "exact",
+    ),
 ]
 
 
