@@ -1,0 +1,81 @@
+"""Does the search beat its seeds on data it never saw? Held-out per-item scores of finished runs.
+
+    python bench/search_proof.py heldout RUN_FILE RUN_DIR [RUN_DIR ...] --out heldout.json
+    python bench/search_proof.py heldout RUN_FILE --base-models --out base.json
+
+`heldout` scores, on the run file's held-out split by accuracy (all items), each run's final best (the
+run's `Run.best`: the fittest finished candidate, earliest on ties) and its 8 seeds (generation 0), or with
+`--base-models` the run file's base models and ancestor, and writes every model's per-item scores (document
+order, per task) as JSON. Models are merged as the run merged them (`fitness_metrics.load`: the memory path
+into the Scorer's resident model, else mergekit on disk). The paired comparison of these vectors (bootstrap
+over the items) is `evoforge.evaluate.stats`'s; `recipes/demo/SEARCH.md` records the runs and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fitness_metrics import Candidate, load, log
+
+from evoforge.config import load_config
+from evoforge.evolve.candidates import CandidateEvaluator
+from evoforge.evolve.run_dir import Run
+from evoforge.quiet import quiet_libraries
+from evoforge.recipe import random_seed
+
+
+def run_candidates(root: Path) -> list[Candidate]:
+    """A run's best and its generation-0 seeds, as recipes with the DARE seed their header names."""
+    run = Run.load(root)
+    chosen = [("best", run.best)] + [("seed", e) for e in run.evaluations if e.generation == 0]
+    out = []
+    for kind, rec in chosen:
+        text = (root / rec.recipe).read_text(encoding="utf-8")
+        label = f"{root.name} {kind} {rec.label} {rec.id}"
+        out.append(Candidate(label=label, kind=kind, recipe=text, seed=random_seed(text)))
+    return out
+
+
+def heldout(args: argparse.Namespace) -> None:
+    cfg = load_config(args.run_file)
+    split = cfg.evaluation.heldout_split
+    cands: list[Candidate] = []
+    if args.base_models:
+        models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
+        cands += [Candidate(label=f"model {m.name}", kind="model", path=cfg.resolve(m)) for m in models]
+    for root in args.run_dirs:
+        cands += run_candidates(root)
+    rows = []
+    with quiet_libraries(), tempfile.TemporaryDirectory() as scratch:
+        evaluator = CandidateEvaluator(cfg, cfg.resolve(cfg.base_models[0]), Path(scratch) / "work")
+        for i, cand in enumerate(cands, 1):
+            t0 = time.perf_counter()
+            load(evaluator, cand, Path(scratch))
+            result = evaluator.scorer.score(split, limit=args.limit, metric="accuracy", items=True)
+            rows.append({"label": cand.label, "kind": cand.kind, **result.model_dump(mode="json")})
+            log(f"[{i}/{len(cands)}] {cand.label}: {result.fitness:.4f} ({time.perf_counter() - t0:.1f} s)")
+            args.out.write_text(json.dumps(rows) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("heldout", help="per-item held-out scores of runs' bests and seeds, or base models")
+    p.add_argument("run_file", type=Path)
+    p.add_argument("run_dirs", type=Path, nargs="*")
+    p.add_argument("--base-models", action="store_true", help="score the base models and ancestor")
+    p.add_argument("--limit", type=int, help="first N items per task (default: all; a smoke test)")
+    p.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    heldout(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Six search runs side by side on one GPU (ga, cmaes, random × run seeds 42 and 7), each followed by the
+# held-out per-item scores of its best and its seeds (bench/search_proof.py); the base models once.
+#   bench/search_proof.sh RUN_FILE OUT_DIR [GENERATIONS=16]
+# 16 generations = round 0's 8 seeds + 15 rounds of 8 new candidates = 128 evaluations a run. Each run keeps
+# only its latest best-model folder (a 135 M float32 model is 0.54 GB; six runs × 16 new bests would not fit
+# the machine's disk). Progress: OUT_DIR/*.log.
+set -u
+run_file=${1:?run file}; out=${2:?output folder}; gens=${3:-16}
+mkdir -p "$out"
+export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+python3 bench/search_proof.py heldout "$run_file" --base-models --out "$out/base.json" >"$out/base.log" 2>&1 &
+for strategy in ga cmaes random; do
+  for seed in 42 7; do
+    name=$strategy-$seed
+    (
+      python3 -m evoforge run "$run_file" --strategy "$strategy" --seed "$seed" --gens "$gens" \
+        --wandb disabled --output-dir "$out/$name" >"$out/$name.log" 2>&1
+      python3 bench/search_proof.py heldout "$run_file" "$out/$name" --out "$out/$name.heldout.json" \
+        >"$out/$name.heldout.log" 2>&1
+    ) &
+  done
+done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do
+  for run in "$out"/*/; do  # all but the newest best-model folder of each run
+    ls -d "$run"gen_*_best_model 2>/dev/null | sort -V | head -n -1 | xargs -r rm -rf
+  done
+  sleep 20
+done
+echo "all done" >"$out/DONE"
