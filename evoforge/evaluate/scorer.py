@@ -33,6 +33,7 @@ from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.likelihood import item_scores
+from evoforge.evaluate.stats import compute_fitness
 from evoforge.evaluate.suite import TaskError, TaskSuite
 from evoforge.models import Device, locate_model, resolve_device
 
@@ -76,17 +77,6 @@ class EvalResult(BaseModel):
     n_items: int
     limit: int | None
     wall_s: float
-
-
-def compute_fitness(domain_scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """Σ w_d·score_d / Σ w_d over the weighted domains; domains without a weight are reported, not counted."""
-    total = sum(weights.values())
-    if total <= 0:
-        raise ConfigError("evaluation_weights: at least one domain weight must be positive")
-    missing = [d for d, w in weights.items() if w > 0 and d not in domain_scores]
-    if missing:
-        raise ConfigError(f"evaluation_weights.{missing[0]}: no task scores this domain")
-    return sum(w * domain_scores[d] for d, w in weights.items() if w > 0) / total
 
 
 def check_weights(weights: Mapping[str, float], suite: TaskSuite) -> None:
