@@ -181,9 +181,7 @@ def test_gold_continuation_is_a_correct_generation_on_every_real_task(split: str
             echo.gold[context] = continuation
             if "entry_point" in req.doc:
                 assert continuation == req.doc["answer"], name
-    result = Scorer(echo, evaluation=EvaluationConfig(limit=limit), tasks_dir=REAL_TASKS).score(
-        split, items=True
-    )
+    result = Scorer(echo, evaluation=EvaluationConfig(limit=limit), tasks_dir=REAL_TASKS).score(split)
     assert result.metric == "accuracy"
     assert {n: t.items for n, t in result.tasks.items()} == {n: [1.0] * limit for n in tasks}
 

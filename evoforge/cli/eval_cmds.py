@@ -89,15 +89,18 @@ def print_result(result: EvalResult) -> None:
         per_task.add_row(
             name, ", ".join(t.domains), _metric(t.metric), f"{t.value:.3f}{stderr}", str(t.n_items)
         )
-    domains = Table("domain", "weight", "score", "tasks")
+    domains = Table("domain", "weight", "score ± SE", "tasks")
+    se = result.domain_se or {}
     for domain, score in result.domains.items():
         names = [n for n, t in result.tasks.items() if domain in t.domains]
         weight = result.weights.get(domain, 0.0)
-        domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}", ", ".join(names))
+        spread = f" ± {se[domain]:.4f}" if domain in se else ""
+        domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}{spread}", ", ".join(names))
     out.print(per_task)
     out.print(domains)
+    spread = f" ± {result.fitness_se:.4f} (bootstrap SE)" if result.fitness_se is not None else ""
     out.print(
-        f"fitness {result.fitness:.4f}  ({result.n_items} items, {result.wall_s:.1f} s"
+        f"fitness {result.fitness:.4f}{spread}  ({result.n_items} items, {result.wall_s:.1f} s"
         f"{f', first {result.limit} per task' if result.limit else ''})"
     )
 

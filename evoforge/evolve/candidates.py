@@ -67,6 +67,8 @@ def to_scores(result: EvalResult) -> Scores:
         fitness=result.fitness,
         domains=dict(result.domains),
         tasks={name: t.value for name, t in result.tasks.items()},
+        fitness_se=result.fitness_se,
+        domain_se=result.domain_se or {},
     )
 
 

@@ -30,6 +30,9 @@ class Scores(BaseModel):
     fitness: float
     domains: dict[str, float]
     tasks: dict[str, float]
+    fitness_se: float | None = None
+    domain_se: dict[str, float] = {}
+    """Bootstrap standard errors over the items (`evaluate.stats`); absent in runs from before they were kept."""
 
 
 class EvaluationRecord(BaseModel):
