@@ -152,3 +152,30 @@ def paired_difference(
                 "needs the same items (same split and limit)"
             )
     return bootstrap({t: xb[t] - xa[t] for t in xa}, task_domains, weights, resamples, seed, level)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models on the same items: each one's scores with its SE, and B − A with paired intervals."""
+
+    a: Estimates
+    b: Estimates
+    difference: Estimates
+
+
+def compare(
+    a: Items,
+    b: Items,
+    task_domains: Mapping[str, Sequence[str]],
+    weights: Mapping[str, float],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Comparison:
+    """`bootstrap` of each model and `paired_difference` B − A, with the same settings."""
+    difference = paired_difference(a, b, task_domains, weights, resamples, seed, level)
+    return Comparison(
+        a=bootstrap(a, task_domains, weights, resamples, seed, level),
+        b=bootstrap(b, task_domains, weights, resamples, seed, level),
+        difference=difference,
+    )
