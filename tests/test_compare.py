@@ -14,6 +14,7 @@ from evoforge.cli import app
 from evoforge.cli.recipe_cmds import seed_recipes
 from evoforge.config import EvolutionConfig
 from evoforge.evaluate.stats import bootstrap
+from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.records import EvaluationRecord, ItemScores, Scores, read_records
 from evoforge.merge.disk import merge_recipe
 from evoforge.pipeline import EvoMergePipeline
@@ -85,6 +86,27 @@ def test_a_candidate_yaml_is_the_model_its_merge_makes(
     rows = _rows(result.stdout)
     assert [row[2] for row in rows.values()] == ["+0.0000"] * 3
     assert rows["fitness"][0].split(" ± ")[0] == rows["fitness"][1].split(" ± ")[0]
+
+
+def test_a_candidates_result_is_the_last_evaluation_or_a_new_one(
+    family: dict[str, Path], mc_tasks: Path, tmp_path: Path
+) -> None:
+    """What a run's held-out items come from: the loop's last evaluation when it was this candidate on
+    this split (a recipe differing only in comments is the same candidate), else a fresh one."""
+    cfg = EvolutionConfig(**run_config(family, mc_tasks, tmp_path / "run"))
+    (a, b) = list(seed_recipes(cfg).values())[:2]
+    evaluator = CandidateEvaluator(cfg, str(family["alpha"]), tmp_path / "work")
+    scores, _, _ = evaluator.score_recipe(a, random_seed(a), "test")
+    evaluator.score_recipe(b, random_seed(b), "validation")
+    calls = []
+    score = evaluator.scorer.score
+    evaluator.scorer.score = lambda *args, **kwargs: calls.append(args) or score(*args, **kwargs)
+    last = evaluator.result("# another title\n" + b, random_seed(b), "validation")
+    assert last.split == "validation" and calls == []
+    again = evaluator.result(a, random_seed(a), "test")
+    assert calls == [("test",)]
+    assert again.split == "test" and again.fitness == scores.fitness and again.fitness_se == scores.fitness_se
+    assert {t: len(v) for t, v in again.item_scores().items()} == dict.fromkeys(again.tasks, 30)
 
 
 def test_compare_errors_are_one_line(family: dict[str, Path], mc_tasks: Path, tmp_path: Path) -> None:
