@@ -91,6 +91,7 @@ Scores ± bootstrap standard error over the items:
 | **fitness** | **{with_se(fit.fitness, fit.fitness_se)}** | **{held_fitness}** |
 
 ## Held-out comparisons
+
 {comparison_text}
 
 ## Lineage

@@ -167,8 +167,9 @@ def compare(
         typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
     ] = None,
 ) -> None:
-    """Score A and B on the same items and print B − A per domain and in fitness, with paired bootstrap
-    95 % intervals (a candidate YAML is merged first, as `evoforge merge` does)."""
+    """Compare two models on the same items: B − A per domain and in fitness, with paired 95 % intervals.
+
+    A candidate YAML is merged first, as `evoforge merge` does."""
     try:
         evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
     except ValidationError as err:
