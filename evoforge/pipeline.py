@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
+from evoforge.evaluate.stats import paired_difference
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
 from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores
@@ -42,10 +43,13 @@ class BestCandidate(BaseModel):
     best_base_model: str
     best_base_fitness: float
     best_base_heldout: float
+    heldout_gain_interval: tuple[float, float] | None = None
+    """95 % paired bootstrap interval of the held-out fitness minus the best base model's, when the run kept
+    both models' held-out items."""
 
 
 def _rounded(items: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Six decimals: far below any SE, and a third of the file."""
+    """Six decimals, far below any SE: a continuous metric's full floats would double the file."""
     return {task: [round(x, 6) for x in values] for task, values in items.items()}
 
 
@@ -156,21 +160,25 @@ class EvoMergePipeline:
         scored = self.run_dir.read_baselines()
         if scored is not None:
             return scored
-        cfg, ev = self.cfg, self.cfg.evaluation
         from evoforge.evolve.candidates import to_scores
 
+        cfg, ev = self.cfg, self.cfg.evaluation
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
-        scores, items = {}, None
+        scores, held_items = {}, {}
         for m in models:
             self.console.print(f"scoring base model {m.name} on {ev.fitness_split} and {ev.heldout_split}")
             fit = evaluator.evaluate_model(cfg.resolve(m), ev.fitness_split)
             held = evaluator.evaluate_model(cfg.resolve(m), ev.heldout_split)
             scores[m.name] = {ev.fitness_split: to_scores(fit), ev.heldout_split: to_scores(held)}
-            items = items or ItemScores(
-                split=held.split, metric=held.metric, task_domains=held.task_domains(), weights=held.weights
-            )
             if held.item_scores() is not None:
-                items.base_models[m.name] = _rounded(held.item_scores())
+                held_items[m.name] = _rounded(held.item_scores())
+        items = ItemScores(
+            split=held.split,
+            metric=held.metric,
+            task_domains=held.task_domains(),
+            weights=held.weights,
+            base_models=held_items,
+        )
         self.run_dir.write_items(items)  # before baselines.json: a run with baselines has its items
         baselines = Baselines(fitness_split=ev.fitness_split, heldout_split=ev.heldout_split, models=scores)
         self.run_dir.write_baselines(baselines)
@@ -312,6 +320,15 @@ class EvoMergePipeline:
         base = run.best_base(fit_split)
         if base is None:
             raise EvoforgeError(f"{self.run_dir.baselines}: no base model scored on {fit_split!r}")
+        items, interval = run.run_dir.read_items(), None
+        if items and top.genome_hash in items.candidates and base[0] in items.base_models:
+            gain = paired_difference(
+                items.base_models[base[0]],
+                items.candidates[top.genome_hash],
+                items.task_domains,
+                items.weights,
+            ).fitness
+            interval = (gain.low, gain.high)
         return BestCandidate(
             id=top.id,
             label=top.label,
@@ -326,4 +343,5 @@ class EvoMergePipeline:
             best_base_model=base[0],
             best_base_fitness=base[1].fitness,
             best_base_heldout=run.baselines.models[base[0]][held_split].fitness,
+            heldout_gain_interval=interval,
         )

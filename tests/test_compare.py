@@ -160,7 +160,9 @@ def test_a_run_keeps_held_out_items_and_prints_intervals(
     recorded held-out scores; the report and the model card pair them; every record carries its SE."""
     run = tmp_path / "run"
     data = run_config(family, mc_tasks, run, max_generations=2, population_size=5, wandb_mode="disabled")
-    EvoMergePipeline(EvolutionConfig(**data)).run()
+    best = EvoMergePipeline(EvolutionConfig(**data)).run()
+    low, high = best.heldout_gain_interval
+    assert low <= best.heldout_fitness - best.best_base_heldout <= high and low < high
     items = ItemScores.model_validate_json((run / "heldout_items.json").read_text())
     baselines = json.loads((run / "baselines.json").read_text())
     assert set(items.base_models) == set(baselines["models"]) == {"alpha", "beta", "gamma", "ancestor"}

@@ -195,7 +195,9 @@ def compare(
             status=status.update,
         )
     cmp = done.comparison
-    table = Table(*header(cmp), title=f"split {split}: A = {model_a}, B = {model_b}")
+    table = Table(title=f"split {split}: A = {model_a}, B = {model_b}")
+    for i, name in enumerate(header(cmp)):
+        table.add_column(name, no_wrap=i == 0)
     for row in rows(cmp):
         table.add_row(*row, style="bold" if row[0] == "fitness" else None)
     out.print(table)
