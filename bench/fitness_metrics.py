@@ -40,6 +40,7 @@ from scipy.stats import spearmanr
 
 from evoforge.config import EvolutionConfig, load_config
 from evoforge.evaluate.scorer import EvalResult
+from evoforge.evaluate.stats import bootstrap
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.genome import Genome, GenomeSpace, mutate, recombine, seed_genomes
 from evoforge.merge.memory import NotInMemory
@@ -135,24 +136,12 @@ def load(evaluator: CandidateEvaluator, cand: Candidate, scratch: Path) -> None:
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _fitness(task_means: dict[str, np.ndarray], result: EvalResult) -> np.ndarray:
-    """Task means → domain means → weighted fitness, as `compute_fitness` aggregates (works on arrays)."""
-    weights = {d: w for d, w in result.weights.items() if w > 0}
-    domains = {
-        d: np.mean([task_means[n] for n, t in result.tasks.items() if d in t.domains], axis=0)
-        for d in weights
-    }
-    return sum(w * domains[d] for d, w in weights.items()) / sum(result.weights.values())
-
-
 def bootstrap_se(result: EvalResult, resamples: int, seed: int) -> float:
-    """SD of the candidate's fitness over resamples of the items (with replacement, within each task)."""
-    rng = np.random.default_rng(seed)
-    items = {n: np.asarray(t.items, dtype=float) for n, t in result.tasks.items()}
-    if not np.isclose(_fitness({n: x.mean() for n, x in items.items()}, result), result.fitness):
+    """SD of the candidate's fitness over resamples of the items (`evaluate.stats.bootstrap`)."""
+    est = bootstrap(result.item_scores(), result.task_domains(), result.weights, resamples, seed)
+    if not np.isclose(est.fitness.estimate, result.fitness):
         raise RuntimeError(f"{result.split}/{result.metric}: per-item scores do not add up to the fitness")
-    means = {n: x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1) for n, x in items.items()}
-    return float(np.std(_fitness(means, result), ddof=1))
+    return est.fitness.se
 
 
 def spearman_ci(x: list[float], y: list[float], resamples: int, seed: int) -> tuple[float, float, float]:
@@ -180,13 +169,13 @@ def measure(evaluator: CandidateEvaluator, cands: list[Candidate], args: argpars
         log(f"warm-up: {cands[0].label}")
         load(evaluator, cands[0], Path(tmp))
         for metric in METRICS:
-            scorer.score(ev.fitness_split, metric=metric, items=True)
+            scorer.score(ev.fitness_split, metric=metric)
         scorer.score(ev.heldout_split, metric="accuracy")
         for i, cand in enumerate(cands):
             t0 = time.perf_counter()
             load(evaluator, cand, Path(tmp))
             merge_s = time.perf_counter() - t0
-            fit = {m: scorer.score(ev.fitness_split, metric=m, items=True) for m in METRICS}
+            fit = {m: scorer.score(ev.fitness_split, metric=m) for m in METRICS}
             held = scorer.score(ev.heldout_split, metric="accuracy")
             rows.append(
                 {

@@ -16,14 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
+from evoforge.evaluate.stats import paired_difference
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import Baselines, GenerationRecord, Scores
-from evoforge.evolve.run_dir import Run, RunDir
+from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores
+from evoforge.evolve.run_dir import Run, RunDir, best_seed
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models
 from evoforge.quiet import quiet_libraries
-from evoforge.recipe import render
+from evoforge.recipe import random_seed, render
 
 
 class BestCandidate(BaseModel):
@@ -42,16 +43,37 @@ class BestCandidate(BaseModel):
     best_base_model: str
     best_base_fitness: float
     best_base_heldout: float
+    heldout_gain_interval: tuple[float, float] | None = None
+    """95 % paired bootstrap interval of the held-out fitness minus the best base model's, when the run kept
+    both models' held-out items."""
+
+
+def _rounded(items: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Six decimals, far below any SE: a continuous metric's full floats would double the file."""
+    return {task: [round(x, 6) for x in values] for task, values in items.items()}
 
 
 def model_card(
-    run_dir: RunDir, cfg: EvolutionConfig, member: Member, fit: Scores, held: Scores | None, recipe: str
+    run_dir: RunDir,
+    cfg: EvolutionConfig,
+    member: Member,
+    fit: Scores,
+    held: Scores | None,
+    recipe: str,
+    comparisons: list[str],
 ) -> str:
-    domains = sorted(fit.domains)
-    rows = "\n".join(
-        f"| {d} | {fit.domains[d]:.4f} | {held.domains.get(d, float('nan')) if held else float('nan'):.4f} |"
-        for d in domains
-    )
+    """The best model's README: scores ± bootstrap SE on both splits, the held-out paired comparisons
+    (`track.comparisons.heldout_comparisons`), the lineage and the recipe."""
+    from evoforge.track.comparisons import with_se
+
+    def cell(scores: Scores | None, domain: str) -> str:
+        if scores is None or domain not in scores.domains:
+            return "not scored"
+        return with_se(scores.domains[domain], scores.domain_se.get(domain))
+
+    rows = "\n".join(f"| {d} | {cell(fit, d)} | {cell(held, d)} |" for d in sorted(fit.domains))
+    held_fitness = with_se(held.fitness, held.fitness_se) if held else "not scored"
+    comparison_text = "\n".join(comparisons)
     tree = "\n".join(
         f"- `{r.genome_hash}` {r.id} ({r.operator}, {r.label}, fitness {r.fitness:.4f})"
         + (f" ← {', '.join(f'`{p}`' for p in r.parents)}" if r.parents else "")
@@ -65,10 +87,16 @@ tags: [merge, mergekit, evoforge]
 
 Evolved by evoforge run `{cfg.name}` from {", ".join(f"`{m.path}`" for m in cfg.base_models)}.
 
+Scores ± bootstrap standard error over the items:
+
 | domain | {ev.fitness_split} (fitness) | {ev.heldout_split} (held out) |
 |---|---|---|
 {rows}
-| **fitness** | **{fit.fitness:.4f}** | **{held.fitness if held else float("nan"):.4f}** |
+| **fitness** | **{with_se(fit.fitness, fit.fitness_se)}** | **{held_fitness}** |
+
+## Held-out comparisons
+
+{comparison_text}
 
 ## Lineage
 {tree}
@@ -132,17 +160,63 @@ class EvoMergePipeline:
         scored = self.run_dir.read_baselines()
         if scored is not None:
             return scored
+        from evoforge.evolve.candidates import to_scores
+
         cfg, ev = self.cfg, self.cfg.evaluation
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
-        scores = {}
+        scores, held_items = {}, {}
         for m in models:
             self.console.print(f"scoring base model {m.name} on {ev.fitness_split} and {ev.heldout_split}")
-            scores[m.name] = {
-                s: evaluator.score_model(cfg.resolve(m), s) for s in (ev.fitness_split, ev.heldout_split)
-            }
+            fit = evaluator.evaluate_model(cfg.resolve(m), ev.fitness_split)
+            held = evaluator.evaluate_model(cfg.resolve(m), ev.heldout_split)
+            scores[m.name] = {ev.fitness_split: to_scores(fit), ev.heldout_split: to_scores(held)}
+            if held.item_scores() is not None:
+                held_items[m.name] = _rounded(held.item_scores())
+        items = ItemScores(
+            split=held.split,
+            metric=held.metric,
+            task_domains=held.task_domains(),
+            weights=held.weights,
+            base_models=held_items,
+        )
+        self.run_dir.write_items(items)  # before baselines.json: a run with baselines has its items
         baselines = Baselines(fitness_split=ev.fitness_split, heldout_split=ev.heldout_split, models=scores)
         self.run_dir.write_baselines(baselines)
         return baselines
+
+    def _heldout_comparisons(self, evaluator, gen: int, member: Member) -> list[str]:
+        """Markdown comparing a new best with the best base model and the best seed on the held-out split.
+        Its per-item scores (the loop's last evaluation) and the best seed's (scored once, at the first new
+        best, when generation 0's seeds are all scored) are added to heldout_items.json first."""
+        from evoforge.track.comparisons import heldout_comparisons
+
+        run_dir, split = self.run_dir, self.cfg.evaluation.heldout_split
+        items = run_dir.read_items()
+        seed = best_seed(run_dir.evaluation_records(), self.cfg.evaluation.fitness_split)
+        wanted = {member.genome.hash: (run_dir.recipe(gen, member.id), member.genome.crossover.seed)}
+        if seed is not None and seed.genome_hash not in wanted:
+            text = (run_dir.root / seed.recipe).read_text(encoding="utf-8")
+            wanted[seed.genome_hash] = (run_dir.root / seed.recipe, random_seed(text))
+        for genome_hash, (path, dare_seed) in wanted.items():
+            if items is None or genome_hash in items.candidates:
+                continue
+            try:
+                result = evaluator.result(path.read_text(encoding="utf-8"), dare_seed, split)
+            except Exception as exc:  # a comparison missing must not stop the run
+                self.console.print(f"[yellow]warning:[/] {genome_hash} not scored on {split}: {exc}")
+                continue
+            if result.item_scores() is not None:
+                items.candidates[genome_hash] = _rounded(result.item_scores())
+                run_dir.write_items(items)
+        ancestor = self.cfg.ancestor.name if self.cfg.ancestor else None
+        baselines = run_dir.read_baselines()
+        base = baselines.best_base(split, ancestor) if baselines else None
+        return heldout_comparisons(
+            items,
+            (member.id, member.genome.hash),
+            base[0] if base else None,
+            (seed.id, seed.genome_hash) if seed else None,
+        )
 
     def run(self) -> BestCandidate:
         with quiet_libraries():
@@ -197,7 +271,10 @@ class EvoMergePipeline:
             evaluator.merge(recipe, member.genome.crossover.seed, folder)
             held = state.cache.get(f"{member.genome.hash}:{cfg.evaluation.heldout_split}")
             (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
-            card = model_card(run_dir, cfg, member, outcome.scores, held.scores if held else None, recipe)
+            comparisons = self._heldout_comparisons(evaluator, gen, member)
+            card = model_card(
+                run_dir, cfg, member, outcome.scores, held.scores if held else None, recipe, comparisons
+            )
             (folder / "README.md").write_text(card, encoding="utf-8")
             tracker.log_best_model(gen, folder, {"id": member.id, "fitness": outcome.fitness})
             return folder.name
@@ -243,6 +320,15 @@ class EvoMergePipeline:
         base = run.best_base(fit_split)
         if base is None:
             raise EvoforgeError(f"{self.run_dir.baselines}: no base model scored on {fit_split!r}")
+        items, interval = run.run_dir.read_items(), None
+        if items and top.genome_hash in items.candidates and base[0] in items.base_models:
+            gain = paired_difference(
+                items.base_models[base[0]],
+                items.candidates[top.genome_hash],
+                items.task_domains,
+                items.weights,
+            ).fitness
+            interval = (gain.low, gain.high)
         return BestCandidate(
             id=top.id,
             label=top.label,
@@ -257,4 +343,5 @@ class EvoMergePipeline:
             best_base_model=base[0],
             best_base_fitness=base[1].fitness,
             best_base_heldout=run.baselines.models[base[0]][held_split].fitness,
+            heldout_gain_interval=interval,
         )

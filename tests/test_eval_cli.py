@@ -100,7 +100,8 @@ def test_eval_prints_tables_and_writes_json(
         data["domains"]["math"] + data["domains"]["multilingual"] + 2 * data["domains"]["structured_data"]
     ) / 4
     assert data["fitness"] == pytest.approx(expected)
-    assert f"fitness {data['fitness']:.4f}" in result.stdout
+    assert f"fitness {data['fitness']:.4f} ± {data['fitness_se']:.4f} (bootstrap SE)" in result.stdout
+    assert set(data["domain_se"]) == set(data["domains"])
     assert "json_field" in result.stdout and "structured_data" in result.stdout
 
 

@@ -13,6 +13,8 @@ import torch
 from eval_support import (
     MINI_WEIGHTS,
     REAL_TASKS,
+    WRONG,
+    OracleLM,
     needs_real_tasks,
     one_torch_thread,
     oracle,
@@ -25,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evoforge.config import DOMAINS, EvaluationConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate import Scorer, TaskError, TaskSuite, compute_fitness
+from evoforge.evaluate.stats import bootstrap
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,6 +150,27 @@ def test_fitness_is_the_weighted_mean_of_domain_means(mini_tasks: Path) -> None:
     assert result.domains == {"math": 0.5, "multilingual": 0.5, "structured_data": 1.0}
     assert result.fitness == pytest.approx((1.0 * 0.5 + 3.0 * 1.0) / 4.0)
     assert compute_fitness({"a": 0.2, "b": 0.8, "c": 1.0}, {"a": 1, "b": 3}) == pytest.approx(0.65)
+
+
+class _OddDocsWrong(OracleLM):
+    """The oracle, wrong on every odd-numbered document."""
+
+    def generate_until(self, requests) -> list[str]:
+        answers = super().generate_until(requests)
+        return [WRONG if req.doc_id % 2 else answer for req, answer in zip(requests, answers)]
+
+
+def test_per_item_scores_are_in_document_order_and_give_the_standard_errors(mini_tasks: Path) -> None:
+    perfect = Scorer(oracle(mini_tasks), weights=MINI_WEIGHTS, tasks_dir=mini_tasks).score("validation")
+    assert perfect.fitness_se == 0.0 and perfect.domain_se == dict.fromkeys(perfect.domains, 0.0)
+    lm = _OddDocsWrong(tasks_dir=str(mini_tasks))
+    result = Scorer(lm, weights=MINI_WEIGHTS, tasks_dir=mini_tasks).score("validation")
+    assert result.tasks["arith"].items == [1.0, 0.0] * 3
+    for task in result.tasks.values():
+        assert sum(task.items) / len(task.items) == pytest.approx(task.value)
+    spread = bootstrap(result.item_scores(), result.task_domains(), MINI_WEIGHTS)
+    assert result.fitness_se == spread.fitness.se > 0.05
+    assert result.domain_se == {d: iv.se for d, iv in spread.domains.items()}
 
 
 def test_split_selection_does_not_leak(mini_tasks: Path) -> None:

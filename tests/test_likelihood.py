@@ -29,6 +29,7 @@ from evoforge.config import EvaluationConfig
 from evoforge.evaluate import Scorer, TaskSuite
 from evoforge.evaluate.likelihood import gold_requests
 from evoforge.evolve.records import Baselines, EvaluationRecord, read_records
+from evoforge.evolve.run_dir import RunDir
 
 LIKELIHOOD = EvaluationConfig(fitness_metric="likelihood")
 
@@ -181,9 +182,7 @@ def test_gold_continuation_is_a_correct_generation_on_every_real_task(split: str
             echo.gold[context] = continuation
             if "entry_point" in req.doc:
                 assert continuation == req.doc["answer"], name
-    result = Scorer(echo, evaluation=EvaluationConfig(limit=limit), tasks_dir=REAL_TASKS).score(
-        split, items=True
-    )
+    result = Scorer(echo, evaluation=EvaluationConfig(limit=limit), tasks_dir=REAL_TASKS).score(split)
     assert result.metric == "accuracy"
     assert {n: t.items for n, t in result.tasks.items()} == {n: [1.0] * limit for n in tasks}
 
@@ -219,3 +218,6 @@ def test_a_likelihood_run_records_its_metric(qwen_family: dict[str, Path], tmp_p
     baselines = Baselines.model_validate_json((tmp_path / "run" / "baselines.json").read_text())
     assert {s["validation"].metric for s in baselines.models.values()} == {"likelihood"}
     assert {s["test"].metric for s in baselines.models.values()} == {"accuracy"}
+    assert all(r.scores.fitness_se > 0 for r in fit)  # likelihood varies item to item
+    items = RunDir(tmp_path / "run").read_items()
+    assert items.metric == "accuracy" and set(items.base_models) == set(baselines.models)

@@ -89,15 +89,18 @@ def print_result(result: EvalResult) -> None:
         per_task.add_row(
             name, ", ".join(t.domains), _metric(t.metric), f"{t.value:.3f}{stderr}", str(t.n_items)
         )
-    domains = Table("domain", "weight", "score", "tasks")
+    domains = Table("domain", "weight", "score ± SE", "tasks")
+    se = result.domain_se or {}
     for domain, score in result.domains.items():
         names = [n for n, t in result.tasks.items() if domain in t.domains]
         weight = result.weights.get(domain, 0.0)
-        domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}", ", ".join(names))
+        spread = f" ± {se[domain]:.4f}" if domain in se else ""
+        domains.add_row(domain, f"{weight:g}" if weight else "-", f"{score:.4f}{spread}", ", ".join(names))
     out.print(per_task)
     out.print(domains)
+    spread = f" ± {result.fitness_se:.4f} (bootstrap SE)" if result.fitness_se is not None else ""
     out.print(
-        f"fitness {result.fitness:.4f}  ({result.n_items} items, {result.wall_s:.1f} s"
+        f"fitness {result.fitness:.4f}{spread}  ({result.n_items} items, {result.wall_s:.1f} s"
         f"{f', first {result.limit} per task' if result.limit else ''})"
     )
 
@@ -146,3 +149,61 @@ def eval_model(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"model": model, **result.model_dump(mode="json")}, indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+@app.command()
+@user_errors
+def compare(
+    model_a: Annotated[str, typer.Argument(help="Model folder, Hugging Face id or candidate YAML.")],
+    model_b: Annotated[str, typer.Argument(help="The same for B; B − A is what is estimated.")],
+    split: Annotated[str, typer.Option(help="test (held out, default) or validation.")] = "test",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    tasks_dir: TasksDir = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="Fixed batch size.")] = EvaluationConfig().batch_size,
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
+    ] = None,
+) -> None:
+    """Compare two models on the same items: B − A per domain and in fitness, with paired 95 % intervals.
+
+    A candidate YAML is merged first, as `evoforge merge` does."""
+    try:
+        evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("evoforge compare", err)) from None
+    weights = parse_weights(weight or [])
+    from evoforge.evaluate import TaskSuite, check_weights
+    from evoforge.evaluate.compare import compare_models
+    from evoforge.track.comparisons import header, rows
+
+    suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
+    suite.check()
+    check_weights(weights, suite)
+    with quiet_libraries(), console.status("comparing") as status:
+        done = compare_models(
+            model_a,
+            model_b,
+            split,
+            device=device,
+            dtype=dtype,
+            evaluation=evaluation,
+            weights=weights,
+            tasks_dir=tasks_dir,
+            status=status.update,
+        )
+    cmp = done.comparison
+    table = Table(title=f"split {split}: A = {model_a}, B = {model_b}")
+    for i, name in enumerate(header(cmp)):
+        table.add_column(name, no_wrap=i == 0)
+    for row in rows(cmp):
+        table.add_row(*row, style="bold" if row[0] == "fitness" else None)
+    out.print(table)
+    n = done.result_a.n_items
+    out.print(
+        f"{n} items, paired bootstrap ({cmp.difference.resamples} resamples within each task); "
+        f"fitness B − A {cmp.difference.fitness.estimate:+.4f}: "
+        + ("the interval excludes 0" if cmp.difference.fitness.excludes_zero else "the interval includes 0")
+    )

@@ -51,10 +51,16 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
         if held is not None
         else None
     )
+    interval = ""
+    if held is not None and best.heldout_gain_interval is not None:
+        low, high = best.heldout_gain_interval
+        gap = held - best.best_base_heldout
+        interval = f", held-out gain {gap:+.4f} in [{low:+.4f}, {high:+.4f}] (95%, paired over items)"
     typer.echo(
         f"best {best.id} ({best.label}): fitness {best.overall_fitness:.4f} ({gain:+.1%} vs {best.best_base_model}), "
         f"held-out {held if held is not None else float('nan'):.4f}"
         + (f" ({held_gain:+.1%})" if held_gain is not None else "")
+        + interval
     )
     typer.echo(f"model: {best.model_path}\nrecipe: {best.recipe_path}")
 

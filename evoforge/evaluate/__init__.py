@@ -22,9 +22,9 @@ if TYPE_CHECKING:
         Scorer,
         TaskScore,
         check_weights,
-        compute_fitness,
         load_model,
     )
+    from evoforge.evaluate.stats import compute_fitness
     from evoforge.evaluate.suite import TaskError, TaskInfo, TaskSuite, resolve_tasks_dir
 
 _EXPORTS = {
@@ -32,7 +32,7 @@ _EXPORTS = {
     "Scorer": "scorer",
     "TaskScore": "scorer",
     "check_weights": "scorer",
-    "compute_fitness": "scorer",
+    "compute_fitness": "stats",
     "load_model": "scorer",
     "TaskError": "suite",
     "TaskInfo": "suite",

@@ -33,6 +33,7 @@ from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.likelihood import item_scores
+from evoforge.evaluate.stats import bootstrap, compute_fitness, domain_means
 from evoforge.evaluate.suite import TaskError, TaskSuite
 from evoforge.models import Device, locate_model, resolve_device
 
@@ -58,8 +59,8 @@ class TaskScore(BaseModel):
     n_items: int
     level: str | None = None
     items: list[float] | None = None
-    """Per-item scores in document order (always for likelihood; for accuracy when asked for), what a
-    bootstrap over items resamples."""
+    """Per-item scores in document order, what a bootstrap over items resamples (None for a metric lm-eval
+    aggregates over the corpus, such as bleu)."""
 
 
 class EvalResult(BaseModel):
@@ -73,20 +74,20 @@ class EvalResult(BaseModel):
     """Domain → mean primary metric of its tasks (a task tagged with two domains counts in both)."""
     weights: dict[str, float]
     fitness: float
+    domain_se: dict[str, float] | None = None
+    fitness_se: float | None = None
+    """Bootstrap standard errors over the items (`evaluate.stats`); None when a task has no per-item scores."""
     n_items: int
     limit: int | None
     wall_s: float
 
+    def item_scores(self) -> dict[str, list[float]] | None:
+        """Task → per-item scores, None unless every task has them."""
+        items = {name: t.items for name, t in self.tasks.items()}
+        return None if any(v is None for v in items.values()) else items  # type: ignore[return-value]
 
-def compute_fitness(domain_scores: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """Σ w_d·score_d / Σ w_d over the weighted domains; domains without a weight are reported, not counted."""
-    total = sum(weights.values())
-    if total <= 0:
-        raise ConfigError("evaluation_weights: at least one domain weight must be positive")
-    missing = [d for d, w in weights.items() if w > 0 and d not in domain_scores]
-    if missing:
-        raise ConfigError(f"evaluation_weights.{missing[0]}: no task scores this domain")
-    return sum(w * domain_scores[d] for d, w in weights.items() if w > 0) / total
+    def task_domains(self) -> dict[str, list[str]]:
+        return {name: t.domains for name, t in self.tasks.items()}
 
 
 def check_weights(weights: Mapping[str, float], suite: TaskSuite) -> None:
@@ -310,14 +311,14 @@ class Scorer:
         for task in tasks:
             task.set_fewshot_seed(seed=self.seed)
 
-    def _accuracy(self, tasks: dict[str, Task], limit: int | None, items: bool) -> dict[str, TaskScore]:
+    def _accuracy(self, tasks: dict[str, Task], limit: int | None) -> dict[str, TaskScore]:
         """Each task's primary metric through lm-eval's `evaluate` (generation, filters, metrics)."""
         out = evaluate(
             self.lm,
             {"tasks": tasks},
             limit=limit,
             bootstrap_iters=BOOTSTRAP_ITERS,
-            log_samples=items,
+            log_samples=True,  # the per-item scores a bootstrap resamples
             confirm_run_unsafe_code=True,  # tasks/ is trusted; code runs in evoforge's sandbox
         )
         scores: dict[str, TaskScore] = {}
@@ -338,7 +339,7 @@ class Scorer:
                 stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
                 n_items=int(out["n-samples"][name]["effective"]),
                 level=info.level,
-                items=_primary_items(out["samples"][name], info.primary_metric) if items else None,
+                items=_primary_items(out["samples"][name], info.primary_metric),
             )
         return scores
 
@@ -363,12 +364,11 @@ class Scorer:
         split: str | None = None,
         limit: int | None = None,
         metric: Metric | None = None,
-        items: bool = False,
     ) -> EvalResult:
         """Evaluate the resident model on `split` (default: the fitness split), first `limit` documents of
         each task (default: the config's limit; None = all), by `metric` (default: the config's
-        `fitness_metric` on the fitness split, accuracy on any other). `items` keeps accuracy's per-item
-        scores too (likelihood always keeps them)."""
+        `fitness_metric` on the fitness split, accuracy on any other), with per-item scores and the
+        bootstrap standard errors of the domain scores and fitness."""
         split = split or self.evaluation.fitness_split
         limit = limit if limit is not None else self.evaluation.limit
         if metric is None:
@@ -379,9 +379,14 @@ class Scorer:
         if metric == "likelihood":
             scores = self._likelihood(tasks, limit)
         else:
-            scores = self._accuracy(tasks, limit, items)
+            scores = self._accuracy(tasks, limit)
         wall = time.perf_counter() - start
-        domains = {d: fmean(scores[t.name].value for t in ts) for d, ts in self.suite.domains.items()}
+        task_domains = {name: s.domains for name, s in scores.items()}
+        domains = domain_means({name: s.value for name, s in scores.items()}, task_domains)
+        items = {name: s.items for name, s in scores.items()}
+        spread = None
+        if all(v is not None for v in items.values()):
+            spread = bootstrap(items, task_domains, self.weights)
         return EvalResult(
             split=split,
             metric=metric,
@@ -389,13 +394,19 @@ class Scorer:
             domains=domains,
             weights=self.weights,
             fitness=compute_fitness(domains, self.weights),
+            domain_se={d: iv.se for d, iv in spread.domains.items()} if spread else None,
+            fitness_se=spread.fitness.se if spread else None,
             n_items=sum(s.n_items for s in scores.values()),
             limit=limit,
             wall_s=wall,
         )
 
 
-def _primary_items(samples: list[dict], primary_metric: str) -> list[float]:
-    """One task's per-document values of its primary metric (`metric,filter`) from lm-eval's logged samples."""
+def _primary_items(samples: list[dict], primary_metric: str) -> list[float] | None:
+    """One task's per-document values of its primary metric (`metric,filter`) from lm-eval's logged samples;
+    None where they are not numbers (a corpus-level metric logs what its aggregation needs)."""
     metric, _, filt = primary_metric.partition(",")
-    return [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"]) if s["filter"] == filt]
+    values = [s[metric] for s in sorted(samples, key=lambda s: s["doc_id"]) if s["filter"] == filt]
+    if not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return [float(v) for v in values]

@@ -67,6 +67,8 @@ def to_scores(result: EvalResult) -> Scores:
         fitness=result.fitness,
         domains=dict(result.domains),
         tasks={name: t.value for name, t in result.tasks.items()},
+        fitness_se=result.fitness_se,
+        domain_se=result.domain_se or {},
     )
 
 
@@ -93,17 +95,31 @@ class CandidateEvaluator:
         )
         self._held: _HeldCandidate | None = None
         """The candidate whose tensors the Scorer's model holds, exactly (written by the memory path)."""
+        self._last: tuple[tuple[str, int], EvalResult] | None = None
+        """The last candidate scored ((recipe, seed)) and its result, per-item scores included."""
         gc.freeze()  # the run's long-lived objects: full collections no longer walk them (~0.25 s pauses)
 
     def _open_weights(self, config: PretrainedConfig) -> _HeldCandidate:
         self._held = _HeldCandidate(self.scorer.open_weights(config), copy.deepcopy(config))
         return self._held
 
-    def score_model(self, path: str | Path, split: str) -> Scores:
+    def evaluate_model(self, path: str | Path, split: str) -> EvalResult:
         """A whole model folder (a base model, or a saved candidate) on one split."""
         self._held = None
         self.scorer.load_weights(path)
-        return to_scores(self.scorer.score(split))
+        return self.scorer.score(split)
+
+    def score_model(self, path: str | Path, split: str) -> Scores:
+        return to_scores(self.evaluate_model(path, split))
+
+    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
+        """A candidate's whole result on `split` (per-item scores included): the last `score_recipe`'s if it
+        scored this candidate on this split (the loop scores a new best on the held-out split just before
+        `on_new_best`), else scored now."""
+        last = self._last
+        if last is None or last[1].split != split or not _same_candidate(last[0], (recipe, seed)):
+            self.score_recipe(recipe, seed, split)
+        return self._last[1]
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
         """A candidate as a model folder (created or replaced atomically). On the memory path: the Scorer's
@@ -138,13 +154,16 @@ class CandidateEvaluator:
                 else:
                     self._held = None
                 t1 = time.perf_counter()
-                return to_scores(self.scorer.score(split)), t1 - t0, time.perf_counter() - t1
+                result = self.scorer.score(split)
+                self._last = ((recipe, seed), result)
+                return to_scores(result), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)
         out = self.work_dir / f"candidate-{uuid.uuid4().hex[:8]}"
         try:
             self.merge(recipe, seed, out)
             t1 = time.perf_counter()
-            scores = self.score_model(out, split)
+            result = self.evaluate_model(out, split)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        return scores, t1 - t0, time.perf_counter() - t1
+        self._last = ((recipe, seed), result)
+        return to_scores(result), t1 - t0, time.perf_counter() - t1

@@ -2,7 +2,8 @@
 
 `evaluations.jsonl` holds one `EvaluationRecord` per candidate evaluation (append-only, fsynced per line),
 `generations.jsonl` one `GenerationRecord` per finished generation, `baselines.json` the `Baselines` (the
-base models and ancestor on the fitness and held-out splits); `run_dir.RunDir` says where each file lives.
+base models and ancestor on the fitness and held-out splits), `heldout_items.json` the `ItemScores` that
+paired comparisons resample; `run_dir.RunDir` says where each file lives.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Scores(BaseModel):
     fitness: float
     domains: dict[str, float]
     tasks: dict[str, float]
+    fitness_se: float | None = None
+    domain_se: dict[str, float] = {}
+    """Bootstrap standard errors over the items (`evaluate.stats`); absent in runs from before they were kept."""
 
 
 class EvaluationRecord(BaseModel):
@@ -98,6 +102,23 @@ class Baselines(BaseModel):
         ancestor is scored too, but it is not one of the models the run merges."""
         scored = [(m, s[split]) for m, s in self.models.items() if m != ancestor and split in s]
         return max(scored, key=lambda ms: ms[1].fitness, default=None)
+
+
+class ItemScores(BaseModel):
+    """Per-item scores on the held-out split of the models a run compares (base models and ancestor, each
+    new best, the best seed), in document order per task: what "best vs best base model" and "best vs
+    best seed" pair item by item (`evaluate.stats`). Kept apart from the records: only these few models
+    need their items, and a vector per candidate would swell evaluations.jsonl."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: str
+    metric: Literal["accuracy", "likelihood"]
+    task_domains: dict[str, list[str]]
+    weights: dict[str, float]
+    base_models: dict[str, dict[str, list[float]]] = {}
+    """model name → task → per-item scores."""
+    candidates: dict[str, dict[str, list[float]]] = {}
+    """genome hash → task → per-item scores."""
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -9,6 +9,7 @@ runs/<name>/
   evaluations.jsonl                              `EvaluationRecord`s, append-only
   generations.jsonl                              `GenerationRecord`s, one per finished generation
   baselines.json                                 `Baselines`
+  heldout_items.json                             `ItemScores`: held-out items of base models, bests, best seed
   checkpoints/evolution_checkpoint_gen_<N>.json  the state at the start of generation N
   gen_<N>_best_model/                            each new best: model folder, recipe, model card
   report/                                        plots and summary.md
@@ -38,6 +39,7 @@ from evoforge.evolve.records import (
     Baselines,
     EvaluationRecord,
     GenerationRecord,
+    ItemScores,
     Scores,
     read_records,
     write_json_atomic,
@@ -80,6 +82,10 @@ class RunDir:
     @property
     def baselines(self) -> Path:
         return self.root / "baselines.json"
+
+    @property
+    def heldout_items(self) -> Path:
+        return self.root / "heldout_items.json"
 
     @property
     def report(self) -> Path:
@@ -134,6 +140,18 @@ class RunDir:
     def write_baselines(self, baselines: Baselines) -> None:
         write_json_atomic(self.baselines, baselines.model_dump_json(indent=2))
 
+    def read_items(self) -> ItemScores | None:
+        """The held-out per-item scores, None where the run has none (it predates them)."""
+        if not self.heldout_items.is_file():
+            return None
+        try:
+            return ItemScores.model_validate_json(self.heldout_items.read_text(encoding="utf-8"))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(self.heldout_items, err)) from None
+
+    def write_items(self, items: ItemScores) -> None:
+        write_json_atomic(self.heldout_items, items.model_dump_json())
+
     def lineage(self, genome_hash: str, split: str) -> list[EvaluationRecord]:
         """A candidate and its ancestors so far (during a run: its own generation is not finished)."""
         return lineage((r for r in self.evaluation_records() if r.split == split), genome_hash)
@@ -146,6 +164,13 @@ def first_evaluations(records: Iterable[EvaluationRecord]) -> dict[str, Evaluati
     for rec in sorted(records, key=lambda r: (r.generation, r.cached)):
         first.setdefault(rec.genome_hash, rec)
     return first
+
+
+def best_seed(records: Iterable[EvaluationRecord], split: str) -> EvaluationRecord | None:
+    """The seed with the highest fitness on `split` (the earliest on ties), of those that scored: what a
+    search must beat to have found anything the seeds did not already give."""
+    seeds = [r for r in records if r.split == split and r.operator == "seed" and r.scores is not None]
+    return max(seeds, key=lambda r: r.fitness, default=None)
 
 
 def lineage(records: Iterable[EvaluationRecord], genome_hash: str) -> list[EvaluationRecord]:
@@ -267,3 +292,7 @@ class Run:
 
     def best_base(self, split: str) -> tuple[str, Scores] | None:
         return self.baselines.best_base(split, self.ancestor)
+
+    @cached_property
+    def best_seed(self) -> EvaluationRecord | None:
+        return best_seed(self.evaluations, self.baselines.fitness_split)

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from evoforge.config import DOMAINS, read_mapping
 from evoforge.evolve.records import EvaluationRecord, Scores, parent_ratios
 from evoforge.evolve.run_dir import Run
+from evoforge.track.comparisons import heldout_comparisons, with_se
 
 OPERATOR_COLOURS = {
     "seed": "#9ecae1",
@@ -284,11 +285,23 @@ def _scores_table(run: Run, split: str, best_scores: Scores | None) -> list[str]
         if scores is None:
             cells = ["not scored"] + [""] * len(names)
         else:
-            cells = [_fmt(scores.fitness)] + [
-                _fmt(scores.domains[d]) if d in scores.domains else "–" for d in names
+            cells = [with_se(scores.fitness, scores.fitness_se)] + [
+                with_se(scores.domains[d], scores.domain_se.get(d)) if d in scores.domains else "–"
+                for d in names
             ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _comparisons(run: Run) -> list[str]:
+    base = run.best_base(run.baselines.heldout_split)
+    seed = run.best_seed
+    return heldout_comparisons(
+        run.run_dir.read_items(),
+        (run.best.id, run.best.genome_hash),
+        base[0] if base else None,
+        (seed.id, seed.genome_hash) if seed else None,
+    )
 
 
 def summary_markdown(run: Run) -> str:
@@ -319,7 +332,13 @@ def summary_markdown(run: Run) -> str:
         _improvement_row(fit_split, "fitness", gen.best_fitness, run.best_base(fit_split)),
         _improvement_row(held_split, "held-out", held.fitness if held else None, run.best_base(held_split)),
         "",
+        f"## Held-out comparisons ({held_split})",
+        "",
+        *_comparisons(run),
+        "",
         f"## Domain scores, {fit_split} (fitness) split",
+        "",
+        "Scores ± bootstrap standard error over the items.",
         "",
         *_scores_table(run, fit_split, best.scores),
         "",
