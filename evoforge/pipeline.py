@@ -1,13 +1,15 @@
 """A whole run: config → compatibility check → baselines → generations → best models, tracked.
 
-`EvoMergePipeline(config).run_evolution()` is the Python API (async, as the seed document shows it);
-`evoforge run` is the same call with Rich progress.
+`EvoMergePipeline(config).run_evolution()` is the Python API (async, as the seed document shows it; Ctrl-C
+or cancelling its task stops the run before its next candidate, resumable); `evoforge run` is the same call
+with Rich progress. A run holds its directory's lock (`RunDir.opened`) from start to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -18,12 +20,12 @@ from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import Baselines, GenerationRecord, Scores
+from evoforge.evolve.loop import Cancelled
+from evoforge.evolve.records import Baselines, GenerationRecord, Scores, write_json_atomic
 from evoforge.evolve.run_dir import Run, RunDir
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models
 from evoforge.quiet import quiet_libraries
-from evoforge.recipe import render
 
 
 class BestCandidate(BaseModel):
@@ -38,6 +40,8 @@ class BestCandidate(BaseModel):
     domain_scores: dict[str, float]
     heldout_domain_scores: dict[str, float]
     model_path: str | None
+    model_error: str | None = None
+    """Why the model is not written (model_path is None); `--resume` tries again."""
     recipe_path: str
     best_base_model: str
     best_base_fitness: float
@@ -93,9 +97,23 @@ class EvoMergePipeline:
         self.resume = Path(resume) if resume else None
         self.console = console or Console(stderr=True, quiet=True)
         self.run_dir = RunDir(config.run_dir())
+        self.cancel = threading.Event()
+        """Set to stop the run before its next candidate (what cancelling `run_evolution` does)."""
 
     async def run_evolution(self) -> BestCandidate:
-        return await asyncio.to_thread(self.run)
+        """The run in a worker thread. Cancelled (Ctrl-C under asyncio.run, or task.cancel()), it waits for
+        the current candidate to finish and the worker to stop, then raises CancelledError: the run
+        directory is left consistent for `--resume`."""
+        worker = asyncio.ensure_future(asyncio.to_thread(self.run))
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            self.cancel.set()
+            await asyncio.wait([worker])
+            error = worker.exception()
+            if error is not None and not isinstance(error, Cancelled):
+                raise error from None
+            raise
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -136,6 +154,8 @@ class EvoMergePipeline:
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
         scores = {}
         for m in models:
+            if self.cancel.is_set():
+                raise Cancelled(f"stopped before scoring base model {m.name}")
             self.console.print(f"scoring base model {m.name} on {ev.fitness_split} and {ev.heldout_split}")
             scores[m.name] = {
                 s: evaluator.score_model(cfg.resolve(m), s) for s in (ev.fitness_split, ev.heldout_split)
@@ -149,17 +169,23 @@ class EvoMergePipeline:
             return self._run()
 
     def _run(self) -> BestCandidate:
+        space = self._space()
+        with self.run_dir.opened() as repaired:
+            for warning in repaired:
+                self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            self._evolve(space)
+        return self.best()
+
+    def _evolve(self, space: GenomeSpace) -> None:
         from evoforge.evolve.candidates import CandidateEvaluator
         from evoforge.evolve.loop import Evolution, Hooks
         from evoforge.track.report import write_report
         from evoforge.track.wandb_log import WandbTracker
 
         cfg, run_dir = self.cfg, self.run_dir
-        space = self._space()
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-        evolution = Evolution(cfg, space, run_dir, None, Hooks())
+        evolution = Evolution(cfg, space, run_dir, None, Hooks(), cancel=self.cancel)
         state = self._state(evolution)
-        run_dir.config.write_text(cfg.resolved().to_yaml(), encoding="utf-8")
+        write_json_atomic(run_dir.config, cfg.resolved().to_yaml())
         evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir.work)
         evolution.evaluator = evaluator
         baselines = self._baselines(evaluator)
@@ -191,9 +217,8 @@ class EvoMergePipeline:
                 f"  {member.id} {member.genome.label:<26} {outcome.fitness:.4f} ({note}){err}"
             )
 
-        def on_new_best(gen: int, member: Member, outcome: Outcome) -> str:
+        def on_new_best(gen: int, member: Member, outcome: Outcome, recipe: str) -> str:
             folder = run_dir.best_model(gen)
-            recipe = render(member.genome, space, title=f"best of generation {gen}")
             evaluator.merge(recipe, member.genome.crossover.seed, folder)
             held = state.cache.get(f"{member.genome.hash}:{cfg.evaluation.heldout_split}")
             (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
@@ -228,7 +253,6 @@ class EvoMergePipeline:
             self.console.print(
                 f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)"
             )
-        return self.best()
 
     def best(self) -> BestCandidate:
         """The run's best candidate (`Run.best`: the one the report shows and gen_<N>_best_model holds)."""
@@ -253,6 +277,7 @@ class EvoMergePipeline:
             domain_scores=top.scores.domains,
             heldout_domain_scores=held.domains if held else {},
             model_path=str(self.run_dir.root / gen.best_model) if gen.best_model else None,
+            model_error=gen.best_model_error,
             recipe_path=str(self.run_dir.root / top.recipe),
             best_base_model=base[0],
             best_base_fitness=base[1].fitness,
