@@ -172,7 +172,7 @@ class EvoMergePipeline:
         space = self._space()
         with self.run_dir.opened() as repaired:
             for warning in repaired:
-                self.console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+                self.console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             self._evolve(space)
         return self.best()
 
@@ -212,7 +212,7 @@ class EvoMergePipeline:
         def on_candidate(gen: int, member: Member, outcome: Outcome, cached: bool) -> None:
             progress.advance(cands)
             note = "cached" if cached else f"merge {outcome.merge_s:.1f}s, eval {outcome.eval_s:.1f}s"
-            err = f" [red]failed: {outcome.error}[/]" if outcome.error else ""
+            err = f" [red]failed ({outcome.error_kind}): {outcome.error}[/]" if outcome.error else ""
             progress.console.print(
                 f"  {member.id} {member.genome.label:<26} {outcome.fitness:.4f} ({note}){err}"
             )
