@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from evoforge.config import EvolutionConfig
 from evoforge.evolve import candidates
@@ -33,7 +34,7 @@ class SyntheticCandidates:
     """CandidateEvaluator's interface without models: scores from hashes, best models as small folders."""
 
     delay = float(os.environ.get("EVOFORGE_TEST_DELAY", "0"))
-    scored: list[tuple[str, str]] = []
+    scored: ClassVar[list[tuple[str, str]]] = []
     """(recipe text, split) of every candidate scored in this process."""
 
     def __init__(self, cfg: EvolutionConfig, anchor_path: str, work_dir: Path) -> None:

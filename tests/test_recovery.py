@@ -46,7 +46,12 @@ def run_file_data(tmp_path_factory) -> dict:
     family = make_family(root / "family")
     tasks = write_mc_tasks(root / "tasks", items=4)
     return run_config(
-        family, tasks, root / "unused", max_generations=GENS, population_size=5, mutation_rate=0.3,
+        family,
+        tasks,
+        root / "unused",
+        max_generations=GENS,
+        population_size=5,
+        mutation_rate=0.3,
         wandb_mode="disabled",
     )
 
@@ -133,7 +138,9 @@ def failing(synthetic, monkeypatch, fault) -> list[str]:
 # ---------------------------------------------------------------------------------------------- failure kinds
 
 
-def test_out_of_memory_is_retried_once_at_half_the_batch_size(run_file_data, synthetic, monkeypatch, straight, tmp_path):
+def test_out_of_memory_is_retried_once_at_half_the_batch_size(
+    run_file_data, synthetic, monkeypatch, straight, tmp_path
+):
     halved: list[int] = []
     monkeypatch.setattr(synthetic, "halve_batch_size", lambda self: halved.append(1) or True, raising=False)
 
@@ -159,7 +166,9 @@ def test_a_transient_failure_is_recorded_and_evaluated_again_on_resume(
         if n >= 14:
             raise Killed
         if n >= 10:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/beta/model.safetensors")
+            raise FileNotFoundError(
+                errno.ENOENT, "No such file or directory", "/models/beta/model.safetensors"
+            )
 
     failing(synthetic, monkeypatch, fault)
     run_file, run_dir = write_run(tmp_path, run_file_data)
@@ -196,7 +205,9 @@ def test_a_permanent_failure_scores_0_for_good_with_its_reason_in_the_report(
     failed = [r for r in read_records(run_dir / "evaluations.jsonl", EvaluationRecord) if r.error]
     assert [(r.generation, r.error_kind, r.fitness) for r in failed] == [(0, "permanent", 0.0)]
     summary = (run_dir / "report" / "summary.md").read_text()
-    assert f"- `{failed[0].id}` (gen 0, {failed[0].label}): permanent: ValueError: recipe: slices.0" in summary
+    assert (
+        f"- `{failed[0].id}` (gen 0, {failed[0].label}): permanent: ValueError: recipe: slices.0" in summary
+    )
 
 
 def test_every_candidate_failing_transiently_stops_the_run_for_a_resume(
@@ -226,11 +237,17 @@ def test_a_failed_best_model_save_is_recorded_and_written_later(
     run_file, run_dir = write_run(tmp_path, run_file_data)
     result = cli("run", str(run_file))
     assert result.exit_code == 0, result.output + str(result.exception)  # the run went on
-    assert "model: not written (OSError: [Errno 28] No space left on device); --resume writes it" in result.stdout
+    assert (
+        "model: not written (OSError: [Errno 28] No space left on device); --resume writes it"
+        in result.stdout
+    )
     gens = list(read_records(run_dir / "generations.jsonl", GenerationRecord))
     unsaved = [g for g in gens if g.best_heldout]
     assert unsaved and all(g.best_model is None and "No space left" in g.best_model_error for g in unsaved)
-    assert "not written: OSError: [Errno 28] No space left on device" in (run_dir / "report" / "summary.md").read_text()
+    assert (
+        "not written: OSError: [Errno 28] No space left on device"
+        in (run_dir / "report" / "summary.md").read_text()
+    )
     monkeypatch.undo()
     install_synthetic()
     assert_resumes_to_straight(run_dir, straight)  # every new best's folder, no error left
@@ -290,7 +307,11 @@ def test_the_best_model_is_built_from_the_recipe_text_that_was_scored(
 def test_a_torn_last_record_is_cut_off_with_one_warning_and_its_candidate_runs_again(
     run_file_data, synthetic, monkeypatch, straight, tmp_path
 ):
-    failing(synthetic, monkeypatch, lambda n, recipe: (_ for _ in ()).throw(Killed) if n == 12 else None)
+    def fault(n: int, recipe: str) -> None:
+        if n == 12:
+            raise Killed
+
+    failing(synthetic, monkeypatch, fault)
     run_file, run_dir = write_run(tmp_path, run_file_data)
     with pytest.raises(Killed):
         cli("run", str(run_file))
@@ -362,7 +383,10 @@ def test_a_second_run_on_a_locked_run_directory_gets_one_line_naming_the_holder(
 
 def test_resume_of_a_folder_that_does_not_exist_names_that_folder(tmp_path):
     missing = tmp_path / "runs" / "never"
-    for args in (["run", "--resume", str(missing)], ["run", "--resume", str(missing / "checkpoints" / "x.json")]):
+    for args in (
+        ["run", "--resume", str(missing)],
+        ["run", "--resume", str(missing / "checkpoints" / "x.json")],
+    ):
         error = error_line(cli(*args))
         assert f"{missing}" in error and "config.yaml" not in error
 
@@ -446,7 +470,9 @@ def test_a_sigkill_inside_the_resume_rewrite_of_generations_loses_no_row(
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_python_api_within_the_current_candidate(run_file_data, synthetic, straight, tmp_path):
+def test_ctrl_c_stops_the_python_api_within_the_current_candidate(
+    run_file_data, synthetic, straight, tmp_path
+):
     run_file, run_dir = write_run(tmp_path, run_file_data)
     evaluations = run_dir / "evaluations.jsonl"
     proc = support("api", str(run_file), delay=0.3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -461,17 +487,18 @@ def test_ctrl_c_stops_the_python_api_within_the_current_candidate(run_file_data,
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_on_one_folder_do_not_double_the_records(run_file_data, synthetic, straight, tmp_path):
+def test_two_concurrent_runs_on_one_folder_do_not_double_the_records(
+    run_file_data, synthetic, straight, tmp_path
+):
+    """Started together: one takes the lock and runs, the other stops at once naming its pid."""
     run_file, run_dir = write_run(tmp_path, run_file_data)
-    first = support("run", str(run_file), delay=0.2, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (run_dir / ".lock").is_file() or not (run_dir / ".lock").read_text().strip():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.02)
-    second = support("run", str(run_file), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, stderr = second.communicate(timeout=300)
-    assert second.returncode == 2 and f"another evoforge run (pid {first.pid})" in stderr, stderr
-    assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
-    _, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err[-2000:]
+    procs = [
+        support("run", str(run_file), delay=0.5, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    stderr = {p.pid: p.communicate(timeout=300)[1] for p in procs}
+    assert sorted(p.returncode for p in procs) == [0, 2], stderr
+    winner, loser = sorted(procs, key=lambda p: p.returncode)
+    errors = [line for line in stderr[loser.pid].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"another evoforge run (pid {winner.pid})" in errors[0], stderr[loser.pid]
     assert trace(run_dir) == straight
