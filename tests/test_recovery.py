@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from evoforge import EvoMergePipeline
 from evoforge.cli import app
-from evoforge.config import load_config
+from evoforge.config import EvolutionConfig, load_config
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
 from evoforge.evolve.run_dir import RunDir, latest_records
 from evoforge.tiny import make_family
@@ -154,6 +154,16 @@ def test_out_of_memory_is_retried_once_at_half_the_batch_size(
     assert result.exit_code == 0, result.output + str(result.exception)
     assert calls[2] == calls[3] and halved == [1]  # the same recipe again, at half the batch size
     assert trace(run_dir) == straight
+
+
+def test_the_candidate_evaluator_halves_lm_evals_batch_size_down_to_1(run_file_data, tmp_path):
+    from evoforge.evolve.candidates import CandidateEvaluator
+
+    cfg = EvolutionConfig(**{**run_file_data, "merge_path": "disk"})
+    evaluator = CandidateEvaluator(cfg, cfg.resolve(cfg.base_models[0]), tmp_path / "work")
+    assert evaluator.scorer.lm.batch_size == 16
+    assert [evaluator.halve_batch_size() for _ in range(5)] == [True] * 4 + [False]
+    assert evaluator.scorer.lm.batch_size == 1
 
 
 def test_a_transient_failure_is_recorded_and_evaluated_again_on_resume(

@@ -130,8 +130,12 @@ class Evolution:
         if cached:
             outcome = state.cache[key]
         else:
-            seed = member.genome.crossover.seed
-            outcome = failures.score(self.evaluator, self.recipe(generation, member), seed, split)
+            try:
+                recipe = self.recipe(generation, member)
+            except (OSError, ValueError) as exc:  # the YAML was removed or garbled since it was written
+                outcome = Outcome(error=failures.describe(exc), error_kind=failures.error_kind(exc))
+            else:
+                outcome = failures.score(self.evaluator, recipe, member.genome.crossover.seed, split)
             state.cache[key] = outcome
         if (member.id, split) not in self._recorded:
             self._recorded.add((member.id, split))
