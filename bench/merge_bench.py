@@ -400,10 +400,10 @@ def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: Candidat
     recorder = Recorder(evaluator)
     best_s = []
 
-    def on_new_best(gen, member, outcome):
+    def on_new_best(gen, member, outcome, recipe):
         start = time.perf_counter()
         try:
-            evaluator.merge(render(member.genome, space), member.genome.crossover.seed, run_dir.root / "best")
+            evaluator.merge(recipe, member.genome.crossover.seed, run_dir.root / "best")
         except torch.OutOfMemoryError as error:
             recorder.errors.append(f"best model: out of memory: {str(error).splitlines()[0][:100]}")
             free_memory()

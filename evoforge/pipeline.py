@@ -1,13 +1,15 @@
 """A whole run: config → compatibility check → baselines → generations → best models, tracked.
 
-`EvoMergePipeline(config).run_evolution()` is the Python API (async, as the seed document shows it);
-`evoforge run` is the same call with Rich progress.
+`EvoMergePipeline(config).run_evolution()` is the Python API (async, as the seed document shows it; Ctrl-C
+or cancelling its task stops the run before its next candidate, resumable); `evoforge run` is the same call
+with Rich progress. A run holds its directory's lock (`RunDir.opened`) from start to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -19,12 +21,13 @@ from evoforge.errors import EvoforgeError
 from evoforge.evaluate.stats import paired_difference
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores
+from evoforge.evolve.loop import Cancelled
+from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores, write_json_atomic
 from evoforge.evolve.run_dir import Run, RunDir, best_seed
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models
 from evoforge.quiet import quiet_libraries
-from evoforge.recipe import random_seed, render
+from evoforge.recipe import random_seed
 
 
 class BestCandidate(BaseModel):
@@ -39,6 +42,8 @@ class BestCandidate(BaseModel):
     domain_scores: dict[str, float]
     heldout_domain_scores: dict[str, float]
     model_path: str | None
+    model_error: str | None = None
+    """Why the model is not written (model_path is None); `--resume` tries again."""
     recipe_path: str
     best_base_model: str
     best_base_fitness: float
@@ -121,9 +126,23 @@ class EvoMergePipeline:
         self.resume = Path(resume) if resume else None
         self.console = console or Console(stderr=True, quiet=True)
         self.run_dir = RunDir(config.run_dir())
+        self.cancel = threading.Event()
+        """Set to stop the run before its next candidate (what cancelling `run_evolution` does)."""
 
     async def run_evolution(self) -> BestCandidate:
-        return await asyncio.to_thread(self.run)
+        """The run in a worker thread. Cancelled (Ctrl-C under asyncio.run, or task.cancel()), it waits for
+        the current candidate to finish and the worker to stop, then raises CancelledError: the run
+        directory is left consistent for `--resume`."""
+        worker = asyncio.ensure_future(asyncio.to_thread(self.run))
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            self.cancel.set()
+            await asyncio.wait([worker])
+            error = worker.exception()
+            if error is not None and not isinstance(error, Cancelled):
+                raise error from None
+            raise
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -166,6 +185,8 @@ class EvoMergePipeline:
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
         scores, held_items = {}, {}
         for m in models:
+            if self.cancel.is_set():
+                raise Cancelled(f"stopped before scoring base model {m.name}")
             self.console.print(f"scoring base model {m.name} on {ev.fitness_split} and {ev.heldout_split}")
             fit = evaluator.evaluate_model(cfg.resolve(m), ev.fitness_split)
             held = evaluator.evaluate_model(cfg.resolve(m), ev.heldout_split)
@@ -184,7 +205,7 @@ class EvoMergePipeline:
         self.run_dir.write_baselines(baselines)
         return baselines
 
-    def _heldout_comparisons(self, evaluator, gen: int, member: Member) -> list[str]:
+    def _heldout_comparisons(self, evaluator, member: Member, recipe: str) -> list[str]:
         """Markdown comparing a new best with the best base model and the best seed on the held-out split.
         Its per-item scores (the loop's last evaluation) and the best seed's (scored once, at the first new
         best, when generation 0's seeds are all scored) are added to heldout_items.json first."""
@@ -193,15 +214,15 @@ class EvoMergePipeline:
         run_dir, split = self.run_dir, self.cfg.evaluation.heldout_split
         items = run_dir.read_items()
         seed = best_seed(run_dir.evaluation_records(), self.cfg.evaluation.fitness_split)
-        wanted = {member.genome.hash: (run_dir.recipe(gen, member.id), member.genome.crossover.seed)}
+        wanted = {member.genome.hash: (recipe, member.genome.crossover.seed)}  # the text that was scored
         if seed is not None and seed.genome_hash not in wanted:
             text = (run_dir.root / seed.recipe).read_text(encoding="utf-8")
-            wanted[seed.genome_hash] = (run_dir.root / seed.recipe, random_seed(text))
-        for genome_hash, (path, dare_seed) in wanted.items():
+            wanted[seed.genome_hash] = (text, random_seed(text))
+        for genome_hash, (text, dare_seed) in wanted.items():
             if items is None or genome_hash in items.candidates:
                 continue
             try:
-                result = evaluator.result(path.read_text(encoding="utf-8"), dare_seed, split)
+                result = evaluator.result(text, dare_seed, split)
             except Exception as exc:  # a comparison missing must not stop the run
                 self.console.print(f"[yellow]warning:[/] {genome_hash} not scored on {split}: {exc}")
                 continue
@@ -223,17 +244,23 @@ class EvoMergePipeline:
             return self._run()
 
     def _run(self) -> BestCandidate:
+        space = self._space()
+        with self.run_dir.opened() as repaired:
+            for warning in repaired:
+                self.console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+            self._evolve(space)
+        return self.best()
+
+    def _evolve(self, space: GenomeSpace) -> None:
         from evoforge.evolve.candidates import CandidateEvaluator
         from evoforge.evolve.loop import Evolution, Hooks
         from evoforge.track.report import write_report
         from evoforge.track.wandb_log import WandbTracker
 
         cfg, run_dir = self.cfg, self.run_dir
-        space = self._space()
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-        evolution = Evolution(cfg, space, run_dir, None, Hooks())
+        evolution = Evolution(cfg, space, run_dir, None, Hooks(), cancel=self.cancel)
         state = self._state(evolution)
-        run_dir.config.write_text(cfg.resolved().to_yaml(), encoding="utf-8")
+        write_json_atomic(run_dir.config, cfg.resolved().to_yaml())
         evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir.work)
         evolution.evaluator = evaluator
         baselines = self._baselines(evaluator)
@@ -260,18 +287,17 @@ class EvoMergePipeline:
         def on_candidate(gen: int, member: Member, outcome: Outcome, cached: bool) -> None:
             progress.advance(cands)
             note = "cached" if cached else f"merge {outcome.merge_s:.1f}s, eval {outcome.eval_s:.1f}s"
-            err = f" [red]failed: {outcome.error}[/]" if outcome.error else ""
+            err = f" [red]failed ({outcome.error_kind}): {outcome.error}[/]" if outcome.error else ""
             progress.console.print(
                 f"  {member.id} {member.genome.label:<26} {outcome.fitness:.4f} ({note}){err}"
             )
 
-        def on_new_best(gen: int, member: Member, outcome: Outcome) -> str:
+        def on_new_best(gen: int, member: Member, outcome: Outcome, recipe: str) -> str:
             folder = run_dir.best_model(gen)
-            recipe = render(member.genome, space, title=f"best of generation {gen}")
             evaluator.merge(recipe, member.genome.crossover.seed, folder)
             held = state.cache.get(f"{member.genome.hash}:{cfg.evaluation.heldout_split}")
             (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
-            comparisons = self._heldout_comparisons(evaluator, gen, member)
+            comparisons = self._heldout_comparisons(evaluator, member, recipe)
             card = model_card(
                 run_dir, cfg, member, outcome.scores, held.scores if held else None, recipe, comparisons
             )
@@ -305,7 +331,6 @@ class EvoMergePipeline:
             self.console.print(
                 f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)"
             )
-        return self.best()
 
     def best(self) -> BestCandidate:
         """The run's best candidate (`Run.best`: the one the report shows and gen_<N>_best_model holds)."""
@@ -339,6 +364,7 @@ class EvoMergePipeline:
             domain_scores=top.scores.domains,
             heldout_domain_scores=held.domains if held else {},
             model_path=str(self.run_dir.root / gen.best_model) if gen.best_model else None,
+            model_error=gen.best_model_error,
             recipe_path=str(self.run_dir.root / top.recipe),
             best_base_model=base[0],
             best_base_fitness=base[1].fitness,

@@ -208,7 +208,7 @@ def test_report_numbers_match_the_records(tmp_path: Path) -> None:
     assert row[2] == f"{base['gamma']['validation']['domains']['code']:.4f}"
 
     failed = next(e for e in evals if e.error)
-    assert f"- `{failed.id}` (gen 1, {failed.label}): merge failed: tensor shapes differ" in text
+    assert f"- `{failed.id}` (gen 1, {failed.label}): permanent: merge failed: tensor shapes differ" in text
     assert table_row(text, "1")[-1] == "1"  # the generations table counts it
     for name in ("fitness.png", "domains.png", "lineage.png", "search.png"):
         assert f"]({name})" in text

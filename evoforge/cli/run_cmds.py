@@ -37,11 +37,19 @@ def with_strategy(cfg: EvolutionConfig, strategy: str | None) -> EvolutionConfig
     return cfg.model_copy(update={"search": search})
 
 
+def resumed_run(resume: Path | None) -> RunDir | None:
+    """The run directory `--resume` names; one line naming the path when there is none (not the
+    `config.yaml` of its parent folder)."""
+    if resume is None:
+        return None
+    if not resume.exists():
+        raise ConfigError(f"{resume}: --resume: no such checkpoint or run directory")
+    return RunDir.containing(resume)
+
+
 def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
     from evoforge.pipeline import EvoMergePipeline
 
-    if resume is not None and not resume.exists():
-        raise ConfigError(f"{resume}: --resume: no such checkpoint or run directory")
     out.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
     best = EvoMergePipeline(cfg, resume=resume, console=console).run()
     gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
@@ -62,7 +70,10 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
         + (f" ({held_gain:+.1%})" if held_gain is not None else "")
         + interval
     )
-    typer.echo(f"model: {best.model_path}\nrecipe: {best.recipe_path}")
+    model = best.model_path or "not written" + (
+        f" ({best.model_error}); --resume writes it" if best.model_error else ""
+    )
+    typer.echo(f"model: {model}\nrecipe: {best.recipe_path}")
 
 
 @app.command()
@@ -83,7 +94,7 @@ def run(
     strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
 ) -> None:
     """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
-    resumed = RunDir.containing(resume) if resume else None
+    resumed = resumed_run(resume)
     if run_file is None:
         if resumed is None:
             raise ConfigError("run: give a run file, or --resume CHECKPOINT")
@@ -114,7 +125,7 @@ def evo(
     strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
 ) -> None:
     """The seed document's `forge evo`: the same run as `evoforge run`."""
-    resumed = RunDir.containing(resume) if resume else None
+    resumed = resumed_run(resume)
     if config is None and resumed is not None:
         config = resumed.config
     cfg = load_config(

@@ -137,6 +137,15 @@ class CandidateEvaluator:
                 pass
         return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
 
+    def halve_batch_size(self) -> bool:
+        """After an out-of-memory error (`evolve.failures`): score at half the batch size for the rest of
+        the run; False when it is 1 already (or not a number)."""
+        size = getattr(self.scorer.lm, "batch_size_per_gpu", None)
+        if not isinstance(size, int) or size <= 1:
+            return False
+        self.scorer.lm.batch_size_per_gpu = size // 2
+        return True
+
     def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:
         """(scores, merge seconds, evaluation seconds) of one candidate recipe. On the memory path the merge
         seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
-from evoforge.evolve.records import Scores, write_json_atomic
+from evoforge.evolve.records import ErrorKind, Scores, write_json_atomic
 from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies.base import Proposal
 
@@ -45,12 +45,24 @@ class Outcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scores: Scores | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
     merge_s: float = 0.0
     eval_s: float = 0.0
 
     @property
     def fitness(self) -> float:
         return self.scores.fitness if self.scores else 0.0
+
+
+class UnsavedBest(BaseModel):
+    """A new best whose model could not be written (a full disk, a model folder gone): the recipe text it
+    was scored with, kept until a later attempt writes the model."""
+
+    model_config = ConfigDict(extra="forbid")
+    generation: int
+    member: Member
+    recipe: str
+    error: str
 
 
 class State(BaseModel):
@@ -69,6 +81,8 @@ class State(BaseModel):
     cache: dict[str, Outcome]
     """`<genome hash>:<split>` → outcome; a genome is never evaluated twice on a split."""
     wandb_id: str | None = None
+    unsaved: list[UnsavedBest] = []
+    """New bests whose model is not written yet; retried at the next new best and at the end of a run."""
 
     def rng(self) -> random.Random:
         rng = random.Random()

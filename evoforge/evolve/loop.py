@@ -5,23 +5,27 @@ keeps everything else: the fitness cache, evaluations.jsonl, recipes, checkpoint
 plateau/max_generations stop. Everything random comes from one `random.Random(cfg.seed)` whose state is
 checkpointed with the strategy's; evaluations are cached by genome hash and persisted (evaluations.jsonl,
 checkpoints), so a resumed run — even one killed with SIGKILL — reaches the same result and never evaluates
-a finished candidate again.
+a finished candidate again. Each candidate's recipe is read once: the text scored is the text its model is
+built from, even if the file is edited meanwhile. Failures: `evolve.failures`; a best model that cannot be
+written is recorded and retried (at the next new best, at the end of the run, on resume), never fatal.
+`Evolution.cancel` stops a run before its next candidate (the Python API's Ctrl-C and task cancellation).
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
 from evoforge.config import EvolutionConfig
+from evoforge.errors import EvoforgeError
 from evoforge.evolve import checkpoint as ckpt
-from evoforge.evolve import strategies
-from evoforge.evolve.checkpoint import Member, Outcome, State
-from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record
+from evoforge.evolve import failures, strategies
+from evoforge.evolve.checkpoint import Member, Outcome, State, UnsavedBest
+from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record, write_json_atomic
 from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies import Proposal
 from evoforge.genome import Genome, GenomeSpace
@@ -48,24 +52,38 @@ def plateaued(history: Sequence[float], patience: int, threshold: float) -> bool
     return (now - before) / max(abs(before), 1e-9) < threshold
 
 
+class Cancelled(Exception):
+    """The run was asked to stop (`Evolution.cancel`); its checkpoint and records are consistent."""
+
+
 @dataclass
 class Hooks:
     """What the loop tells the outside world (progress bars, W&B, best-model writing)."""
 
     on_candidate: Callable[[int, Member, Outcome, bool], None] = lambda g, m, o, cached: None
     on_generation: Callable[[GenerationRecord], None] = lambda rec: None
-    on_new_best: Callable[[int, Member, Outcome], str | None] = lambda g, m, o: None
-    """Called once a new best is scored on the held-out split; returns the best-model folder it wrote."""
+    on_new_best: Callable[[int, Member, Outcome, str], str | None] = lambda g, m, o, recipe: None
+    """Called once a new best is scored on the held-out split, with the recipe text it was scored with;
+    returns the best-model folder it wrote."""
 
 
 class Evolution:
     """Runs generations over a CandidateEvaluator-like object (`score_recipe(recipe, seed, split)`)."""
 
     def __init__(
-        self, cfg: EvolutionConfig, space: GenomeSpace, run_dir: RunDir, evaluator, hooks: Hooks
+        self,
+        cfg: EvolutionConfig,
+        space: GenomeSpace,
+        run_dir: RunDir,
+        evaluator,
+        hooks: Hooks,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.cfg, self.space, self.run_dir, self.evaluator, self.hooks = cfg, space, run_dir, evaluator, hooks
+        self.cancel = cancel or threading.Event()
         self._recorded: set[tuple[str, str]] = set()
+        self._recipes: dict[str, str] = {}
+        """Member id → the recipe text read for it this generation (scored, then saved)."""
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
@@ -82,14 +100,28 @@ class Evolution:
 
     def restore_cache(self, state: State) -> None:
         """Fold evaluations.jsonl into the cache: a kill after an evaluation but before the next checkpoint
-        must not cost that evaluation again."""
+        must not cost that evaluation again. Transient failures are dropped: a resume evaluates them again."""
+        state.cache = {k: o for k, o in state.cache.items() if o.error_kind != "transient"}
         for rec in self.run_dir.evaluation_records():
-            self._recorded.add((rec.id, rec.split))
             key = f"{rec.genome_hash}:{rec.split}"
+            if rec.error_kind == "transient":
+                continue
+            self._recorded.add((rec.id, rec.split))
             if key not in state.cache and not rec.cached:
                 state.cache[key] = Outcome(
-                    scores=rec.scores, error=rec.error, merge_s=rec.merge_s, eval_s=rec.eval_s
+                    scores=rec.scores,
+                    error=rec.error,
+                    error_kind=rec.error_kind,
+                    merge_s=rec.merge_s,
+                    eval_s=rec.eval_s,
                 )
+
+    def recipe(self, generation: int, member: Member) -> str:
+        """The member's recipe text, read once: what is scored on every split and built as its model."""
+        if member.id not in self._recipes:
+            path = self.run_dir.recipe(generation, member.id)
+            self._recipes[member.id] = path.read_text(encoding="utf-8")
+        return self._recipes[member.id]
 
     def evaluate(self, state: State, generation: int, member: Member, split: str) -> tuple[Outcome, bool]:
         """Cached outcome, or a fresh evaluation recorded (fsynced) before it is used."""
@@ -98,17 +130,12 @@ class Evolution:
         if cached:
             outcome = state.cache[key]
         else:
-            recipe = self.run_dir.recipe(generation, member.id).read_text(encoding="utf-8")
             try:
-                scores, merge_s, eval_s = self.evaluator.score_recipe(
-                    recipe, member.genome.crossover.seed, split
-                )
-                outcome = Outcome(scores=scores, merge_s=merge_s, eval_s=eval_s)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:  # a failed candidate scores 0 and the run goes on
-                last = traceback.format_exception_only(exc)[-1].strip()
-                outcome = Outcome(error=last)
+                recipe = self.recipe(generation, member)
+            except (OSError, ValueError) as exc:  # the YAML was removed or garbled since it was written
+                outcome = Outcome(error=failures.describe(exc), error_kind=failures.error_kind(exc))
+            else:
+                outcome = failures.score(self.evaluator, recipe, member.genome.crossover.seed, split)
             state.cache[key] = outcome
         if (member.id, split) not in self._recorded:
             self._recorded.add((member.id, split))
@@ -131,6 +158,7 @@ class Evolution:
                     fitness=outcome.fitness,
                     scores=outcome.scores,
                     error=outcome.error,
+                    error_kind=outcome.error_kind,
                     cached=cached,
                     merge_s=outcome.merge_s,
                     eval_s=outcome.eval_s,
@@ -140,18 +168,26 @@ class Evolution:
 
     def run_generation(self, state: State) -> tuple[GenerationRecord, list[Outcome]]:
         gen, t0 = state.generation, time.perf_counter()
+        self._recipes.clear()
         for member in state.population:
             path = self.run_dir.recipe(gen, member.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
-                path.write_text(
-                    render(member.genome, self.space, title=f"generation {gen}, {member.operator}")
-                )
-        outcomes = []
+                title = f"generation {gen}, {member.operator}"
+                write_json_atomic(path, render(member.genome, self.space, title=title))
+        outcomes, fresh = [], []
         for member in state.population:
+            if self.cancel.is_set():
+                raise Cancelled(f"generation {gen}: stopped before {member.id}")
             outcome, cached = self.evaluate(state, gen, member, self.cfg.evaluation.fitness_split)
             outcomes.append(outcome)
+            fresh += [] if cached else [outcome]
             self.hooks.on_candidate(gen, member, outcome, cached)
+        if fresh and all(o.error_kind == "transient" for o in fresh):
+            raise EvoforgeError(
+                f"{self.run_dir.evaluations}: generation {gen}: every candidate failed ({fresh[0].error}); "
+                "the run stopped, continue it with --resume once this is fixed"
+            )
         top = min(range(len(outcomes)), key=lambda i: -outcomes[i].fitness)
         best_member, best_outcome = state.population[top], outcomes[top]
         scored = [o.scores for o in outcomes if o.scores]
@@ -173,10 +209,33 @@ class Evolution:
             state.best_id, state.best_hash = best_member.id, best_member.genome.hash
             heldout, _ = self.evaluate(state, gen, best_member, self.cfg.evaluation.heldout_split)
             record.best_heldout = heldout.scores
-            record.best_model = self.hooks.on_new_best(gen, best_member, best_outcome)
+            self.save_unsaved(state)
+            best = UnsavedBest(
+                generation=gen, member=best_member, recipe=self.recipe(gen, best_member), error=""
+            )
+            record.best_model, record.best_model_error = self.save_best(state, best)
         state.best_history.append(max(previous_best, best_outcome.fitness))
         record.wall_s = time.perf_counter() - t0
         return record, outcomes
+
+    def save_best(self, state: State, best: UnsavedBest) -> tuple[str | None, str | None]:
+        """(folder, None) once the best model is written, else (None, why) with `best` kept in
+        `state.unsaved`: a failed save never ends the run, the recipe is there to make it again."""
+        outcome = state.cache[f"{best.member.genome.hash}:{self.cfg.evaluation.fitness_split}"]
+        try:
+            return self.hooks.on_new_best(best.generation, best.member, outcome, best.recipe), None
+        except Exception as exc:  # recorded, retried later
+            error = failures.describe(exc)
+        state.unsaved.append(best.model_copy(update={"error": error}))
+        return None, error
+
+    def save_unsaved(self, state: State) -> None:
+        """Try again to write the best models whose first attempt failed."""
+        pending, state.unsaved = state.unsaved, []
+        for best in pending:
+            folder, _ = self.save_best(state, best)
+            if folder is not None:
+                self.run_dir.set_best_model(best.generation, folder)
 
     def run(self, state: State) -> State:
         """Run generations until max_generations or a plateau. A checkpoint is written at the start of
@@ -201,4 +260,7 @@ class Evolution:
             ckpt.save(self.run_dir, state)
             if stop:
                 break
+        if state.unsaved:
+            self.save_unsaved(state)
+            ckpt.save(self.run_dir, state)
         return state

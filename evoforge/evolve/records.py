@@ -11,15 +11,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from statistics import fmean, median
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from evoforge.errors import EvoforgeError
+
 Operator = Literal["seed", "elite", "mutation", "recombination", "cmaes", "random"]
 """How a candidate was made: `elite` is a genome carried unchanged (cached), `cmaes`/`random` samples of
 those strategies."""
+ErrorKind = Literal["transient", "permanent"]
+"""Why a candidate failed: `transient` (out of memory, I/O, a missing file, a dead worker) is retried and never
+kept as a final 0; `permanent` (an invalid recipe, non-finite weights) scores 0 for good (`evolve.failures`)."""
 
 
 class Scores(BaseModel):
@@ -56,6 +62,8 @@ class EvaluationRecord(BaseModel):
     fitness: float
     scores: Scores | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
+    """Set with `error`; records written before kinds existed leave it None (read as permanent)."""
     cached: bool = False
     merge_s: float = 0.0
     eval_s: float = 0.0
@@ -87,6 +95,8 @@ class GenerationRecord(BaseModel):
     """The generation's best candidate on the held-out split (scored when it is a new overall best)."""
     best_model: str | None = None
     """gen_<N>_best_model folder, relative to the run directory, when one was written."""
+    best_model_error: str | None = None
+    """Why writing the best model failed; it is retried at the next new best, the run's end and on resume."""
     wall_s: float = 0.0
 
 
@@ -124,12 +134,65 @@ class ItemScores(BaseModel):
 R = TypeVar("R", bound=BaseModel)
 
 
+class WriteError(EvoforgeError):
+    """A run file that cannot be written (a full disk, a read-only folder): the run stops where the records
+    and checkpoints are consistent, and `--resume` continues once the cause is fixed."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(
+            f"{path}: cannot write ({exc.strerror or exc}); the run stopped, continue it with --resume "
+            "once this is fixed"
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
 def append_record(path: Path, record: BaseModel) -> None:
-    """Append one JSON line and fsync it: a crash never loses a finished evaluation."""
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(record.model_dump_json() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one JSON line and fsync it: a crash never loses a finished evaluation. A failed write (a full
+    disk) is cut back off, so no half line is left for the next record to be glued onto."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WriteError(path, exc) from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            _write_all(fd, (record.model_dump_json() + "\n").encode())
+            os.fsync(fd)
+        except OSError as exc:
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            raise WriteError(path, exc) from None
+    finally:
+        os.close(fd)
+
+
+def repair_tail(path: Path) -> str | None:
+    """Cut a torn tail off a JSONL file (bytes after the last newline, or a last line that is not JSON: a
+    write cut short by a kill or a full disk), so the next append starts a line of its own. Returns a
+    one-line warning, or None when the file was whole."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep:
+        last = data.rfind(b"\n", 0, keep - 1) + 1
+        try:
+            json.loads(data[last:keep])
+        except ValueError:
+            keep = last
+    if keep == len(data):
+        return None
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"{path}: removed a torn last line ({len(data) - keep} bytes of a write cut short); its work is done again"
 
 
 def read_records(path: Path, kind: type[R]) -> Iterator[R]:
@@ -144,15 +207,22 @@ def read_records(path: Path, kind: type[R]) -> Iterator[R]:
 
 
 def write_json_atomic(path: Path, data: str) -> None:
-    """Write via a temp file, fsync, rename: readers see the old file or the new one, never half of one."""
+    """Write via a temp file, fsync, rename: readers see the old file or the new one, never half of one. A
+    failed write (a full disk) leaves the old file and no temp file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(path, exc) from None

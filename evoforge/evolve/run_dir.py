@@ -15,6 +15,7 @@ runs/<name>/
   report/                                        plots and summary.md
   wandb/, wandb_run_id                           the W&B run (wandb.init(dir=run_dir) makes wandb/)
   .work/                                         scratch merges, removed when the run stops
+  .lock                                          the running run's pid, flock-ed while it runs
 
 The run's best is the candidate with the highest fitness-split fitness in a finished generation, the
 earliest on ties (generation, then place in the population). The loop writes exactly that candidate as
@@ -25,7 +26,11 @@ and `evoforge run` prints it. A generation that an interrupted run left half-eva
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +39,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from evoforge.config import format_validation_error, read_mapping
-from evoforge.errors import ConfigError
+from evoforge.errors import ConfigError, EvoforgeError
 from evoforge.evolve.records import (
     Baselines,
     EvaluationRecord,
@@ -42,10 +47,12 @@ from evoforge.evolve.records import (
     ItemScores,
     Scores,
     read_records,
+    repair_tail,
     write_json_atomic,
 )
 
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 RUN_ID_FILE = "wandb_run_id"
 """The W&B run id, kept so that a resumed run appends to the same W&B run."""
 
@@ -117,16 +124,59 @@ class RunDir:
 
     # Lenient readers: what a resume continues from; a torn last line (a crash mid-write) is skipped.
 
-    def evaluation_records(self) -> Iterator[EvaluationRecord]:
-        return read_records(self.evaluations, EvaluationRecord)
+    def evaluation_records(self) -> list[EvaluationRecord]:
+        return latest_records(read_records(self.evaluations, EvaluationRecord))
 
     def generation_records(self) -> Iterator[GenerationRecord]:
         return read_records(self.generations, GenerationRecord)
 
     def keep_generations_before(self, generation: int) -> None:
         """Drop the records of generation `generation` and later: a resume runs them again."""
-        kept = [r for r in self.generation_records() if r.generation < generation]
-        self.generations.write_text("".join(r.model_dump_json() + "\n" for r in kept), encoding="utf-8")
+        self._write_generations([r for r in self.generation_records() if r.generation < generation])
+
+    def set_best_model(self, generation: int, folder: str) -> None:
+        """Record the best model of an earlier generation, written late (its first attempt failed)."""
+        self._write_generations(
+            [
+                r.model_copy(update={"best_model": folder, "best_model_error": None})
+                if r.generation == generation
+                else r
+                for r in self.generation_records()
+            ]
+        )
+
+    def _write_generations(self, records: list[GenerationRecord]) -> None:
+        write_json_atomic(self.generations, "".join(r.model_dump_json() + "\n" for r in records))
+
+    @contextmanager
+    def opened(self) -> Iterator[list[str]]:
+        """Hold the run directory for one run: an exclusive lock (a second run on it stops with one line
+        naming the holder's pid), then what a killed run left repaired — torn record tails cut off, partial
+        best-model folders, temp files and scratch merges removed. Yields the repairs' warnings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise EvoforgeError(
+                    f"{self.root}: another evoforge run (pid {holder}) is using this run directory; "
+                    "wait for it to stop or choose another --output-dir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield self._repair()
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _repair(self) -> list[str]:
+        for folder in [*self.root.glob(".gen_*_best_model.*.partial"), self.work]:
+            shutil.rmtree(folder, ignore_errors=True)
+        for pattern in (".*.tmp", f"{CHECKPOINT_DIR}/.*.tmp", "candidates/gen_*/.*.tmp"):
+            for tmp in self.root.glob(pattern):
+                tmp.unlink(missing_ok=True)
+        return [w for w in (repair_tail(self.evaluations), repair_tail(self.generations)) if w]
 
     def read_baselines(self) -> Baselines | None:
         """The scored base models, None before they are scored; a damaged file is an error naming it."""
@@ -155,6 +205,15 @@ class RunDir:
     def lineage(self, genome_hash: str, split: str) -> list[EvaluationRecord]:
         """A candidate and its ancestors so far (during a run: its own generation is not finished)."""
         return lineage((r for r in self.evaluation_records() if r.split == split), genome_hash)
+
+
+def latest_records(records: Iterable[EvaluationRecord]) -> list[EvaluationRecord]:
+    """Each candidate's last record on each split: a transient failure evaluated again (after a resume)
+    is superseded by the new evaluation."""
+    latest: dict[tuple[int, str, str], EvaluationRecord] = {}
+    for rec in records:
+        latest[(rec.generation, rec.id, rec.split)] = rec
+    return list(latest.values())
 
 
 def first_evaluations(records: Iterable[EvaluationRecord]) -> dict[str, EvaluationRecord]:
@@ -245,7 +304,7 @@ class Run:
         finished = {g.generation for g in generations}
         evaluations = [
             e
-            for e in _read_checked(run_dir.evaluations, EvaluationRecord)
+            for e in latest_records(_read_checked(run_dir.evaluations, EvaluationRecord))
             if e.split == baselines.fitness_split and e.generation in finished
         ]
         known = {(e.generation, e.id) for e in evaluations}

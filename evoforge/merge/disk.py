@@ -171,7 +171,7 @@ def _check_document(
                 mapping[key] = resolved[mapping[key]] = str(resolve_model(mapping[key]))
             except ModelNotAvailableError as error:
                 stages = f" (stages: {', '.join(sorted(stage_names))})" if stage_names else ""
-                raise ConfigError(f"{where}: field {_loc(loc)}: {error}{stages}") from None
+                raise ModelNotAvailableError(f"{where}: field {_loc(loc)}: {error}{stages}") from None
     return config
 
 

@@ -360,10 +360,17 @@ def summary_markdown(run: Run) -> str:
             f"| {g.generation} | {_fmt(g.best_fitness)} | {_fmt(g.avg_fitness)} | `{g.best_id}` | {h} "
             f"| {g.population_size} | {failed_by_gen[g.generation]} |"
         )
-    if failed:
+    unsaved = [g for g in run.generations if g.best_model_error]
+    if failed or unsaved:
         lines += ["", "## Failed candidates", ""]
         for e in failed:
-            lines.append(f"- `{e.id}` (gen {e.generation}, {e.label}): {_first_line(e.error or '')}")
+            kind = e.error_kind or "permanent"
+            lines.append(f"- `{e.id}` (gen {e.generation}, {e.label}): {kind}: {_first_line(e.error or '')}")
+        for g in unsaved:
+            lines.append(
+                f"- best model of gen {g.generation} (`{g.best_id}`) not written: "
+                f"{_first_line(g.best_model_error or '')} (`evoforge run --resume` writes it)"
+            )
     lines += [
         "",
         "## Plots",
