@@ -7,19 +7,19 @@ A model reference (a run file's `path`, a recipe's model, `evoforge eval MODEL`)
    `local_files_only` — evoforge never downloads;
 3. else a one-line `ModelNotAvailableError` naming the field and, for an id, the `hf download` that fixes it.
 
-This module sits below config (config imports it), so it imports nothing of evoforge but `errors`, and torch
-and huggingface_hub only when called: `import evoforge` stays light, and `evoforge.evaluate` can set the
+This module sits below config (config imports it), so it imports nothing of evoforge but `errors` and
+`userfile`, and torch and huggingface_hub only when called: `import evoforge` stays light, and `evoforge.evaluate` can set the
 offline switches before huggingface_hub reads them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from evoforge.errors import ConfigError, ModelNotAvailableError
+from evoforge.userfile import load_json, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -86,11 +86,11 @@ def _cached_snapshot(ref: str, subject: str) -> Path:
 def read_model_config(ref: str | Path, *, what: str = "model", base_dir: Path | None = None) -> dict:
     """config.json of a located model as a dict; a broken one is a one-line error."""
     config_file = locate_model(ref, base_dir=base_dir, what=what) / "config.json"
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        subject = f"{what} {ref}" if what else str(ref)
-        raise ConfigError(f"{subject}: {config_file} is not valid JSON (line {exc.lineno})") from None
+    subject = f"{what} {ref}" if what else str(ref)
+    config = load_json(read_text(config_file, subject), f"{subject}: {config_file}")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{subject}: {config_file}: expected a JSON object")
+    return config
 
 
 def check_run_models(cfg: EvolutionConfig) -> dict[str, dict]:

@@ -143,7 +143,7 @@ def test_good_run_file_validates_and_writes_eight_seeds(qwen_family, tmp_path):
 
 
 RECIPE_CASES = {
-    "not yaml": ("merge_method: [linear\n", "invalid YAML"),
+    "not yaml": ("merge_method: [linear\n", "not valid YAML (line 2)"),
     "unknown method": ("merge_method: lineer\nmodels:\n  - model: {alpha}\n", "merge_method"),
     "missing model": (
         "merge_method: linear\nmodels:\n  - model: /nonexistent/m\n    parameters: {{weight: 1.0}}\n",

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from evoforge.cli.app import app, console, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
-from evoforge.errors import ConfigError
 from evoforge.genome import GenomeSpace, seed_genomes
 from evoforge.models import check_run_models
 from evoforge.recipe import render
+from evoforge.userfile import read_text
 
 
 def seed_recipes(cfg: EvolutionConfig) -> dict[str, str]:
@@ -54,10 +54,7 @@ def merge(
     from evoforge.merge.disk import merge_recipe
     from evoforge.recipe import random_seed as header_seed
 
-    try:
-        text = recipe.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{recipe}: cannot read ({exc.strerror or exc})") from None
+    text = read_text(recipe)
     seed = random_seed if random_seed is not None else header_seed(text)
     path = merge_recipe(text, out, device=device, random_seed=seed, source=str(recipe), quiet=False)
     console.print(f"merged {recipe} → {path}")

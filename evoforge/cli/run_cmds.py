@@ -17,6 +17,15 @@ from evoforge.resources import recipes_dir
 
 WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
+FLAGS = {
+    "max_generations": "--gens",
+    "output_dir": "--output-dir",
+    "device": "--device",
+    "wandb_mode": "--wandb",
+    "seed": "--seed",
+    "merge_path": "--merge-path",
+}
+"""Run-file keys the flags override: a bad value is blamed on the flag, not on the run file."""
 
 
 def output_dir_option(output_dir: Path | None, resumed: RunDir | None) -> str | None:
@@ -84,6 +93,7 @@ def run(
         run_file = resumed.config
     cfg = load_config(
         run_file,
+        FLAGS,
         max_generations=gens,
         output_dir=output_dir_option(output_dir, resumed),
         device=device,
@@ -113,6 +123,7 @@ def evo(
         config = resumed.config
     cfg = load_config(
         config or recipes_dir() / "seeds.yaml",
+        FLAGS,
         max_generations=gens,
         output_dir=output_dir_option(output_dir, resumed),
         device=device,
