@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,16 @@ def read_text(path: Path, what: str = "") -> str:
     except OSError as exc:
         raise ConfigError(f"{subject}: cannot read ({exc.strerror or exc})") from None
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
+        bad = text.find("\0")  # UTF-16 without a BOM decodes as UTF-8 with a NUL between ASCII letters
+        if bad >= 0:
+            raise UnicodeDecodeError("utf-8", data, bad, bad + 1, "NUL")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{subject}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}; a binary or UTF-16 file? "
             "save it as UTF-8)"
         ) from None
+    return text
 
 
 class UniqueKeyLoader(YAML_LOADER):  # type: ignore[misc, valid-type]
@@ -123,3 +130,35 @@ def non_finite(value: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         if (found := non_finite(item, (*loc, key))) is not None:
             return found
     return None
+
+
+def check_writable(path: Path, what: str, *, need_bytes: int = 0, is_file: bool = False) -> None:
+    """A folder (or, `is_file`, a file's folder) evoforge is about to write: not a file, writable (a probe
+    file is written, synced and removed in the nearest existing folder, so nothing is left behind), and
+    with `need_bytes` free. Why: a read-only or full disk otherwise surfaces as a traceback mid-run."""
+    path = Path(path).expanduser().absolute()
+    if is_file and path.is_dir():
+        raise ConfigError(f"{what} {path}: is a folder, not a file")
+    folder = path.parent if is_file else path
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder}: exists and is not a folder")
+    probe_dir = next(p for p in (folder, *folder.parents) if p.exists())
+    if not probe_dir.is_dir():
+        raise ConfigError(f"{what} {folder}: {probe_dir} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".evoforge-probe-", dir=probe_dir)
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder}: cannot write in {probe_dir} ({exc.strerror or exc})") from None
+    try:
+        os.write(fd, bytes(4096))
+        os.fsync(fd)
+    except OSError as exc:
+        raise ConfigError(f"{what} {folder}: cannot write in {probe_dir} ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    free = shutil.disk_usage(probe_dir).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"{what} {folder}: {free / 2**20:.1f} MiB free on its disk, about {need_bytes / 2**20:.1f} MiB needed"
+        )

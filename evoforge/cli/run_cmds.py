@@ -12,7 +12,7 @@ from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, SearchConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir
-from evoforge.models import Device
+from evoforge.models import Device, check_run_models, check_run_output
 from evoforge.resources import recipes_dir
 
 WandbMode = Literal["offline", "online", "disabled"]
@@ -51,6 +51,8 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
 
     if resume is not None and not resume.exists():
         raise ConfigError(f"{resume}: --resume: no such checkpoint or run directory")
+    check_run_models(cfg)  # before anything is written: models whole, output writable
+    check_run_output(cfg)
     out.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
     best = EvoMergePipeline(cfg, resume=resume, console=console).run()
     gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)

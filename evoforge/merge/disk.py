@@ -27,10 +27,10 @@ from mergekit.options import MergeOptions
 from mergekit.scripts.multimerge import load_config
 from pydantic import ValidationError
 
-from evoforge.errors import ConfigError, ModelNotAvailableError
+from evoforge.errors import ConfigError
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.compat import resolve_model
-from evoforge.models import read_model_config, resolve_device
+from evoforge.models import check_model_files, locate_model, read_model_config, resolve_device
 from evoforge.userfile import YAML_LOADER, load_yaml_all, non_finite  # noqa: F401  (YAML_LOADER: evolve.candidates)
 
 # Values of a model-reference key that are not models (`tokenizer_source: union`).
@@ -168,8 +168,9 @@ def _check_document(
             mapping[key] = resolved[mapping[key]]
         elif mapping[key] not in stage_names:
             try:
+                check_model_files(locate_model(mapping[key]), f"model {mapping[key]}", tokenizer=False)
                 mapping[key] = resolved[mapping[key]] = str(resolve_model(mapping[key]))
-            except ModelNotAvailableError as error:
+            except ConfigError as error:
                 stages = f" (stages: {', '.join(sorted(stage_names))})" if stage_names else ""
                 raise ConfigError(f"{where}: field {_loc(loc)}: {error}{stages}") from None
     return config
