@@ -418,11 +418,6 @@ def in_mount_namespace(mount_options: str, fill: bool, args: list[str], mount_po
     namespace (nothing leaks to the host), optionally filled up first; returns (process, listing after)."""
     script = (
         f"mount -t tmpfs -o {mount_options} tmpfs {mount_point}"
-        + (
-            f" && mount -o remount,ro,{mount_options} {mount_point}"
-            if "ro" in mount_options.split(",")
-            else ""
-        )
         + (f" && (dd if=/dev/zero of={mount_point}/fill bs=4k 2>/dev/null; true)" if fill else "")
         + f' && {sys.executable} -m evoforge "$@"; status=$?; echo "LISTING $(ls -A {mount_point})"; exit $status'
     )
