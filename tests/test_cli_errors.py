@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from eval_support import write_mini_tasks
 from typer.testing import CliRunner
 
 from evoforge.cli import app, forge_app
@@ -535,4 +536,39 @@ def test_eval_weight_must_be_finite(spec, tmp_path):
     json_out = tmp_path / "r.json"
     result = runner.invoke(app, ["eval", str(tmp_path), "--weight", spec, "--json", str(json_out)])
     error_line(result, "--weight", "finite number", spec)
+    assert not json_out.exists()
+
+
+# ------------------------------------------------------------------ model context vs prompts
+
+
+@pytest.fixture(scope="module")
+def mini_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mini_tasks(tmp_path_factory.mktemp("mini_tasks"))
+
+
+@pytest.mark.parametrize(
+    ("context", "fragment"),
+    [
+        (
+            12,
+            "prompt of 21 tokens + max_gen_toks 12 exceed the model's context of 12 tokens",
+        ),  # lm-eval asserted
+        (
+            40,
+            "prompt of 36 tokens + max_gen_toks 12 exceed the model's context of 40 tokens",
+        ),  # prompt was cut
+    ],
+    ids=["budget reaches the context", "prompt plus budget exceed it"],
+)
+def test_a_model_context_shorter_than_prompt_plus_budget_is_one_line(
+    context, fragment, qwen_family, mini_tasks, tmp_path
+):
+    folder = broken_copy(qwen_family, tmp_path, lambda f: None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}))
+    json_out = tmp_path / "result.json"
+    args = ["eval", str(folder), "--tasks-dir", str(mini_tasks), "--device", "cpu", "--weight", "math=1"]
+    line = error_line(runner.invoke(app, [*args, "--json", str(json_out)]), fragment)
+    assert str(mini_tasks) in line and "max_position_embeddings" in line and "split validation" in line
     assert not json_out.exists()

@@ -131,7 +131,6 @@ def eval_model(
     except ValidationError as err:
         raise ConfigError(format_validation_error("evoforge eval", err)) from None
     weights = parse_weights(weight or [])
-    check_model_files(locate_model(model, what=""), model)
     if json_out is not None:
         check_writable(json_out, "--json", is_file=True)
     from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
@@ -139,6 +138,7 @@ def eval_model(
     suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
     suite.check()
     check_weights(weights, suite)
+    check_model_files(locate_model(model, what=""), model)
     with quiet_libraries():
         with console.status(f"loading {model}"):
             loaded, tokenizer = load_model(model, device, dtype)
