@@ -414,6 +414,7 @@ def test_merge_refuses_a_truncated_input_model(qwen_family, tmp_path):
 
 def _commands(run_file: Path, recipe: Path, model: Path, out: Path) -> dict[str, list[str]]:
     return {
+        "validate": ["validate", str(run_file)],  # the run file's own output_dir is `out`
         "run": ["run", str(run_file), "--output-dir", str(out)],
         "seeds": ["seeds", str(run_file), "--out", str(out)],
         "merge": ["merge", str(recipe), "--out", str(out), "--device", "cpu"],
@@ -429,6 +430,7 @@ def _linear_recipe(family: dict[str, Path]) -> str:
 
 OUTPUT_CASES = {
     # id: (command, where the output goes, given a file `taken` and a folder `folder`; fragments)
+    "validate output_dir is a file": ("validate", "taken", ["output_dir", "exists and is not a folder"]),
     "run output_dir is a file": ("run", "taken", ["output_dir", "exists and is not a folder"]),
     "run output_dir below a file": ("run", "taken/run", ["output_dir", "is a file, not a folder"]),
     "seeds --out is a file": ("seeds", "taken", ["--out", "exists and is not a folder"]),
@@ -441,7 +443,8 @@ OUTPUT_CASES = {
 @pytest.mark.parametrize("case", list(OUTPUT_CASES), ids=list(OUTPUT_CASES))
 def test_unusable_output_path_is_one_line(case, qwen_family, tmp_path):
     command, where, fragments = OUTPUT_CASES[case]
-    run_file = write(tmp_path, "run.yaml", yaml.safe_dump(good_run(qwen_family)))
+    run = {**good_run(qwen_family), "output_dir": str(tmp_path / where)}
+    run_file = write(tmp_path, "run.yaml", yaml.safe_dump(run))
     recipe = write(tmp_path, "recipe.yaml", _linear_recipe(qwen_family))
     write(tmp_path, "taken", "the user's file")
     (tmp_path / "folder").mkdir()
