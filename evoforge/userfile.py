@@ -1,9 +1,9 @@
-"""Reading the files a user writes (run files, recipes, model config.json): text, YAML and JSON, strictly.
+"""The files a user gives (run files, recipes, model config.json), read strictly, and the folders we write.
 
 Why: PyYAML and json keep the last of two equal keys without a word (a run file that sets `mutation_rate`
 twice runs with the second), and a binary or UTF-16 file fails with a UnicodeDecodeError traceback. Here
 each is a one-line `ConfigError` naming the file and the key or line. Every reader of a user's file goes
-through this module.
+through this module, and every command checks the folder it will write with `check_writable` first.
 """
 
 from __future__ import annotations
