@@ -7,7 +7,7 @@ How each merge-operator key maps onto mergekit parameters is documented on `Merg
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evoforge.errors import ConfigError
 from evoforge.models import Device, model_ref
 from evoforge.resources import run_file
+from evoforge.userfile import read_data
 
 DOMAINS = ("code", "math", "multilingual", "structured_data")
 
@@ -25,7 +26,9 @@ Positive = Annotated[float, Field(gt=0.0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys and non-finite numbers (YAML `.inf`/`.nan`, JSON `NaN`/`Infinity`) are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseModelConfig(Strict):
@@ -239,32 +242,31 @@ def format_validation_error(source: str | Path, err: ValidationError) -> str:
 
 
 def read_mapping(path: Path) -> dict:
-    """YAML or JSON file → mapping, or ConfigError naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", getattr(exc, "lineno", None))
-        where = f" (line {line + 1 if isinstance(exc, yaml.YAMLError) else line})" if line is not None else ""
-        raise ConfigError(
-            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}"
-        ) from None
+    """YAML or JSON file → mapping, or ConfigError naming the file (evoforge.userfile: strict UTF-8, no
+    duplicate keys)."""
+    data = read_data(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: (top level): expected a mapping of keys, got {type(data).__name__}")
     return data
 
 
-def load_config(path: str | Path, **overrides: object) -> EvolutionConfig:
-    """Read and validate a run file; `overrides` replace top-level keys (CLI flags)."""
+def load_config(
+    path: str | Path, flags: Mapping[str, str] | None = None, **overrides: object
+) -> EvolutionConfig:
+    """Read and validate a run file; `overrides` replace top-level keys (CLI flags). A bad override is blamed
+    on its flag (`flags`: key → flag, e.g. max_generations → --gens), not on the run file."""
     path = run_file(path)
     data = read_mapping(path)
     if "source" in data:
         raise ConfigError(f"{path}: source: unknown key (misspelt?)")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
     try:
         return EvolutionConfig.model_validate({**data, "source": path.resolve()})
     except ValidationError as err:
+        key = err.errors()[0]["loc"][0] if err.errors()[0]["loc"] else None
+        if key in given:
+            raise ConfigError(
+                format_validation_error((flags or {}).get(key, f"override {key}"), err)
+            ) from None
         raise ConfigError(format_validation_error(path, err)) from None

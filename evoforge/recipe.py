@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 
-import yaml
-
+from evoforge.errors import ConfigError
 from evoforge.genome import crossover, interp, structure
 from evoforge.genome.base import GenomeSpace
 from evoforge.genome.genes import Genome
 from evoforge.genome.mergekit_yaml import CROSSOVER_STAGE, INTERP_STAGE, RecipeError, fail
+from evoforge.userfile import load_yaml_all, non_finite
 
 _SEED_LINE = re.compile(r"--random-seed\s+(\d+)")
 
@@ -48,12 +48,14 @@ def render(genome: Genome, space: GenomeSpace, title: str = "") -> str:
 def parse(text: str, space: GenomeSpace, source: str = "<recipe>") -> Genome:
     """The genome an evoforge-shaped recipe describes. Raises RecipeError naming file and field otherwise."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(f"{source}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
+        docs = load_yaml_all(text, source)
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
     if not all(isinstance(d, dict) for d in docs):
         raise fail(source, "(document)", "every YAML document must be a mapping")
+    for doc in docs:
+        if (bad := non_finite(doc)) is not None:
+            raise fail(source, ".".join(map(str, (doc.get("name") or "final", *bad))), "not a finite number")
     by_name = {d.get("name"): d for d in docs}
     if set(by_name) != {INTERP_STAGE, CROSSOVER_STAGE, None} or len(docs) != 3:
         raise fail(

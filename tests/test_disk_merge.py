@@ -226,7 +226,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_model(qwen_family, tmp_path):
         (
             "dtype: float32\n---\nmerge_method: passthrough",
             "dtype: [float32\n---\nmerge_method: passthrough",
-            r"r\.yaml: line \d+: invalid YAML",
+            r"r\.yaml: not valid YAML \(line \d+\)",
         ),
         (
             "parameters: {normalize: true",

@@ -109,11 +109,13 @@ def test_eval_prints_tables_and_writes_json(
 def test_eval_on_the_shipped_suite_with_default_weights(
     qwen_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From another working directory: the shipped tasks must not depend on where evoforge runs."""
+    """From another working directory: the shipped tasks must not depend on where evoforge runs. The tiny
+    model's context is widened to 2048 tokens: a code prompt plus its budget exceeds its 512."""
+    model = shutil.copytree(qwen_family["beta"], tmp_path / "beta")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(
-        app, ["eval", str(qwen_family["beta"]), "--limit", "2", "--split", "test", "--json", "s.json"]
-    )
+    result = runner.invoke(app, ["eval", str(model), "--limit", "2", "--split", "test", "--json", "s.json"])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["split"] == "test" and set(data["weights"]) == {

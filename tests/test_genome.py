@@ -172,3 +172,23 @@ def test_an_interp_entry_in_the_crossover_without_an_ancestor_names_file_and_fie
         RecipeError, match=r"^bad.yaml: evoforge_crossover.models: evoforge_interp is the base"
     ):
         parse(text, dataclasses.replace(SPACES[1], ancestor=None), source="bad.yaml")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("lambda: 2.0", "lambda: .inf", "evoforge_crossover.parameters.lambda"),
+        ("weight: 0.25}", "weight: .nan}", "evoforge_interp.models.1.parameters.weight"),
+        (
+            "down_proj, value: 1.0}",
+            "down_proj, value: -.inf}",
+            "final.slices.0.sources.0.parameters.scale.1.value",
+        ),
+    ],
+)
+def test_a_non_finite_number_in_an_evoforge_recipe_names_file_and_field(old, new, field):
+    """A hand-edited candidate recipe with NaN/inf once parsed into a genome that merges to all-NaN tensors."""
+    text = render(seeds()["linear-dare-dfs"], SPACE)
+    assert old in text
+    with pytest.raises(RecipeError, match=rf"^edited.yaml: {field}: not a finite number$"):
+        parse(text.replace(old, new, 1), SPACE, source="edited.yaml")

@@ -8,22 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from evoforge.config import load_config
 from evoforge.errors import ConfigError, ModelNotAvailableError
 from evoforge.evaluate.scorer import Scorer, load_model
 from evoforge.merge.compat import resolve_model
 from evoforge.merge.disk import merge_options
-from evoforge.models import check_run_models, locate_model, model_ref, resolve_device
+from evoforge.models import check_model_files, check_run_models, locate_model, model_ref, resolve_device
 
 CACHED = "evoforge-test/tiny-qwen"
 
 
 def model_folder(path: Path, marker: str = "") -> Path:
-    """A folder the locator accepts: config.json is what makes a folder a model."""
+    """A folder the locator accepts (config.json is what makes a folder a model) and a run's model check
+    too (whole safetensors weights and a tokenizer file)."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"marker": marker}))
+    save_file({"w": torch.zeros(2)}, path / "model.safetensors")
+    (path / "tokenizer.json").write_text("{}")
     return path
 
 
@@ -142,3 +145,20 @@ def test_explicit_cuda_without_a_gpu_is_refused_the_same_way_everywhere(monkeypa
 def test_unknown_devices_are_refused(device):
     with pytest.raises(ConfigError, match=f"^device: expected auto, cpu or cuda, got {device!r}$"):
         resolve_device(device)
+
+
+def test_sharded_weights_are_checked_shard_by_shard(tmp_path):
+    folder = model_folder(tmp_path / "sharded")
+    (folder / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": "a", "model-00002-of-00002.safetensors": "b"}
+    for name, tensor in shards.items():
+        save_file({tensor: torch.ones(3, 4)}, folder / name)
+    index = {"metadata": {}, "weight_map": {tensor: name for name, tensor in shards.items()}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    check_model_files(folder, "m")
+    second = folder / "model-00002-of-00002.safetensors"
+    second.write_bytes(second.read_bytes() + b"\0")  # one byte too many is as wrong as one too few
+    with pytest.raises(
+        ConfigError, match=r"^m: model-00002-of-00002.safetensors is \d+ bytes but its header"
+    ):
+        check_model_files(folder, "m")

@@ -361,7 +361,7 @@ def test_network_connect_to_host_loopback_fails() -> None:
         server.settimeout(0.2)
         with pytest.raises(TimeoutError):
             server.accept()
-    assert "Network is unreachable" in result.stderr
+    assert "PermissionError: [Errno 1] Operation not permitted" in result.stderr  # the seccomp filter
     assert_contained(result, uid)
 
 
@@ -396,11 +396,11 @@ def test_setup_failure_raises_instead_of_scoring(monkeypatch: pytest.MonkeyPatch
 def test_unprivileged_fallback_states_what_it_contains(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Without root: network and leftover processes are contained (user namespace), writes are not."""
+    """Without root: no network (the seccomp filter), leftover processes contained (user namespace), writes not."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert run_python("print('ok')").stdout == "ok\n"
     assert (
-        "Network is unreachable"
+        "Operation not permitted"
         in run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))").stderr
     )
     marker = f"evo{uuid.uuid4().hex[:12]}"  # the orphan's name (comm), to find it from here
@@ -445,6 +445,9 @@ def test_no_connection_to_a_world_writable_unix_socket_of_the_host(tmp_path: Pat
     "call",
     [
         "socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)",
+        "socket.socket(socket.AF_INET, socket.SOCK_STREAM)",  # no network even without a namespace
+        "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)",
+        "socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)",
         "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)",
         "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)",
         "socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)",  # its sendto() could address a host path

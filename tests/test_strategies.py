@@ -85,6 +85,20 @@ def test_every_strategy_starts_with_the_seeds_and_then_asks_population_size_new_
         assert len(fresh) == 8 and len({p.genome.hash for p in fresh}) == 8, name
 
 
+@pytest.mark.parametrize("size", [11, 16, 17, 40])
+@pytest.mark.parametrize("distinct", [8, 3, 1])
+def test_ga_serves_any_population_size_from_few_distinct_genomes(size, distinct):
+    """Once a ZeroDivisionError after round 0 (size >= 11 with fewer distinct seeds than the children need):
+    the best genomes fill the parent pool as often as needed."""
+    s = strategies.make(config("ga", population_size=size), SPACE, random.Random(0))
+    seeds = s.ask()
+    s.tell([(p, objective(p.genome)) for p in seeds[:distinct]])
+    for _ in range(3):
+        proposals = s.ask()
+        assert len([p for p in proposals if p.operator != "elite"]) == size
+        s.tell([(p, objective(p.genome)) for p in proposals])
+
+
 def test_ga_carries_the_two_elites_unchanged():
     s = strategies.make(config("ga"), SPACE, random.Random(0))
     seeds = s.ask()

@@ -6,6 +6,7 @@ lm-eval is imported inside the commands: it takes seconds, and `evoforge --help`
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +17,9 @@ from rich.table import Table
 from evoforge.cli.app import app, console, out, user_errors
 from evoforge.config import DOMAINS, EvaluationConfig, EvolutionConfig, format_validation_error
 from evoforge.errors import ConfigError
+from evoforge.models import check_model_files, locate_model
 from evoforge.quiet import quiet_libraries
+from evoforge.userfile import check_writable
 
 if TYPE_CHECKING:
     from evoforge.evaluate import EvalResult
@@ -74,8 +77,8 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
             weights[domain.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not domain.strip() or weights[domain.strip()] < 0:
-            raise ConfigError(f"--weight: expected DOMAIN=NUMBER (a number >= 0), got {spec!r}")
+        if not sep or not domain.strip() or not 0 <= weights[domain.strip()] < math.inf:
+            raise ConfigError(f"--weight: expected DOMAIN=NUMBER (a finite number >= 0), got {spec!r}")
     return weights
 
 
@@ -131,11 +134,14 @@ def eval_model(
     except ValidationError as err:
         raise ConfigError(format_validation_error("evoforge eval", err)) from None
     weights = parse_weights(weight or [])
+    if json_out is not None:
+        check_writable(json_out, "--json", is_file=True)
     from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
 
     suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
     suite.check()
     check_weights(weights, suite)
+    check_model_files(locate_model(model, what=""), model)
     with quiet_libraries():
         with console.status(f"loading {model}"):
             loaded, tokenizer = load_model(model, device, dtype)

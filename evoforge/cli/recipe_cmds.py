@@ -10,10 +10,10 @@ from rich.table import Table
 
 from evoforge.cli.app import app, console, out, user_errors
 from evoforge.config import EvolutionConfig, load_config
-from evoforge.errors import ConfigError
 from evoforge.genome import GenomeSpace, seed_genomes
-from evoforge.models import check_run_models
+from evoforge.models import check_run_models, check_run_output
 from evoforge.recipe import render
+from evoforge.userfile import check_writable, read_text
 
 
 def seed_recipes(cfg: EvolutionConfig) -> dict[str, str]:
@@ -32,6 +32,7 @@ def seeds(
 ) -> None:
     """Write the run's 8 seed candidates as mergekit-multi YAML recipes."""
     recipes = seed_recipes(load_config(run_file))
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     for label, text in recipes.items():
         (out / f"{label}.yaml").write_text(text, encoding="utf-8")
@@ -54,10 +55,8 @@ def merge(
     from evoforge.merge.disk import merge_recipe
     from evoforge.recipe import random_seed as header_seed
 
-    try:
-        text = recipe.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{recipe}: cannot read ({exc.strerror or exc})") from None
+    text = read_text(recipe)
+    check_writable(out, "--out")
     seed = random_seed if random_seed is not None else header_seed(text)
     path = merge_recipe(text, out, device=device, random_seed=seed, source=str(recipe), quiet=False)
     console.print(f"merged {recipe} → {path}")
@@ -78,6 +77,7 @@ def validate(
         from evoforge.merge.compat import check_compatibility
 
         check_run_models(cfg)
+        check_run_output(cfg)
         warnings = check_compatibility(
             {m.name: cfg.resolve(m) for m in cfg.base_models},
             ancestor=cfg.resolve(cfg.ancestor) if cfg.ancestor else None,

@@ -12,11 +12,20 @@ from evoforge.cli.app import app, console, forge_app, out, user_errors
 from evoforge.config import EvolutionConfig, SearchConfig, load_config
 from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir
-from evoforge.models import Device
+from evoforge.models import Device, check_run_models, check_run_output
 from evoforge.resources import recipes_dir
 
 WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
+FLAGS = {
+    "max_generations": "--gens",
+    "output_dir": "--output-dir",
+    "device": "--device",
+    "wandb_mode": "--wandb",
+    "seed": "--seed",
+    "merge_path": "--merge-path",
+}
+"""Run-file keys the flags override: a bad value is blamed on the flag, not on the run file."""
 
 
 def output_dir_option(output_dir: Path | None, resumed: RunDir | None) -> str | None:
@@ -50,6 +59,8 @@ def resumed_run(resume: Path | None) -> RunDir | None:
 def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
     from evoforge.pipeline import EvoMergePipeline
 
+    check_run_models(cfg)  # before anything is written: models whole, output writable
+    check_run_output(cfg)
     out.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
     best = EvoMergePipeline(cfg, resume=resume, console=console).run()
     gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
@@ -101,6 +112,7 @@ def run(
         run_file = resumed.config
     cfg = load_config(
         run_file,
+        FLAGS,
         max_generations=gens,
         output_dir=output_dir_option(output_dir, resumed),
         device=device,
@@ -130,6 +142,7 @@ def evo(
         config = resumed.config
     cfg = load_config(
         config or recipes_dir() / "seeds.yaml",
+        FLAGS,
         max_generations=gens,
         output_dir=output_dir_option(output_dir, resumed),
         device=device,

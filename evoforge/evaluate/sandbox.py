@@ -24,7 +24,8 @@ When the parent is root (our CI and GPU machines), the bootstrap, before anythin
 - drops to a uid/gid unique to the call (no passwd entry, no groups, no capabilities, no_new_privs): file
   permissions keep it from our files, it cannot signal our processes, and RLIMIT_NPROC counts only this
   program's processes, so concurrent calls do not share the limit;
-- installs a seccomp filter (`seccomp.py`): no Unix-socket connection to a host path, no AF_VSOCK.
+- installs a seccomp filter (`seccomp.py`): no `socket()` of any family (no Unix-socket connection to a
+  host path, no AF_VSOCK, no network), only anonymous AF_UNIX stream pairs.
 The parent kills the process group (bootstrap and init) at the timeout, at an output overflow, or once
 the run ended; the init's death ends the namespace.
 
@@ -49,8 +50,8 @@ it returns or raises (builtin exception types; others as RuntimeError).
 Not contained: the program can read world-readable files of the host. Root without CAP_SYS_ADMIN (e.g. a
 default Docker container) cannot create the namespaces: `SandboxError`, no program runs uncontained.
 When the parent is not root, there is no uid to drop to and no mount namespace: the program runs as the
-calling user with the same rlimits, seccomp filter and a fresh working folder, and can write wherever that
-user can; the network and leftover processes are contained where unprivileged user namespaces are allowed
+calling user with the same rlimits, seccomp filter (so no network) and a fresh working folder, and can write
+wherever that user can; leftover processes are contained where unprivileged user namespaces are allowed
 (else not). Its own user namespace keeps it from our /proc entries; without one, it could write on our
 status pipe, yet pass only if it also read the nonce from our memory (ptrace rules permitting). A warning
 says so once.
@@ -158,8 +159,8 @@ def run_python(
     privileged = os.geteuid() == 0
     if not privileged:
         _warn_once(
-            "code sandbox runs without root: programs can write wherever this user can; network and "
-            "leftover processes are contained only where unprivileged user namespaces are allowed"
+            "code sandbox runs without root: programs can write wherever this user can; leftover "
+            "processes are contained only where unprivileged user namespaces are allowed"
         )
     if _FILTER is None:
         _warn_once(

@@ -231,6 +231,8 @@ class Scorer:
                 for task in tasks.values():
                     if task.OUTPUT_TYPE == "generate_until":
                         task.set_config("generation_kwargs", budget, update=True)
+            if self.model is not None:
+                check_context(self.lm, tasks, self.suite, split)
             self._tasks[split] = tasks
         return self._tasks[split]
 
@@ -400,6 +402,29 @@ class Scorer:
             limit=limit,
             wall_s=wall,
         )
+
+
+def check_context(lm: HFLM, tasks: Mapping[str, Task], suite: TaskSuite, split: str) -> None:
+    """Every request of `split` fits the model's context (`lm.max_length`, from max_position_embeddings):
+    the prompt plus the generation budget, or the prompt plus the answer scored. Why: lm-eval asserts when
+    the budget alone reaches the context, and silently cuts a longer prompt's question off from the left."""
+    for name, task in tasks.items():
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        for request in task.instances:
+            context, *rest = request.args
+            generate = request.request_type == "generate_until"
+            budget = rest[0].get("max_gen_toks", lm.max_gen_toks) if generate else 0
+            text = context if generate or not rest else context + rest[0]
+            length = len(lm.tok_encode(text))
+            if length + budget > lm.max_length:
+                what = (
+                    f"prompt of {length} tokens + max_gen_toks {budget}" if generate else f"{length} tokens"
+                )
+                raise ConfigError(
+                    f"{suite.tasks[name].path}: split {split}, document {request.doc_id}: {what} exceed the "
+                    f"model's context of {lm.max_length} tokens (config.json max_position_embeddings): lower "
+                    "evaluation.max_new_tokens, shorten the prompt, or use a model with a longer context"
+                )
 
 
 def _primary_items(samples: list[dict], primary_metric: str) -> list[float] | None:

@@ -1,10 +1,11 @@
 """The seccomp-BPF filter the code sandbox installs in a program's process: sockets stay off the host.
 
 Why: a mount namespace does not stop `connect()` to a Unix socket file of the host (a world-writable one
-takes anyone's data), and `AF_VSOCK` reaches the hypervisor whatever the network namespace. The filter
-makes `socket()` fail with EPERM for every family but AF_INET and AF_INET6 (those meet only the namespace's
-loopback, which is down), and `socketpair()` for all but AF_UNIX stream pairs: an anonymous connected pair
-(asyncio and multiprocessing use them) cannot address a path, unlike a datagram pair, whose `sendto()` can.
+takes anyone's data), `AF_VSOCK` reaches the hypervisor whatever the network namespace, and without root
+and user namespaces there is no network namespace at all. The filter makes `socket()` fail with EPERM for
+every family (a scored program needs none; the harness talks over pipes), and `socketpair()` for all but
+AF_UNIX stream pairs: an anonymous connected pair (asyncio and multiprocessing use them) cannot address a
+path, unlike a datagram pair, whose `sendto()` can.
 io_uring is refused too (it can open sockets without `socket()`), and so is every syscall of another ABI
 (i386 or x32 on x86_64, arm32 on aarch64), whose numbers the checks below would not match. `socket_filter`
 builds the program for the machine; the sandbox installs it with `prctl(PR_SET_SECCOMP)` after
@@ -42,21 +43,16 @@ def socket_filter(machine: str) -> bytes | None:
         (_JEQ, _AUDIT_ARCH[machine], 0, "deny"),
         (_LD_ABS, _NR, 0, 0),
         (_JGE, _X32_SYSCALL_BIT, "deny", 0),
-        (_JEQ, socket_nr, "socket", 0),
+        (_JEQ, socket_nr, "deny", 0),
         (_JEQ, socketpair_nr, "socketpair", 0),
         *[(_JEQ, nr, "deny", 0) for nr in _IO_URING_CALLS],
         (_RET, ALLOW, 0, 0),
-        "socket",
-        (_LD_ABS, _ARG0, 0, 0),
-        (_JEQ, socket.AF_INET, "allow", 0),
-        (_JEQ, socket.AF_INET6, "allow", "deny"),
         "socketpair",
         (_LD_ABS, _ARG0, 0, 0),
         (_JEQ, socket.AF_UNIX, 0, "deny"),
         (_LD_ABS, _ARG1, 0, 0),
         (_AND, _SOCK_TYPE_MASK, 0, 0),
-        (_JEQ, socket.SOCK_STREAM, "allow", "deny"),
-        "allow",
+        (_JEQ, socket.SOCK_STREAM, 0, "deny"),
         (_RET, ALLOW, 0, 0),
         "deny",
         (_RET, DENY, 0, 0),

@@ -9,6 +9,7 @@ workarounds for mergekit bugs (`mergekit_fixes`) and an atomic output folder.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,17 +27,18 @@ from mergekit.options import MergeOptions
 from mergekit.scripts.multimerge import load_config
 from pydantic import ValidationError
 
-from evoforge.errors import ConfigError, ModelNotAvailableError
+from evoforge.errors import ConfigError
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.compat import resolve_model
-from evoforge.models import read_model_config, resolve_device
+from evoforge.models import check_model_files, locate_model, read_model_config, resolve_device
+from evoforge.userfile import YAML_LOADER, load_yaml_all, non_finite  # noqa: F401  (YAML_LOADER: evolve.candidates)
 
 # Values of a model-reference key that are not models (`tokenizer_source: union`).
 _NOT_MODELS = frozenset({"union", "base"})
+# A stage name is a folder name under the intermediate directory: never a path (`../x`, `a/b`, `/abs`).
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 # Files that mark an existing output folder as a model evoforge may replace.
 _MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", "mergekit_config.yml")
-# libyaml's parser when PyYAML has it (same safe types, ~10x faster on a 28-layer recipe); else pure Python.
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -44,14 +46,7 @@ def _loc(parts: tuple[Any, ...]) -> str:
 
 
 def _parse(recipe_yaml: str, source: str) -> list[dict[str, Any]]:
-    try:
-        documents = [doc for doc in yaml.load_all(recipe_yaml, Loader=YAML_LOADER) if doc is not None]
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" line {mark.line + 1}:" if mark else ""
-        raise ConfigError(
-            f"{source}:{line} invalid YAML: {getattr(error, 'problem', None) or error}"
-        ) from None
+    documents = load_yaml_all(recipe_yaml, source)
     if not documents:
         raise ConfigError(f"{source}: the recipe is empty")
     for index, doc in enumerate(documents):
@@ -59,8 +54,11 @@ def _parse(recipe_yaml: str, source: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{source}: document {index + 1} is not a mapping of mergekit fields")
     names = [doc.get("name") for doc in documents]
     for index, name in enumerate(names):
-        if name is not None and not isinstance(name, str):
-            raise ConfigError(f"{source}: document {index + 1}: name must be a string")
+        if name is not None and not (isinstance(name, str) and _STAGE_NAME.fullmatch(name)):
+            raise ConfigError(
+                f"{source}: document {index + 1}: name: {name!r} is not a plain name (letters, digits, `_`, "
+                "`.`, `-`; mergekit writes the stage to a folder of that name)"
+            )
         if name is not None and names.count(name) > 1:
             raise ConfigError(f"{source}: stage name {name!r} is used twice")
     if names.count(None) != 1:
@@ -119,6 +117,8 @@ def _check_document(
     """Validate one document like mergekit would, plus what mergekit accepts silently; localise its models.
     `resolved`: model reference → local folder, shared by a recipe's documents (a DFS path names the same few
     models dozens of times; each resolution reads a safetensors index)."""
+    if (bad := non_finite(doc)) is not None:
+        raise ConfigError(f"{where}: field {_loc(bad)}: not a finite number")
     try:
         config = MergeConfiguration.model_validate(doc)
     except ValidationError as error:
@@ -168,8 +168,9 @@ def _check_document(
             mapping[key] = resolved[mapping[key]]
         elif mapping[key] not in stage_names:
             try:
+                check_model_files(locate_model(mapping[key]), f"model {mapping[key]}", tokenizer=False)
                 mapping[key] = resolved[mapping[key]] = str(resolve_model(mapping[key]))
-            except ModelNotAvailableError as error:
+            except ConfigError as error:
                 stages = f" (stages: {', '.join(sorted(stage_names))})" if stage_names else ""
                 raise ModelNotAvailableError(f"{where}: field {_loc(loc)}: {error}{stages}") from None
     return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from itertools import cycle, islice
 from typing import TYPE_CHECKING, ClassVar
 
 from evoforge.evolve.strategies.base import Proposal, Result, ranked, register, seed_proposals
@@ -53,7 +54,8 @@ def next_round(
                 break
         known.add(child.hash)
         out.append(Proposal(genome=child, operator="mutation", parents=[parent.genome.hash]))
-    pool = [*ranks[ELITE:], *ranks][: 3 * n_children]  # too few distinct genomes: the best fill in
+    # Too few distinct genomes (few seeds, a large population_size): the best fill in, as often as needed.
+    pool = list(islice(cycle([*ranks[ELITE:], *ranks]), 3 * n_children))
     rng.shuffle(pool)
     for t in range(n_children):
         triple = pool[3 * t : 3 * t + 3]
