@@ -149,10 +149,8 @@ class EvoMergePipeline:
             return self._run()
 
     def _run(self) -> BestCandidate:
-        from evoforge.evolve.candidates import CandidateEvaluator
+        from evoforge.evolve.executors import make_executor
         from evoforge.evolve.loop import Evolution, Hooks
-        from evoforge.track.report import write_report
-        from evoforge.track.wandb_log import WandbTracker
 
         cfg, run_dir = self.cfg, self.run_dir
         space = self._space()
@@ -160,7 +158,20 @@ class EvoMergePipeline:
         evolution = Evolution(cfg, space, run_dir, None, Hooks())
         state = self._state(evolution)
         run_dir.config.write_text(cfg.resolved().to_yaml(), encoding="utf-8")
-        evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir.work)
+        evaluator = make_executor(cfg, space.paths[0], run_dir.work)
+        try:
+            return self._evolve(evolution, evaluator, state, space)
+        finally:
+            evaluator.close()
+            shutil.rmtree(run_dir.work, ignore_errors=True)
+
+    def _evolve(self, evolution, evaluator, state: State, space: GenomeSpace) -> BestCandidate:
+        """Baselines, generations, report, with the run's executor (closed by `_run`)."""
+        from evoforge.evolve.loop import Hooks
+        from evoforge.track.report import write_report
+        from evoforge.track.wandb_log import WandbTracker
+
+        cfg, run_dir = self.cfg, self.run_dir
         evolution.evaluator = evaluator
         baselines = self._baselines(evaluator)
         tracker = WandbTracker(
@@ -218,11 +229,8 @@ class EvoMergePipeline:
         evolution.hooks = Hooks(
             on_candidate=on_candidate, on_generation=on_generation, on_new_best=on_new_best
         )
-        try:
-            with tracker, progress:
-                evolution.run(state)
-        finally:
-            shutil.rmtree(run_dir.work, ignore_errors=True)
+        with tracker, progress:
+            evolution.run(state)
         write_report(run_dir.root)
         if tracker.local_dir:
             self.console.print(

@@ -21,6 +21,7 @@ from evoforge.config import EvolutionConfig
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve import strategies
 from evoforge.evolve.checkpoint import Member, Outcome, State
+from evoforge.evolve.executors import Job, Result, Round, as_executor
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record
 from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies import Proposal
@@ -59,13 +60,16 @@ class Hooks:
 
 
 class Evolution:
-    """Runs generations over a CandidateEvaluator-like object (`score_recipe(recipe, seed, split)`)."""
+    """Runs generations over an executor (`evolve.executors`), or a CandidateEvaluator-like object
+    (`score_recipe(recipe, seed, split)`), which runs as the local executor."""
 
     def __init__(
         self, cfg: EvolutionConfig, space: GenomeSpace, run_dir: RunDir, evaluator, hooks: Hooks
     ) -> None:
         self.cfg, self.space, self.run_dir, self.evaluator, self.hooks = cfg, space, run_dir, evaluator, hooks
         self._recorded: set[tuple[str, str]] = set()
+        self._round: Round | None = None
+        """The generation's fresh jobs, running on the executor while the loop records them in order."""
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
@@ -100,9 +104,7 @@ class Evolution:
         else:
             recipe = self.run_dir.recipe(generation, member.id).read_text(encoding="utf-8")
             try:
-                scores, merge_s, eval_s = self.evaluator.score_recipe(
-                    recipe, member.genome.crossover.seed, split
-                )
+                scores, merge_s, eval_s = self.score(recipe, member.genome.crossover.seed, split)
                 outcome = Outcome(scores=scores, merge_s=merge_s, eval_s=eval_s)
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -138,6 +140,23 @@ class Evolution:
             )
         return outcome, cached
 
+    def score(self, recipe: str, seed: int, split: str) -> Result:
+        """A job's result: from the running round when it holds the job, else run on its own."""
+        job = Job(recipe, seed, split)
+        if self._round is not None and job in self._round:
+            return self._round.take(job)
+        return as_executor(self.evaluator).score_recipe(recipe, seed, split)
+
+    def fresh_jobs(self, state: State, generation: int, split: str) -> dict[str, Job]:
+        """Cache key → job, for the population's genomes not evaluated on `split` yet (each genome once)."""
+        jobs: dict[str, Job] = {}
+        for member in state.population:
+            key = f"{member.genome.hash}:{split}"
+            if key not in state.cache and key not in jobs:
+                recipe = self.run_dir.recipe(generation, member.id).read_text(encoding="utf-8")
+                jobs[key] = Job(recipe, member.genome.crossover.seed, split)
+        return jobs
+
     def run_generation(self, state: State) -> tuple[GenerationRecord, list[Outcome]]:
         gen, t0 = state.generation, time.perf_counter()
         for member in state.population:
@@ -147,11 +166,20 @@ class Evolution:
                 path.write_text(
                     render(member.genome, self.space, title=f"generation {gen}, {member.operator}")
                 )
+        split = self.cfg.evaluation.fitness_split
+        jobs = self.fresh_jobs(state, gen, split)
+        self._round = Round(as_executor(self.evaluator), list(jobs.values()))
         outcomes = []
-        for member in state.population:
-            outcome, cached = self.evaluate(state, gen, member, self.cfg.evaluation.fitness_split)
-            outcomes.append(outcome)
-            self.hooks.on_candidate(gen, member, outcome, cached)
+        try:  # the executor finishes jobs in any order; they are recorded in candidate order
+            for member in state.population:
+                if job := jobs.get(f"{member.genome.hash}:{split}"):
+                    self._round.wait(job)  # an executor that cannot go on stops the run here
+                outcome, cached = self.evaluate(state, gen, member, split)
+                outcomes.append(outcome)
+                self.hooks.on_candidate(gen, member, outcome, cached)
+        finally:
+            self._round.close()
+            self._round = None
         top = min(range(len(outcomes)), key=lambda i: -outcomes[i].fitness)
         best_member, best_outcome = state.population[top], outcomes[top]
         scored = [o.scores for o in outcomes if o.scores]
