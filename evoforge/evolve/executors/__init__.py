@@ -35,7 +35,7 @@ def make_executor(cfg: EvolutionConfig, anchor_path: str, work_dir: Path) -> Exe
     if cfg.executor == "ray":
         from evoforge.evolve.executors.ray_actors import RayExecutor
 
-        return RayExecutor(cfg, anchor_path, work_dir)
+        return RayExecutor.start(cfg, anchor_path, work_dir)
     from evoforge.evolve.candidates import CandidateEvaluator
 
     return LocalExecutor(CandidateEvaluator(cfg, anchor_path, work_dir))

@@ -119,35 +119,45 @@ def actor_shape(cfg: EvolutionConfig, cluster: dict[str, float]) -> tuple[int, f
 
 
 class RayExecutor:
-    """Evaluator actors on a Ray cluster, built once for the run (`close` removes them)."""
+    """Calls to a set of evaluator actors (any actor class with `ready` and the methods called); `start`
+    builds the run's. `close` removes the actors, and the Ray instance when `start` started it."""
 
-    def __init__(self, cfg: EvolutionConfig, anchor_path: str, work_dir: Path) -> None:
-        self.ray = ray = import_ray()
-        self.started = connect(ray, cfg)
+    def __init__(self, ray: Any, actors: list[Any], max_restarts: int, started: bool = False) -> None:
+        self.ray, self.actors, self.max_restarts, self.started = ray, actors, max_restarts, started
+        self.idle = deque(range(len(actors)))
+        self.restarting: dict[Any, int] = {}
+        """`ready` calls to actors that Ray is restarting → the actor's index."""
+        self.last_worker: int | None = None
+        try:
+            self.pids = ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise cause(exc) from None  # e.g. a base model that does not load: its one-line error
+            raise ExecutorLost(
+                f"executor: a Ray evaluator actor died while starting: {first_line(exc)}"
+            ) from None
+
+    @classmethod
+    def start(cls, cfg: EvolutionConfig, anchor_path: str, work_dir: Path) -> RayExecutor:
+        """The run's actors, each loading its models (`ready` waits for that; a load error is raised here)."""
+        ray = import_ray()
+        started = connect(ray, cfg)
         try:
             n, per_gpu = actor_shape(cfg, ray.cluster_resources())
-            actor = ray.remote(EvaluatorActor).options(
-                num_cpus=cfg.ray.cpus_per_actor,
-                num_gpus=per_gpu,
-                max_restarts=cfg.ray.max_restarts,
-                max_task_retries=0,  # a dead worker's job is re-queued here, on another actor
-            )
-            resolved = cfg.resolved()
-            self.actors = [
-                actor.remote(resolved, anchor_path, str(work_dir / f"actor-{i}")) for i in range(n)
-            ]
-            self.max_restarts = cfg.ray.max_restarts
-            self.idle = deque(range(n))
-            self.restarting: dict[Any, int] = {}
-            """`ready` calls to actors that Ray is restarting → the actor's index."""
-            self.last_worker: int | None = None
-            try:
-                self.pids = ray.get([a.ready.remote() for a in self.actors])
-            except ray.exceptions.RayTaskError as exc:
-                raise cause(exc) from None
-        except BaseException:
-            self.close()
+        except ConfigError:
+            if started:
+                ray.shutdown()
             raise
+        actor = ray.remote(EvaluatorActor).options(
+            num_cpus=cfg.ray.cpus_per_actor,
+            num_gpus=per_gpu,
+            max_restarts=cfg.ray.max_restarts,
+            max_task_retries=0,  # a dead worker's job is re-queued here, on another actor
+        )
+        resolved = cfg.resolved()
+        actors = [actor.remote(resolved, anchor_path, str(work_dir / f"actor-{i}")) for i in range(n)]
+        return cls(ray, actors, cfg.ray.max_restarts, started)
 
     # -------------------------------------------------------------------------------------- the seam
 
@@ -166,7 +176,7 @@ class RayExecutor:
         return Path(self.call("merge", (recipe, seed, str(out_dir)), prefer=self.last_worker))
 
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
         self.actors = []
         if self.started:
