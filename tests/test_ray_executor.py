@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 
 from evoforge.cli import app
 from evoforge.config import EvolutionConfig
-from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES
+from evoforge.evolve.executors import Job, WorkerDied
+from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES, ExecutorLost, RayExecutor
 from evoforge.pipeline import EvoMergePipeline
 from evoforge.tiny import make_family
 
@@ -90,8 +92,9 @@ def test_two_actors_give_the_local_executors_run(family, tasks, local_run, tmp_p
     assert run_outputs(run_dir) == run_outputs(local_run)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
+    """One local cluster for the tests below (the test above starts and stops its own)."""
     ray.init(
         address="local",
         num_cpus=2,
@@ -146,3 +149,51 @@ def test_a_run_resumed_on_ray_survives_a_killed_actor(cluster, family, tasks, lo
     watcher.join(timeout=1)
     assert killed, "no actor was busy to be killed"
     assert run_outputs(run_dir) == run_outputs(local_run)
+
+
+class Flaky:
+    """A stand-in evaluator actor: `die` kills its process, `bad` raises, anything else scores 1."""
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def score_recipe(self, recipe: str, seed: int, split: str):
+        if recipe == "die":
+            os._exit(1)
+        if recipe == "bad":
+            raise ValueError("bad recipe")
+        return recipe, float(seed), 0.0
+
+
+def flaky_executor(actors: int, max_restarts: int) -> RayExecutor:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    actor = ray.remote(Flaky).options(num_cpus=0, max_restarts=max_restarts, max_task_retries=0)
+    return RayExecutor(ray, [actor.remote() for _ in range(actors)], max_restarts)
+
+
+def test_a_candidate_that_kills_its_worker_twice_fails_with_the_reason_and_the_rest_go_on(cluster):
+    executor = flaky_executor(actors=2, max_restarts=2)
+    try:
+        jobs = [Job(recipe, seed, "validation") for seed, recipe in enumerate(["a", "die", "bad", "b", "c"])]
+        results = dict(executor.run(jobs))
+        assert [results[j][:2] for j in jobs if j.recipe in "abc"] == [("a", 0.0), ("b", 3.0), ("c", 4.0)]
+        assert type(results[jobs[2]]) is ValueError and str(results[jobs[2]]) == "bad recipe"
+        died = results[jobs[1]]
+        assert isinstance(died, WorkerDied) and str(died).startswith(
+            "a worker died under this candidate 2 times"
+        )
+        assert executor.score_recipe("d", 7, "test") == ("d", 7.0, 0.0)
+        assert all(not isinstance(r, Exception) for _, r in executor.run([Job(r, 8, "test") for r in "efgh"]))
+        assert len(set(ray.get([a.ready.remote() for a in executor.actors]))) == 2  # both were restarted
+    finally:
+        executor.close()
+
+
+def test_when_every_actor_is_dead_for_good_the_run_stops(cluster):
+    executor = flaky_executor(actors=1, max_restarts=0)
+    try:
+        results = executor.run([Job("die", 0, "validation"), Job("a", 1, "validation")])
+        with pytest.raises(ExecutorLost, match="every Ray evaluator actor is dead"):
+            list(results)
+    finally:
+        executor.close()

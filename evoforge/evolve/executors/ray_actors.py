@@ -228,11 +228,11 @@ class RayExecutor:
                     self.idle.append(worker)
                     finished = cause(exc)
                 except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as exc:
+                    # its process died (Ray reports it as died or as unavailable: jobs go to idle actors only)
                     self._restart(worker)
                     avoid.setdefault(i, set()).add(worker)
-                    if not isinstance(exc, ray.exceptions.ActorUnavailableError):  # its process died
-                        died[i] = died.get(i, 0) + 1
-                    if died.get(i, 0) < DEATHS_PER_JOB:
+                    died[i] = died.get(i, 0) + 1
+                    if died[i] < DEATHS_PER_JOB:
                         queue.appendleft(i)
                         continue
                     finished = WorkerDied(
