@@ -129,7 +129,7 @@ class RayExecutor:
         """`ready` calls to actors that Ray is restarting → the actor's index."""
         self.last_worker: int | None = None
         try:
-            self.pids = ray.get([a.ready.remote() for a in actors])
+            ray.get([a.ready.remote() for a in actors])
         except ray.exceptions.RayError as exc:
             self.close()
             if isinstance(exc, ray.exceptions.RayTaskError):
