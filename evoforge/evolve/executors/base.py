@@ -29,16 +29,16 @@ class Job:
 
 
 class WorkerDied(RuntimeError):
-    """A job's worker process died under it on every worker it was given to (a transient failure: the job
-    may succeed on a resumed run or a healthier machine)."""
+    """Worker processes died under a job twice, on different workers where there were several (a transient
+    failure: the job may succeed on a resumed run or a healthier machine)."""
 
 
 class Executor(Protocol):
     """Runs jobs; also scores whole model folders (the baselines) and writes a run's best models."""
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Result | Exception]]:
-        """Each job's result or the exception that failed it, as the jobs finish (any order). A job starts
-        no later than the first `next()` after the jobs before it were taken."""
+        """Each job's result or the exception that failed it, as the jobs finish (any order). A generator:
+        the local executor runs each job only when the loop asks for the next result."""
         ...
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> Result: ...
