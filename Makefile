@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,data]"
+	$(BIN)/pip install -q -e ".[dev,data,ray]"
 
 # The embedded demo: SmolLM2-135M + three LoRA specialists (evoforge demo prepare), evolved on this machine.
 demo: install

@@ -119,6 +119,20 @@ class SearchConfig(Strict):
         return name
 
 
+class RayConfig(Strict):
+    """The `ray` executor (`evolve/executors/ray_actors.py`): evaluator actors, each holding the base models
+    and one Scorer, on the cluster `RAY_ADDRESS` names or on a local one started for the run."""
+
+    actors: Annotated[int, Field(ge=1)] | None = None
+    """How many evaluator actors; None = one per `gpus_per_actor` of the cluster's GPUs (1 without GPUs)."""
+    gpus_per_actor: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Ray `num_gpus` of each actor; 0.5 puts two actors on one card. Not asked for with `device: cpu`."""
+    cpus_per_actor: Annotated[float, Field(gt=0.0)] = 1.0
+    """Ray `num_cpus` of each actor (Ray sets the actor's torch threads from it)."""
+    max_restarts: Annotated[int, Field(ge=0)] = 3
+    """How often Ray restarts an actor whose process died (its candidate goes to another actor)."""
+
+
 class EvolutionConfig(Strict):
     """A whole run. Field names follow the seed document (flat evolution parameters, `merge_operators`,
     `evaluation_weights`), so its JSON examples load unchanged."""
@@ -140,6 +154,9 @@ class EvolutionConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     device: Device = "auto"
     merge_path: Literal["memory", "disk"] = "memory"
+    executor: Literal["local", "ray"] = "local"
+    """`local`: candidates one after another in this process; `ray`: spread over Ray actors (`ray` keys)."""
+    ray: RayConfig = RayConfig()
     output_dir: str | None = None
     """Run directory; default runs/<name> under the working directory."""
     wandb_project: str = "evoforge"

@@ -252,16 +252,27 @@ class EvoMergePipeline:
         return self.best()
 
     def _evolve(self, space: GenomeSpace) -> None:
-        from evoforge.evolve.candidates import CandidateEvaluator
+        from evoforge.evolve.executors import make_executor
         from evoforge.evolve.loop import Evolution, Hooks
-        from evoforge.track.report import write_report
-        from evoforge.track.wandb_log import WandbTracker
 
         cfg, run_dir = self.cfg, self.run_dir
         evolution = Evolution(cfg, space, run_dir, None, Hooks(), cancel=self.cancel)
         state = self._state(evolution)
         write_json_atomic(run_dir.config, cfg.resolved().to_yaml())
-        evaluator = CandidateEvaluator(cfg, space.paths[0], run_dir.work)
+        evaluator = make_executor(cfg, space.paths[0], run_dir.work)
+        try:
+            self._generations(evolution, evaluator, state)
+        finally:
+            evaluator.close()
+            shutil.rmtree(run_dir.work, ignore_errors=True)
+
+    def _generations(self, evolution, evaluator, state: State) -> None:
+        """Baselines, generations, report, with the run's executor (closed by `_evolve`)."""
+        from evoforge.evolve.loop import Hooks
+        from evoforge.track.report import write_report
+        from evoforge.track.wandb_log import WandbTracker
+
+        cfg, run_dir = self.cfg, self.run_dir
         evolution.evaluator = evaluator
         baselines = self._baselines(evaluator)
         tracker = WandbTracker(
@@ -321,11 +332,8 @@ class EvoMergePipeline:
         evolution.hooks = Hooks(
             on_candidate=on_candidate, on_generation=on_generation, on_new_best=on_new_best
         )
-        try:
-            with tracker, progress:
-                evolution.run(state)
-        finally:
-            shutil.rmtree(run_dir.work, ignore_errors=True)
+        with tracker, progress:
+            evolution.run(state)
         write_report(run_dir.root)
         if tracker.local_dir:
             self.console.print(

@@ -26,6 +26,7 @@ FLAGS = {
     "merge_path": "--merge-path",
 }
 """Run-file keys the flags override: a bad value is blamed on the flag, not on the run file."""
+ExecutorName = Literal["local", "ray"]
 
 
 def output_dir_option(output_dir: Path | None, resumed: RunDir | None) -> str | None:
@@ -103,6 +104,10 @@ def run(
         MergePath | None, typer.Option("--merge-path", help="memory (fast) or disk.")
     ] = None,
     strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
+    executor: Annotated[
+        ExecutorName | None,
+        typer.Option(help="local (this process) or ray (actors on the RAY_ADDRESS cluster, or a local one)."),
+    ] = None,
 ) -> None:
     """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
     resumed = resumed_run(resume)
@@ -119,6 +124,7 @@ def run(
         wandb_mode=wandb,
         seed=seed,
         merge_path=merge_path,
+        executor=executor,
     )
     execute(with_strategy(cfg, strategy), resume)
 

@@ -25,7 +25,16 @@ from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies.base import Proposal
 
 VERSION = 2
-RESUMABLE_CHANGES = {"max_generations", "output_dir", "wandb_mode", "wandb_project", "device", "source"}
+RESUMABLE_CHANGES = {
+    "max_generations",
+    "output_dir",
+    "wandb_mode",
+    "wandb_project",
+    "device",
+    "executor",
+    "ray",
+    "source",
+}
 """Config keys a resumed run may change; any other change makes the checkpoint belong to another run."""
 
 

@@ -22,7 +22,8 @@ from evoforge.evolve.records import ErrorKind, Scores
 
 
 class WorkerDied(RuntimeError):
-    """What an executor raises when the worker process scoring a candidate died: a transient failure."""
+    """What an executor raises when worker processes died under a job (the Ray executor: twice, on different
+    workers where there were several): a transient failure, the job may succeed on a resumed run."""
 
 
 class Evaluator(Protocol):

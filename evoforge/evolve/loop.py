@@ -25,6 +25,7 @@ from evoforge.errors import EvoforgeError
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve import failures, strategies
 from evoforge.evolve.checkpoint import Member, Outcome, State, UnsavedBest
+from evoforge.evolve.executors import Job, Result, Round, as_executor
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record, write_json_atomic
 from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies import Proposal
@@ -68,7 +69,8 @@ class Hooks:
 
 
 class Evolution:
-    """Runs generations over a CandidateEvaluator-like object (`score_recipe(recipe, seed, split)`)."""
+    """Runs generations over an executor (`evolve.executors`), or a CandidateEvaluator-like object
+    (`score_recipe(recipe, seed, split)`), which runs as the local executor."""
 
     def __init__(
         self,
@@ -84,6 +86,8 @@ class Evolution:
         self._recorded: set[tuple[str, str]] = set()
         self._recipes: dict[str, str] = {}
         """Member id → the recipe text read for it this generation (scored, then saved)."""
+        self._round: Round | None = None
+        """The generation's fresh jobs, running on the executor while the loop records them in order."""
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
@@ -135,7 +139,7 @@ class Evolution:
             except (OSError, ValueError) as exc:  # the YAML was removed or garbled since it was written
                 outcome = Outcome(error=failures.describe(exc), error_kind=failures.error_kind(exc))
             else:
-                outcome = failures.score(self.evaluator, recipe, member.genome.crossover.seed, split)
+                outcome = failures.score(self, recipe, member.genome.crossover.seed, split)
             state.cache[key] = outcome
         if (member.id, split) not in self._recorded:
             self._recorded.add((member.id, split))
@@ -166,6 +170,32 @@ class Evolution:
             )
         return outcome, cached
 
+    def score_recipe(self, recipe: str, seed: int, split: str) -> Result:
+        """A job's result: from the running round when it holds the job, else run on its own (a held-out
+        score, or the retry of a transient failure)."""
+        job = Job(recipe, seed, split)
+        if self._round is not None and job in self._round:
+            return self._round.take(job)
+        return as_executor(self.evaluator).score_recipe(recipe, seed, split)
+
+    def halve_batch_size(self) -> bool:
+        """After an out-of-memory error (`failures.free_memory`): where the executor can."""
+        halve = getattr(as_executor(self.evaluator), "halve_batch_size", None)
+        return bool(halve and halve())
+
+    def fresh_jobs(self, state: State, generation: int, split: str) -> dict[str, Job]:
+        """Cache key → job, for the population's genomes not evaluated on `split` yet (each genome once;
+        a recipe that cannot be read is left to `evaluate`, which records why)."""
+        jobs: dict[str, Job] = {}
+        for member in state.population:
+            key = f"{member.genome.hash}:{split}"
+            if key not in state.cache and key not in jobs:
+                try:
+                    jobs[key] = Job(self.recipe(generation, member), member.genome.crossover.seed, split)
+                except (OSError, ValueError):
+                    continue
+        return jobs
+
     def run_generation(self, state: State) -> tuple[GenerationRecord, list[Outcome]]:
         gen, t0 = state.generation, time.perf_counter()
         self._recipes.clear()
@@ -175,14 +205,23 @@ class Evolution:
             if not path.exists():
                 title = f"generation {gen}, {member.operator}"
                 write_json_atomic(path, render(member.genome, self.space, title=title))
+        split = self.cfg.evaluation.fitness_split
+        jobs = self.fresh_jobs(state, gen, split)
+        self._round = Round(as_executor(self.evaluator), list(jobs.values()))
         outcomes, fresh = [], []
-        for member in state.population:
-            if self.cancel.is_set():
-                raise Cancelled(f"generation {gen}: stopped before {member.id}")
-            outcome, cached = self.evaluate(state, gen, member, self.cfg.evaluation.fitness_split)
-            outcomes.append(outcome)
-            fresh += [] if cached else [outcome]
-            self.hooks.on_candidate(gen, member, outcome, cached)
+        try:  # the executor finishes jobs in any order; they are recorded in candidate order
+            for member in state.population:
+                if self.cancel.is_set():
+                    raise Cancelled(f"generation {gen}: stopped before {member.id}")
+                if job := jobs.get(f"{member.genome.hash}:{split}"):
+                    self._round.wait(job)  # an executor that cannot go on stops the run here
+                outcome, cached = self.evaluate(state, gen, member, split)
+                outcomes.append(outcome)
+                fresh += [] if cached else [outcome]
+                self.hooks.on_candidate(gen, member, outcome, cached)
+        finally:
+            self._round.close()
+            self._round = None
         if fresh and all(o.error_kind == "transient" for o in fresh):
             raise EvoforgeError(
                 f"{self.run_dir.evaluations}: generation {gen}: every candidate failed ({fresh[0].error}); "

@@ -27,7 +27,7 @@ from mergekit.options import MergeOptions
 from mergekit.scripts.multimerge import load_config
 from pydantic import ValidationError
 
-from evoforge.errors import ConfigError
+from evoforge.errors import ConfigError, ModelNotAvailableError
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.compat import resolve_model
 from evoforge.models import check_model_files, locate_model, read_model_config, resolve_device
