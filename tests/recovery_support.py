@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from evoforge.config import EvolutionConfig
+from evoforge.evaluate.scorer import EvalResult, TaskScore
 from evoforge.evolve import candidates
 from evoforge.evolve.records import Scores
 from evoforge.merge.disk import atomic_model_folder
@@ -28,6 +29,22 @@ from evoforge.merge.disk import atomic_model_folder
 def _score(text: str) -> Scores:
     f = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
     return Scores(fitness=f, domains={"math": f}, tasks={"t": f})
+
+
+def _result(scores: Scores, split: str) -> EvalResult:
+    """Scores as a whole result with two per-item scores (what the held-out comparisons pair)."""
+    f = scores.fitness
+    task = TaskScore(domains=["math"], metric="acc", value=f, stderr=None, n_items=2, items=[f, f])
+    return EvalResult(
+        split=split,
+        tasks={"t": task},
+        domains={"math": f},
+        weights={"math": 1.0},
+        fitness=f,
+        n_items=2,
+        limit=None,
+        wall_s=0.0,
+    )
 
 
 class SyntheticCandidates:
@@ -42,6 +59,12 @@ class SyntheticCandidates:
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         return _score(f"{Path(path).name}:{split}")
+
+    def evaluate_model(self, path: str | Path, split: str) -> EvalResult:
+        return _result(self.score_model(path, split), split)
+
+    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
+        return _result(_score(f"{recipe}:{seed}:{split}"), split)
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:
         time.sleep(self.delay)
