@@ -10,7 +10,7 @@
 # general text (KL to the ancestor) keep the deltas small outside each skill, so that the specialists stay
 # mergeable. TRAIN_ARGS (extra train_adapters.py options, e.g. "--steps 2 --device cpu") override the defaults.
 set -euo pipefail
-trio=$1; ancestor=$2; here=$(cd "$(dirname "$0")" && pwd)
+trio=$1; ancestor=$2; here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
 case $trio in
   smollm2)
     recipes=demo
@@ -29,9 +29,9 @@ case $trio in
   *) echo "error: unknown trio '$trio' (smollm2 or qwen2-1.5b)" >&2; exit 2 ;;
 esac
 shift 2
-out=${1:-$here/../recipes/$recipes/adapters}; shift $(( $# > 0 ? 1 : 0 ))
+out=${1:-$root/recipes/$recipes/adapters}; shift $(( $# > 0 ? 1 : 0 ))
 names=" ${*:-} "
-data=$here/../recipes/$recipes/training
+data=$root/recipes/$recipes/training
 mkdir -p "$data"
 for spec in "${items[@]}"; do   # items per task: the number and code pools are finite outside the splits
   task=${spec%%:*}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from evoforge.cli import app
 from evoforge.demo import DemoError, prepare
 from evoforge.trios import QWEN2_1_5B, GgufPart, Trio
 
+ROOT = Path(__file__).resolve().parents[1]
 CUTS = (150_000, 150_000)  # the tiny GGUF's first two chunks; the third is the rest
 
 
@@ -272,3 +275,46 @@ def test_cli_names_an_unknown_trio_and_a_missing_source(tmp_path: Path) -> None:
     assert bad.exit_code == 2
     assert bad.stderr.strip() == f"error: {tmp_path / 'w'}: no such file or folder (given by --wheels)"
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # nothing built, nothing left behind
+
+
+def _build_adapters(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run scripts/build_adapters.sh with a `python` that only records its arguments."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TRAIN_ARGS": "--steps 2 --device cpu"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_adapters.sh"), *args], capture_output=True, text=True, env=env
+    )
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return result, calls
+
+
+def test_build_adapters_trains_the_qwen_trio_from_committed_items_only(tmp_path: Path) -> None:
+    """The GPU machine has no data sources: every training file is committed, build_tasks.py never runs."""
+    result, calls = _build_adapters(tmp_path, "qwen2-1.5b", "/anc")
+    assert result.returncode == 0, result.stderr
+    assert [call[1:3] for call in calls] == [
+        ["/anc", "math"],
+        ["/anc", "multilingual"],
+        ["/anc", "structured"],
+    ]
+    data = ROOT / "recipes" / "qwen2-1.5b" / "training"
+    for call in calls:
+        assert call[0].endswith("scripts/train_adapters.py")
+        jsonl = [Path(call[i + 1]) for i, arg in enumerate(call) if arg == "--jsonl"]
+        assert len(jsonl) == 2 and all(p.parent == data and p.is_file() for p in jsonl)
+        assert call[call.index("--out") + 1] == f"{ROOT}/recipes/qwen2-1.5b/adapters/{call[2]}"
+        assert call[call.index("--r") + 1] == "4" and call[-4:] == ["--steps", "2", "--device", "cpu"]
+
+
+def test_build_adapters_trains_only_the_named_specialists_and_refuses_an_unknown_trio(tmp_path: Path) -> None:
+    result, calls = _build_adapters(tmp_path, "smollm2", "/anc", str(tmp_path / "out"), "code")
+    assert result.returncode == 0, result.stderr
+    assert [call[2] for call in calls] == ["code"] and str(tmp_path / "out" / "code") in calls[0]
+    result, calls = _build_adapters(tmp_path, "llama", "/anc")
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == "error: unknown trio 'llama' (smollm2 or qwen2-1.5b)"
+    )
