@@ -58,14 +58,14 @@ def default_cache_dir() -> Path:
 
 def prepare(
     cache_dir: Path | None = None,
-    wheel: Path | None = None,
+    source: Path | None = None,
     adapters_dir: Path | None = None,
     console: Console | None = None,
     trio: Trio | str = SMOLLM2,
 ) -> DemoModels:
     """Build (or find up to date) the trio's ancestor and one specialist per committed adapter.
 
-    `wheel` is the GGUF, the wheel of a one-wheel trio or a folder of the wheels; by default
+    `source` is the GGUF, the wheel of a one-wheel trio or a folder of the wheels; by default
     `$<trio.source_env>`, then the wheels already in `<cache>/downloads/`, downloading what is missing. It is
     only read when the ancestor must be (re)built: once cached, no network is needed.
     """
@@ -81,7 +81,7 @@ def prepare(
             console.print(f"ancestor up to date: {ancestor}")
         else:
             with _scratch(cache) as tmp:
-                gguf = checked_gguf(trio, cache, wheel, tmp, progress)
+                gguf = checked_gguf(trio, cache, source, tmp, progress)
                 task = progress.add_task(f"dequantizing {gguf.name} to bf16", total=None)
                 _dequantize(gguf, tmp / "model", tie_to_output=trio.tie_to_output)
                 progress.remove_task(task)

