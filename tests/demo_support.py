@@ -1,14 +1,18 @@
-"""A tiny Qwen2 GGUF with a separate output head (as llama.cpp writes Qwen2.5's), for the demo trios' tests.
+"""Stand-ins for the demo trios' tests: a tiny Qwen2 GGUF with a separate output head (as llama.cpp writes
+Qwen2.5's), and LoRA adapters with random weights.
 
-Same layout as the real Qwen2.5-Coder-1.5B GGUF at toy size: 2 blocks, hidden 64, byte-level BPE vocabulary
+The GGUF has the same layout as the real Qwen2.5-Coder-1.5B GGUF at toy size: 2 blocks, hidden 64, byte-level BPE vocabulary
 with the ChatML tokens and chat template, F32 tensors (the dequantization path is the same as for Q4_K).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import torch
+from rich.console import Console
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -92,3 +96,25 @@ def write_tiny_qwen2_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def random_lora_adapter(ancestor: Path, target: Path, r: int, alpha: float, modules: list[str]) -> None:
+    """Save a LoRA adapter for the model in `ancestor` with random A and B (peft's default B=0 is a no-op)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ancestor, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(target)
+
+
+def recording_console() -> tuple[Console, io.StringIO]:
+    """A console for `prepare` whose output the test reads back."""
+    out = io.StringIO()
+    return Console(file=out, width=400), out
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """Modification times of every file under `root`: equal before and after = nothing rewritten."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
