@@ -296,3 +296,22 @@ def test_build_adapters_trains_only_the_named_specialists_and_refuses_an_unknown
         result.returncode == 2
         and result.stderr.strip() == "error: unknown trio 'llama' (smollm2 or qwen2-1.5b)"
     )
+
+
+@pytest.mark.slow
+def test_prepared_qwen_ancestor_has_the_seeds_shape_and_answers() -> None:
+    """The real ancestor, where `evoforge demo prepare --trio qwen2-1.5b` has built it (never downloaded here)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = demo.default_cache_dir() / QWEN2_1_5B.ancestor_name
+    if not demo._up_to_date(folder, {"build": demo.BUILD_VERSION, "gguf_sha256": QWEN2_1_5B.gguf_sha256}):
+        pytest.skip(f"{folder} is not prepared (evoforge demo prepare --trio qwen2-1.5b)")
+    config = AutoConfig.from_pretrained(folder)
+    shape = (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size)
+    assert shape == (28, 1536, 8960, 151936) and config.tie_word_embeddings
+    assert (config.num_attention_heads, config.num_key_value_heads) == (12, 2)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    enc = tokenizer("Question: What is 37 + 48?\nAnswer:", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)  # Qwen2 writes a number digit by digit
+    assert tokenizer.decode(out[0, enc["input_ids"].shape[1] :]) == " 85\n"
