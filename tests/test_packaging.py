@@ -22,7 +22,12 @@ SHIPPED = {  # checkout folder → where the wheel puts it
     "tasks": "evoforge/_data/tasks",
     "recipes": "evoforge/_data/recipes",
 }
-NOT_SHIPPED = ("recipes/demo/training/", "recipes/demo/RESULTS.md", "recipes/demo/CALIBRATION.md")
+NOT_SHIPPED = (
+    "recipes/demo/training/",
+    "recipes/qwen2-1.5b/training/",
+    "recipes/demo/RESULTS.md",
+    "recipes/demo/CALIBRATION.md",
+)
 
 
 def _source_files() -> list[str]:
