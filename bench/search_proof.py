@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fitness_metrics import Candidate, load, log
 
 from evoforge.config import load_config
+from evoforge.evaluate.stats import paired_difference
 from evoforge.evolve.candidates import CandidateEvaluator
+from evoforge.evolve.records import parent_ratios
 from evoforge.evolve.run_dir import Run
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed
@@ -64,6 +66,56 @@ def heldout(args: argparse.Namespace) -> None:
             args.out.write_text(json.dumps(rows) + "\n")
 
 
+def _items(row: dict) -> dict[str, list[float]]:
+    return {name: t["items"] for name, t in row["tasks"].items()}
+
+
+def _diff(a: dict, b: dict) -> str:
+    """B − A in held-out fitness with its paired 95 % interval, as a table cell."""
+    domains = {name: t["domains"] for name, t in a["tasks"].items()}
+    d = paired_difference(_items(a), _items(b), domains, a["weights"]).fitness
+    mark = " (excludes 0)" if d.excludes_zero else ""
+    return f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """Markdown: per run, evaluations, best-so-far fitness, and held-out paired comparisons of its best."""
+    base = [r for r in json.loads(args.base.read_text()) if r["label"] != f"model {args.ancestor}"]
+    specialist = max(base, key=lambda r: r["fitness"])
+    print(f"Best specialist on held-out: {specialist['label']} {specialist['fitness']:.4f}\n")
+    print(
+        "| run | evaluations | best fitness: round 0 → end | best | held-out: best | − gen-0 best seed "
+        "| − best seed on held-out | − best specialist | median mutant / parent |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for root in args.run_dirs:
+        run = Run.load(root)
+        fresh = [e for e in run.evaluations if not e.cached]
+        history = [g.best_fitness for g in run.generations]
+        ratios = parent_ratios(run.evaluations, run.baselines.fitness_split)
+        ratio = ", ".join(f"{op} {r:.3f}" for op, r in ratios.items()) or "-"
+        heldout = root.parent / f"{root.name}.heldout.json"
+        cells = ["not scored"] * 4
+        if heldout.is_file():
+            rows = {r["kind"]: r for r in json.loads(heldout.read_text()) if r["kind"] == "best"}
+            seeds = [r for r in json.loads(heldout.read_text()) if r["kind"] == "seed"]
+            best = rows["best"]
+            gen0 = next(r for r in seeds if r["label"].endswith(run.generations[0].best_id))
+            top_seed = max(seeds, key=lambda r: r["fitness"])
+            cells = [
+                f"{best['fitness']:.4f}",
+                _diff(gen0, best),
+                _diff(top_seed, best),
+                _diff(specialist, best),
+            ]
+        elif run.best_heldout is not None:
+            cells[0] = f"{run.best_heldout.fitness:.4f} (no per-item scores)"
+        print(
+            f"| {root.name} | {len(fresh)} | {history[0]:.4f} → {max(history):.4f} | {run.best.label} "
+            f"{run.best.id} | {' | '.join(cells)} | {ratio} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,8 +125,12 @@ def main() -> None:
     p.add_argument("--base-models", action="store_true", help="score the base models and ancestor")
     p.add_argument("--limit", type=int, help="first N items per task (default: all; a smoke test)")
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("summarize", help="markdown table of finished runs and their held-out comparisons")
+    p.add_argument("run_dirs", type=Path, nargs="+", help="run directories; RUN.heldout.json next to each")
+    p.add_argument("--base", type=Path, required=True, help="`heldout --base-models` output")
+    p.add_argument("--ancestor", default="smollm2", help="left out of the specialists")
     args = parser.parse_args()
-    heldout(args)
+    heldout(args) if args.command == "heldout" else summarize(args)
 
 
 if __name__ == "__main__":

@@ -668,3 +668,16 @@ def test_a_verdict_needs_the_runs_nonce(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(sandbox, "_communicate", forged)
     assert not run_python(ADD, tests="assert add(1, 1) == 3\n").passed
     assert run_python(ADD, tests="assert add(1, 1) == 2\n").passed
+
+
+def test_a_failed_setup_is_tried_again_once_with_a_fresh_bootstrap(tmp_path: Path) -> None:
+    """A bootstrap that dies before the program runs (seen once under heavy load) costs a retry, not the
+    evaluation; one that keeps dying is still the SandboxError it was."""
+    flag = tmp_path / "failed-once"
+    flaky = f"import os, sys\nif not os.path.exists({str(flag)!r}):\n    open({str(flag)!r}, 'w').close(); sys.exit('boom')\n"
+    with mock.patch.object(sandbox, "_BOOT", flaky + sandbox._BOOT.replace("; ", "\n")):
+        result = run_python("print('ran')")
+    assert flag.exists() and result.returncode == 0 and result.stdout.strip() == "ran"
+    with mock.patch.object(sandbox, "_BOOT", "import sys; sys.exit('setup always fails')"):
+        with pytest.raises(SandboxError, match="setup always fails"):
+            run_python("print('never')")

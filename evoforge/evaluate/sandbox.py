@@ -109,6 +109,13 @@ class SandboxError(EvoforgeError):
     """The sandbox itself could not be set up (not a failure of the program): scores would be wrong."""
 
 
+SETUP_RETRIES = 1
+"""A failed setup is tried again once with a fresh bootstrap: with seven evoforge processes on one machine
+(the H200 machine, 2026-12-04), one bootstrap failed its first import ("No module named 'sandbox_boot'"; cause
+not found) and, raised through lm-eval, failed a whole evaluation. The program had not run, so running it
+again is safe; a setup that fails twice is the SandboxError it was."""
+
+
 @dataclass(frozen=True)
 class SandboxResult:
     """How one program ended. `stdout`/`stderr` hold at most `_OUTPUT_LIMIT` bytes each (decoded)."""
@@ -168,10 +175,16 @@ def run_python(
         )
     data = source.encode(errors="surrogatepass")  # a lone surrogate fails the program, not the caller
     test_data = None if tests is None else tests.encode(errors="surrogatepass")
-    if not privileged:
-        return _run(data, test_data, 0, timeout_s, memory_mb)
-    with _call_uid() as uid:
-        return _run(data, test_data, uid, timeout_s, memory_mb)
+    for attempt in range(1 + SETUP_RETRIES):
+        try:
+            if not privileged:
+                return _run(data, test_data, 0, timeout_s, memory_mb)
+            with _call_uid() as uid:
+                return _run(data, test_data, uid, timeout_s, memory_mb)
+        except SandboxError:
+            if attempt == SETUP_RETRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _run(data: bytes, tests: bytes | None, uid: int, timeout_s: float, memory_mb: int) -> SandboxResult:
