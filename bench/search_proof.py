@@ -88,6 +88,13 @@ def summarize(args: argparse.Namespace) -> None:
         "| − best seed on held-out | − best specialist | median mutant / parent |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    seed_rows = {
+        r["label"].rsplit(" ", 1)[1]: r
+        for root in args.run_dirs
+        if (root.parent / f"{root.name}.heldout.json").is_file()
+        for r in json.loads((root.parent / f"{root.name}.heldout.json").read_text())
+        if r["kind"] == "seed"
+    }
     for root in args.run_dirs:
         run = Run.load(root)
         fresh = [e for e in run.evaluations if not e.cached]
@@ -95,11 +102,12 @@ def summarize(args: argparse.Namespace) -> None:
         ratios = parent_ratios(run.evaluations, run.baselines.fitness_split)
         ratio = ", ".join(f"{op} {r:.3f}" for op, r in ratios.items()) or "-"
         heldout = root.parent / f"{root.name}.heldout.json"
+        rows = json.loads(heldout.read_text()) if heldout.is_file() else []
+        best = next((r for r in rows if r["kind"] == "best"), None)
+        # A run's seeds by member id, from any run's file (runs of one run seed share their seeds).
+        seeds = [seed_rows[e.id] for e in run.evaluations if e.generation == 0 and e.id in seed_rows]
         cells = ["not scored"] * 4
-        if heldout.is_file():
-            rows = {r["kind"]: r for r in json.loads(heldout.read_text()) if r["kind"] == "best"}
-            seeds = [r for r in json.loads(heldout.read_text()) if r["kind"] == "seed"]
-            best = rows["best"]
+        if best is not None and len(seeds) == len([e for e in run.evaluations if e.generation == 0]):
             gen0 = next(r for r in seeds if r["label"].endswith(run.generations[0].best_id))
             top_seed = max(seeds, key=lambda r: r["fitness"])
             cells = [
