@@ -25,7 +25,7 @@ from evoforge.evolve.loop import Cancelled
 from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores, write_json_atomic
 from evoforge.evolve.run_dir import Run, RunDir, best_seed
 from evoforge.genome import GenomeSpace
-from evoforge.models import check_run_models
+from evoforge.models import check_run_models, check_run_output
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed
 
@@ -151,6 +151,7 @@ class EvoMergePipeline:
 
         cfg = self.cfg
         check_run_models(cfg)
+        check_run_output(cfg)  # the Python API gets the checks `evoforge run` makes
         for warning in check_compatibility(
             {m.name: cfg.resolve(m) for m in cfg.base_models},
             ancestor=cfg.resolve(cfg.ancestor) if cfg.ancestor else None,
