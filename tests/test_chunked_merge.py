@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from evolution_support import space_of
 from mergekit.merge_methods.api import merge_tensors
 from torch.profiler import ProfilerActivity, profile
 
+from evoforge.config import MergeOperators
+from evoforge.genome import seed_genomes
 from evoforge.merge.memory import chunked
+from evoforge.merge.memory import run as run_module
+from evoforge.recipe import random_seed, render
 
 
 def _inputs(
@@ -141,3 +148,38 @@ def test_peak_memory_is_the_output_plus_a_few_chunks(method_name):
     assert chunked.working_set(4 * output, 4, chunk) >= 4 * output + got
     assert got < 2 * output + masks  # the chunk is 1/50 of the tensor
     assert _peak_bytes(lambda: _merge(method_name, tensors, None, **params)) > 4 * output
+
+
+def test_streamed_tasks_too_big_for_the_card_merge_in_chunks(qwen_family, mergers, monkeypatch, stable_sort):
+    """With every task too big for the card and a budget the chunks fit: TIES and DARE are merged in chunks
+    (several per tensor), linear and multislerp on the host; TIES gives the card's tensors bit for bit, DARE
+    the host path's masks (rescaled: within dtype rounding)."""
+    merger = mergers["qwen"]
+    space = space_of(qwen_family, False)
+    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
+    texts = [render(seeds[label], space) for label in ("linear-ties-frankenmerge", "slerp-dare-dfs")]
+    expected = [merger.merge(text, random_seed(text))[0] for text in texts]
+    chunks, on_host = Counter(), Counter()
+    host, merge_group = run_module._Run._on_host, chunked.merge_group
+
+    def counted_host(self, task, tensors):
+        on_host[task.method_name] += 1
+        return host(self, task, tensors)
+
+    def counted_chunks(method, group, /, chunk, **parameters):
+        chunks[method.method_name] += -(-group.base.tensor.numel() // chunk)
+        return merge_group(method, group, chunk=chunk, **parameters)
+
+    monkeypatch.setattr(run_module._Run, "_on_host", counted_host)
+    monkeypatch.setattr(chunked, "merge_group", counted_chunks)
+    monkeypatch.setattr(merger, "stream", True)
+    monkeypatch.setattr(merger, "runs_on_host", lambda method_name, input_bytes: True)
+    monkeypatch.setattr(merger, "task_budget", 2**40)
+    monkeypatch.setattr(merger, "chunk", 1000)
+    ties, dare = (merger.merge(text, random_seed(text))[0] for text in texts)
+    assert ties.keys() == expected[0].keys() and all(torch.equal(ties[k], expected[0][k]) for k in ties)
+    assert dare.keys() == expected[1].keys()
+    for name, tensor in dare.items():
+        torch.testing.assert_close(tensor, expected[1][name])
+    assert on_host.keys() == {"linear", "multislerp"} and chunks.keys() == {"ties", "dare_ties"}
+    assert chunks["ties"] > sum(name.startswith("model.layers.0.") for name in ties)  # several per tensor

@@ -119,10 +119,13 @@ class _Sparsifier:
     def _top_k(self, delta: torch.Tensor) -> torch.Tensor:
         """Elements above the threshold, and the next `quota` equal to it in flat order (calls in order)."""
         bits = _magnitude_bits(delta)
-        equal = bits == self.threshold
-        taken = equal & (equal.cumsum(0) <= self.quota - self.seen)
-        self.seen += min(int(equal.sum()), self.quota - self.seen)
-        return (bits > self.threshold) | taken
+        keep = bits > self.threshold
+        remaining = self.quota - self.seen
+        if remaining:
+            equal = bits == self.threshold
+            keep |= equal & (equal.cumsum(0) <= remaining)
+            self.seen += min(int(equal.sum()), remaining)
+        return keep
 
     def reset(self) -> None:
         self.seen = 0
@@ -206,10 +209,11 @@ def _l1_scale(sparsifier: _Sparsifier, deltas: Chunks, work: torch.dtype | None)
 
 
 def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """|tensor|'s float bit patterns as int64: ordered as the magnitudes (NaN above inf, as sort has it)."""
-    width = tensor.element_size() * 8
-    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
-    return tensor.abs().view(ints).to(torch.int64) & ((1 << width) - 1)
+    """|tensor|'s float bit patterns as non-negative integers, ordered as the magnitudes (NaN above inf, as
+    sort has it): int32 for 16- and 32-bit floats, int64 for float64."""
+    size = tensor.element_size()
+    bits = tensor.abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    return bits.to(torch.int32) & 0xFFFF if size == 2 else bits
 
 
 def _kth_largest(deltas: Chunks, k: int) -> tuple[int, int]:
