@@ -8,7 +8,9 @@ Prints a markdown table: seconds, peak device memory above the inputs, and wheth
 The inputs are a bfloat16 base of --rows × --cols and three children (base + 2 % Gaussian noise, as
 `evoforge.tiny`). mergekit's own device merge runs first, uncapped (it needs ~14× one input); the chunked
 merge then runs with `torch.cuda.set_per_process_memory_fraction` at --cap-gb. TIES is compared with
-mergekit on the device (equal magnitudes are kept in flat order by both, if the device's sort is stable);
+mergekit on the device: equal magnitudes at the k-th value are kept in flat order by the chunked merge, as
+by CUDA's stable radix sort of a large tensor (this row checks that); the CPU's argsort orders them its own
+way, so on the CPU TIES rows differ where bfloat16 magnitudes tie;
 DARE with mergekit on the host under the same seed (chunked DARE draws its masks from the host generator;
 with l1 rescaling, equal up to dtype rounding: the column gives the largest difference).
 """

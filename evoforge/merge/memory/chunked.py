@@ -9,7 +9,8 @@ a small multiple of one chunk per task vector.
 - TIES's magnitude top-k: the k-th largest |delta| of the whole tensor is found exactly by a radix select over
   the float bits (non-negative floats order as their bit patterns): 16 bits per pass, one histogram per chunk.
   Elements above it are kept, and of those equal to it the first in flat order, as many as k needs: the order
-  of mergekit's `argsort(descending=True)`, stable on the CPU and (radix sort) for large tensors on CUDA.
+  of mergekit's `argsort(descending=True)` on CUDA, where torch sorts more than 32 elements stably (Sort.cu:
+  `launch_stable_sort_kernel` above 4096). The CPU's argsort orders equal values its own way.
 - DARE's random mask: mergekit draws it with `torch.bernoulli` over the whole task vector; on the host that
   draws one number per element in flat order from torch's CPU generator, so drawing chunk after chunk gives
   the same mask. CUDA's Philox mapping of elements to threads depends on the launch, so it cannot be drawn in
@@ -17,10 +18,12 @@ a small multiple of one chunk per task vector.
 - Sign consensus, weights, normalisation and lambda are elementwise over the task-vector axis: mergekit's own
   `get_mask` and the same operations, per chunk.
 
-Equality with mergekit's method on the same inputs and device: bit for bit without rescaling (`ties`,
-`task_arithmetic`, and DARE's mask itself); with `rescale` (DARE's default) the l1 norms are sums over the
-whole tensor accumulated chunk by chunk, so the scale factor, and with it the output, may differ by dtype
-rounding. Other sparsification methods (breadcrumbs, DELLA) are not handled (`handles`).
+Equality with mergekit's method on the same inputs (tests/test_chunked_merge.py): `ties` and
+`task_arithmetic` bit for bit on CUDA (on the CPU too where the k-th magnitude is not tied); DARE's masks
+bit for bit with mergekit's on the host (the path chunking replaces), so DARE without rescaling too; with
+`rescale` (DARE's default) the l1 norms are sums over the whole tensor accumulated chunk by chunk, so the
+scale factor, and with it the output, may differ by dtype rounding. Other sparsification methods
+(breadcrumbs, DELLA) are not handled (`handles`).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class _Sparsifier:
         return keep
 
     def reset(self) -> None:
+        """Back to the first chunk (after a pass that applied the mask, before the merge pass)."""
         self.seen = 0
 
 
