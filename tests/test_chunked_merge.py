@@ -183,3 +183,19 @@ def test_streamed_tasks_too_big_for_the_card_merge_in_chunks(qwen_family, merger
         torch.testing.assert_close(tensor, expected[1][name])
     assert on_host.keys() == {"linear", "multislerp"} and chunks.keys() == {"ties", "dare_ties"}
     assert chunks["ties"] > sum(name.startswith("model.layers.0.") for name in ties)  # several per tensor
+
+
+def test_a_small_card_merges_the_embedding_in_chunks(mergers, monkeypatch):
+    """Under an 8 GiB card the 3×1.5 B embedding's TIES/DARE (four 445 MiB inputs) no longer goes to the host:
+    its chunked working set fits; DELLA (not handled) and a card too small for the inputs still go there."""
+    merger = mergers["qwen"]
+    embedding = 151936 * 1536 * 2
+    monkeypatch.setattr(merger, "task_budget", int(0.75 * 8 * 2**30))
+    for method_name in ("ties", "dare_ties"):
+        assert merger.runs_on_host(method_name, 4 * embedding)
+        assert merger.merges_in_chunks(method_name, 4 * embedding, 4)
+    assert not merger.merges_in_chunks("della", 4 * embedding, 4)
+    monkeypatch.setattr(merger, "task_budget", int(0.75 * 4 * 2**30))
+    assert not merger.merges_in_chunks("ties", 4 * embedding, 4)
+    monkeypatch.setattr(merger, "task_budget", None)  # resident models: never
+    assert not merger.merges_in_chunks("ties", 4 * embedding, 4)
