@@ -188,15 +188,35 @@ EXPECTED = [
     # mergekit's merge methods: read by memory/layout.py and memory/merger.py, patched by mergekit_fixes (e)
     Expect(
         f"{MK}.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge",
-        "memory/layout.py, memory/merger.py read sparsification_method, consensus_method",
+        "memory/layout.py, memory/merger.py, memory/chunked.py read sparsification_method, consensus_method",
+        fields=("consensus_method", "sparsification_method", "method_name"),
     ),
-    Expect(f"{MK}.sparsify.SparsificationMethod", "memory/layout.py", attrs=("random", "della_magprune")),
+    Expect(
+        f"{MK}.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge.merge_group",
+        "memory/chunked.in_chunks replaces it (per instance) with a chunked equal",
+        ("self", "group"),
+        "exact",
+    ),
+    Expect(
+        f"{MK}.merge_methods.generalized_task_arithmetic.get_mask",
+        "memory/chunked.py",
+        ("delta", "method", "mask_dtype"),
+    ),
+    Expect(
+        f"{MK}.sparsify.SparsificationMethod",
+        "memory/layout.py, memory/chunked.py",
+        attrs=("magnitude", "random", "della_magprune"),
+    ),
     Expect(
         f"{MK}.merge_methods.base.TensorGroup",
-        "mergekit_fixes.zero_safe_multislerp",
+        "mergekit_fixes.zero_safe_multislerp, memory/chunked.py",
         attrs=("base", "non_base"),
     ),
-    Expect(f"{MK}.merge_methods.base.TensorEntry", "mergekit_fixes.zero_safe_multislerp", fields=("tensor",)),
+    Expect(
+        f"{MK}.merge_methods.base.TensorEntry",
+        "mergekit_fixes.zero_safe_multislerp, memory/chunked.py",
+        fields=("tensor", "id"),
+    ),
     # mergekit's model loading: patched by mergekit_hooks.models_in_memory, duck-typed by InMemoryLoader
     Expect(
         f"{MK}.common.ModelReference", "mergekit_hooks", fields=("model", "lora", "override_architecture")

@@ -2,7 +2,8 @@
 
 Base models (and the ancestor) are read once through mergekit's own loader and kept on the merge device, or,
 when they do not fit on the GPU, in pinned host memory and streamed tensor by tensor (a task whose working
-set would not fit on the card then runs mergekit's same code on the host). A candidate's recipe is validated
+set would not fit on the card is then merged in chunks on the card (`chunked`) or, for methods not handled
+there, by mergekit's same code on the host). A candidate's recipe is validated
 as the disk path validates it, its stages are planned (`plan`) with mergekit reading the residents from memory
 (`mergekit_hooks.models_in_memory`) and executed (`run`) under evoforge's mergekit workarounds.
 """
@@ -26,6 +27,7 @@ from evoforge.errors import ConfigError
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.compat import resolve_model
 from evoforge.merge.disk import merge_options, validate_recipe
+from evoforge.merge.memory import chunked
 from evoforge.merge.memory.layout import NotInMemory
 from evoforge.merge.memory.plan import STAGE_DIR, StagePlanner, _StagePlan
 from evoforge.merge.memory.run import _Run
@@ -88,6 +90,8 @@ class MemoryMerger:
         self.resident_bytes = needed
         self.task_budget = _task_budget(self.device) if self.stream else None
         """Streaming: device bytes a merge task's estimated working set may take (see `runs_on_host`)."""
+        self.chunk = chunked.CHUNK
+        """Elements per chunk of a task merged in chunks (`merges_in_chunks`)."""
         self._loaders = {path: InMemoryLoader(r.tensors) for path, r in self.models.items()}
         self.planner = StagePlanner(self.options, self.models.keys())
 
@@ -101,6 +105,15 @@ class MemoryMerger:
             method.sparsification_method is not None or method.consensus_method is not None
         )
         return _WORKING_SET[sparse] * input_bytes > self.task_budget
+
+    def merges_in_chunks(self, method_name: str, input_bytes: int, inputs: int) -> bool:
+        """Whether a task that `runs_on_host` would send to the host is merged on the card in chunks instead
+        (`chunked`: TIES, DARE, task arithmetic), its chunked working set within `task_budget`."""
+        return (
+            self.task_budget is not None
+            and chunked.handles(method_name)
+            and chunked.working_set(input_bytes, inputs, self.chunk) <= self.task_budget
+        )
 
     def _read(self, path: str) -> _Resident:
         """Every tensor of a model through mergekit's own loader (what its LoadTensor reads)."""

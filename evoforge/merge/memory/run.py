@@ -23,6 +23,7 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from transformers.trainer_utils import set_seed
 
+from evoforge.merge.memory import chunked
 from evoforge.merge.memory.layout import NotInMemory, _Entry, _Input
 from evoforge.merge.memory.plan import _StagePlan
 
@@ -170,18 +171,25 @@ class _Run:
         """mergekit's task on its inputs (under its stage's generators if it draws random numbers).
 
         With streamed residents (a GPU too small for them) a task whose working set would not fit on the
-        card (`MemoryMerger.runs_on_host`: TIES/DARE over a 233 M-element embedding need ~14× its size) runs
-        mergekit's same code on the host, as the disk path does with a CPU device; the rule depends only on
-        the card and the shapes, so a recipe and seed give the same tensors on the same card every time, but
-        not the bits of a larger GPU (sort order of equal magnitudes, summation order, host generator). A
-        deterministic task that still runs out of device memory is retried on the host the same way."""
+        card (`MemoryMerger.runs_on_host`: TIES/DARE over a 233 M-element embedding need ~14× its size) is
+        merged on the card in chunks (`chunked`: TIES and task arithmetic give the card's bits, DARE draws its
+        masks from the host generator as the host path does), or, for other methods or when even the chunks
+        would not fit, by mergekit's same code on the host, as the disk path does with a CPU device. The rule
+        depends only on the card and the shapes, so a recipe and seed give the same tensors on the same card
+        every time; the host path does not give the bits of a larger GPU (sort order of equal magnitudes,
+        summation order, host generator). A deterministic task that still runs out of device memory is
+        retried on the host the same way."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         try:
             with self._generator(path) if random else nullcontext():
+                method = nullcontext()
                 if self.merger.runs_on_host(task.method_name, size):
-                    return self._on_host(task, tensors)
+                    if not self.merger.merges_in_chunks(task.method_name, size, len(tensors)):
+                        return self._on_host(task, tensors)
+                    method = chunked.in_chunks(task.method_name, self.merger.chunk)
                 try:
-                    return task.execute(tensors=tensors)
+                    with method:
+                        return task.execute(tensors=tensors)
                 except torch.OutOfMemoryError:
                     if random or not self.merger.stream:
                         raise
