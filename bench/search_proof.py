@@ -60,7 +60,7 @@ def heldout(args: argparse.Namespace) -> None:
         for i, cand in enumerate(cands, 1):
             t0 = time.perf_counter()
             load(evaluator, cand, Path(scratch))
-            result = evaluator.scorer.score(split, limit=args.limit, metric="accuracy", items=True)
+            result = evaluator.scorer.score(split, limit=args.limit, metric="accuracy")
             rows.append({"label": cand.label, "kind": cand.kind, **result.model_dump(mode="json")})
             log(f"[{i}/{len(cands)}] {cand.label}: {result.fitness:.4f} ({time.perf_counter() - t0:.1f} s)")
             args.out.write_text(json.dumps(rows) + "\n")
