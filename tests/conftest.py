@@ -7,6 +7,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from evolution_support import write_mc_tasks
 
 from evoforge.merge.memory import MemoryMerger
 from evoforge.tiny import make_family
@@ -28,6 +29,19 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def unrelated_qwen_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A second Qwen2 family with the same shapes as `qwen_family` but another random ancestor."""
     return make_family(tmp_path_factory.mktemp("qwen_unrelated"), arch="qwen2", seed=7)
+
+
+@pytest.fixture(scope="session")
+def diverse_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Qwen2 family whose children are far enough from the ancestor that candidates answer
+    differently (fitness varies), for whole runs on `mc_tasks`."""
+    return make_family(tmp_path_factory.mktemp("diverse"), delta=0.5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def mc_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Multiple-choice tasks of 8 items per split (evolution_support.write_mc_tasks)."""
+    return write_mc_tasks(tmp_path_factory.mktemp("mc_tasks"), items=8)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from evoforge.evolve.records import EvaluationRecord, ItemScores, Scores, read_r
 from evoforge.merge.disk import merge_recipe
 from evoforge.pipeline import EvoMergePipeline
 from evoforge.recipe import random_seed
-from evoforge.tiny import make_family
 from evoforge.track.comparisons import heldout_comparisons
 
 runner = CliRunner()
@@ -27,13 +26,8 @@ WEIGHTS = ["--weight", "math=1", "--weight", "multilingual=1"]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Children far enough from the ancestor that they answer differently."""
-    return make_family(tmp_path_factory.mktemp("diverse"), delta=0.5, seed=3)
-
-
-@pytest.fixture(scope="module")
 def mc_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's tasks with 30 items per split: enough for a bootstrap interval to be more than a point."""
     return write_mc_tasks(tmp_path_factory.mktemp("mc_tasks"), items=30)
 
 
@@ -52,8 +46,8 @@ def _compare(a: str, b: str, tasks: Path, *extra: str):
     return runner.invoke(app, args, env={"COLUMNS": "200"})
 
 
-def test_compare_prints_paired_intervals_per_domain(family: dict[str, Path], mc_tasks: Path) -> None:
-    result = _compare(str(family["alpha"]), str(family["beta"]), mc_tasks)
+def test_compare_prints_paired_intervals_per_domain(diverse_family: dict[str, Path], mc_tasks: Path) -> None:
+    result = _compare(str(diverse_family["alpha"]), str(diverse_family["beta"]), mc_tasks)
     assert result.exit_code == 0, result.output
     rows = _rows(result.stdout)
     assert set(rows) == {"math", "multilingual", "fitness"}
@@ -65,8 +59,10 @@ def test_compare_prints_paired_intervals_per_domain(family: dict[str, Path], mc_
     assert "60 items, paired bootstrap (2000 resamples within each task)" in result.stdout
 
 
-def test_a_model_against_itself_differs_by_exactly_zero(family: dict[str, Path], mc_tasks: Path) -> None:
-    result = _compare(str(family["gamma"]), str(family["gamma"]), mc_tasks, "--limit", "10")
+def test_a_model_against_itself_differs_by_exactly_zero(
+    diverse_family: dict[str, Path], mc_tasks: Path
+) -> None:
+    result = _compare(str(diverse_family["gamma"]), str(diverse_family["gamma"]), mc_tasks, "--limit", "10")
     assert result.exit_code == 0, result.output
     for row in _rows(result.stdout).values():
         assert row[2:] == ["+0.0000", "[+0.0000, +0.0000]", "no"]
@@ -74,9 +70,9 @@ def test_a_model_against_itself_differs_by_exactly_zero(family: dict[str, Path],
 
 
 def test_a_candidate_yaml_is_the_model_its_merge_makes(
-    family: dict[str, Path], mc_tasks: Path, tmp_path: Path
+    diverse_family: dict[str, Path], mc_tasks: Path, tmp_path: Path
 ) -> None:
-    cfg = EvolutionConfig(**run_config(family, mc_tasks, tmp_path / "run"))
+    cfg = EvolutionConfig(**run_config(diverse_family, mc_tasks, tmp_path / "run"))
     recipe = tmp_path / "candidate.yaml"
     recipe.write_text(next(iter(seed_recipes(cfg).values())))
     text = recipe.read_text()
@@ -89,13 +85,13 @@ def test_a_candidate_yaml_is_the_model_its_merge_makes(
 
 
 def test_a_candidates_result_is_the_last_evaluation_or_a_new_one(
-    family: dict[str, Path], mc_tasks: Path, tmp_path: Path
+    diverse_family: dict[str, Path], mc_tasks: Path, tmp_path: Path
 ) -> None:
     """What a run's held-out items come from: the loop's last evaluation when it was this candidate on
     this split (a recipe differing only in comments is the same candidate), else a fresh one."""
-    cfg = EvolutionConfig(**run_config(family, mc_tasks, tmp_path / "run"))
+    cfg = EvolutionConfig(**run_config(diverse_family, mc_tasks, tmp_path / "run"))
     (a, b) = list(seed_recipes(cfg).values())[:2]
-    evaluator = CandidateEvaluator(cfg, str(family["alpha"]), tmp_path / "work")
+    evaluator = CandidateEvaluator(cfg, str(diverse_family["alpha"]), tmp_path / "work")
     scores, _, _ = evaluator.score_recipe(a, random_seed(a), "test")
     evaluator.score_recipe(b, random_seed(b), "validation")
     calls = []
@@ -109,12 +105,12 @@ def test_a_candidates_result_is_the_last_evaluation_or_a_new_one(
     assert {t: len(v) for t, v in again.item_scores().items()} == dict.fromkeys(again.tasks, 30)
 
 
-def test_compare_errors_are_one_line(family: dict[str, Path], mc_tasks: Path, tmp_path: Path) -> None:
-    result = _compare(str(family["alpha"]), str(tmp_path / "nothing"), mc_tasks)
+def test_compare_errors_are_one_line(diverse_family: dict[str, Path], mc_tasks: Path, tmp_path: Path) -> None:
+    result = _compare(str(diverse_family["alpha"]), str(tmp_path / "nothing"), mc_tasks)
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "nothing: no such folder" in lines[0], result.stderr
-    bad = _compare(str(family["alpha"]), str(family["beta"]), mc_tasks, "--weight", "code=1")
+    bad = _compare(str(diverse_family["alpha"]), str(diverse_family["beta"]), mc_tasks, "--weight", "code=1")
     assert bad.exit_code == 2 and "evaluation_weights.code" in bad.stderr
 
 
@@ -154,12 +150,14 @@ def test_run_comparisons_say_what_is_missing() -> None:
 
 @pytest.mark.slow
 def test_a_run_keeps_held_out_items_and_prints_intervals(
-    family: dict[str, Path], mc_tasks: Path, tmp_path: Path
+    diverse_family: dict[str, Path], mc_tasks: Path, tmp_path: Path
 ) -> None:
     """Base models, every new best and the best seed get held-out item vectors that reproduce their
     recorded held-out scores; the report and the model card pair them; every record carries its SE."""
     run = tmp_path / "run"
-    data = run_config(family, mc_tasks, run, max_generations=2, population_size=5, wandb_mode="disabled")
+    data = run_config(
+        diverse_family, mc_tasks, run, max_generations=2, population_size=5, wandb_mode="disabled"
+    )
     best = EvoMergePipeline(EvolutionConfig(**data)).run()
     low, high = best.heldout_gain_interval
     assert low <= best.heldout_fitness - best.best_base_heldout <= high and low < high

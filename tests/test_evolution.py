@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from evolution_support import run_config, write_mc_tasks
+from evolution_support import run_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -32,7 +32,6 @@ from evoforge.evolve.strategies.ga import next_round, parent_weights
 from evoforge.genome import GenomeSpace
 from evoforge.merge.disk import merge_recipe
 from evoforge.recipe import random_seed
-from evoforge.tiny import make_family
 
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
 
@@ -73,17 +72,6 @@ def test_plateau_needs_patience_generations_below_threshold():
     assert not plateaued([0.5, 0.5], patience=2, threshold=0.01)
     assert plateaued([0.5, 0.5, 0.502], patience=2, threshold=0.01)
     assert not plateaued([0.5, 0.5, 0.6], patience=2, threshold=0.01)
-
-
-@pytest.fixture(scope="module")
-def diverse_family(tmp_path_factory) -> dict[str, Path]:
-    """Children far enough from the ancestor that candidates answer differently (fitness varies)."""
-    return make_family(tmp_path_factory.mktemp("diverse"), delta=0.5, seed=3)
-
-
-@pytest.fixture(scope="module")
-def mc_tasks(tmp_path_factory) -> Path:
-    return write_mc_tasks(tmp_path_factory.mktemp("mc_tasks"), items=8)
 
 
 def write_run(path: Path, data: dict) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from evolution_support import run_config, write_mc_tasks
+from evolution_support import run_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,7 +22,6 @@ from evoforge.config import EvolutionConfig
 from evoforge.evolve.executors import Job, WorkerDied
 from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES, ExecutorLost, RayExecutor
 from evoforge.pipeline import EvoMergePipeline
-from evoforge.tiny import make_family
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'evoforge[ray]')")
 pytestmark = pytest.mark.slow
@@ -32,21 +31,10 @@ TIMINGS = {"merge_s", "eval_s", "wall_s"}
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
-    """Children far enough from the ancestor that candidates differ in fitness."""
-    return make_family(tmp_path_factory.mktemp("family"), delta=0.5, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    return write_mc_tasks(tmp_path_factory.mktemp("tasks"), items=8)
-
-
-@pytest.fixture(scope="module")
-def local_run(family, tasks, tmp_path_factory) -> Path:
+def local_run(diverse_family, mc_tasks, tmp_path_factory) -> Path:
     """The reference: the same run on the local executor."""
     out = tmp_path_factory.mktemp("local") / "run"
-    EvoMergePipeline(EvolutionConfig(**run_config(family, tasks, out, **RUN))).run()
+    EvoMergePipeline(EvolutionConfig(**run_config(diverse_family, mc_tasks, out, **RUN))).run()
     return out
 
 
@@ -78,10 +66,10 @@ def run_outputs(run_dir: Path) -> dict:
     }
 
 
-def test_two_actors_give_the_local_executors_run(family, tasks, local_run, tmp_path):
+def test_two_actors_give_the_local_executors_run(diverse_family, mc_tasks, local_run, tmp_path):
     """`evoforge run --executor ray` with no cluster running starts a local one (and stops it after)."""
     run_dir = tmp_path / "run"
-    data = run_config(family, tasks, run_dir, **RUN, ray={"actors": 2})
+    data = run_config(diverse_family, mc_tasks, run_dir, **RUN, ray={"actors": 2})
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["run", str(run_file), "--executor", "ray"])
@@ -136,11 +124,11 @@ def kill_a_busy_actor_after(evaluations: Path, records: int, killed: list[int]) 
     return thread
 
 
-def test_a_run_resumed_on_ray_survives_a_killed_actor(cluster, family, tasks, local_run, tmp_path):
+def test_a_run_resumed_on_ray_survives_a_killed_actor(cluster, diverse_family, mc_tasks, local_run, tmp_path):
     """Generation 0 locally, then stopped; resumed on Ray, where one actor is killed mid-job: its job goes to
     the other actor (Ray restarts the dead one) and the run ends as the local one did."""
     run_dir = tmp_path / "run"
-    data = run_config(family, tasks, run_dir, **{**RUN, "max_generations": 1})
+    data = run_config(diverse_family, mc_tasks, run_dir, **{**RUN, "max_generations": 1})
     EvoMergePipeline(EvolutionConfig(**data)).run()
     resumed = EvolutionConfig(**{**data, "max_generations": 2, "executor": "ray", "ray": {"actors": 2}})
     killed: list[int] = []
