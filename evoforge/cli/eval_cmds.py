@@ -1,4 +1,4 @@
-"""`evoforge tasks` and `evoforge eval`: list the task suite, score one model on it.
+"""`evoforge tasks`, `evoforge eval` and `evoforge compare`: list the task suite, score a model, compare two.
 
 lm-eval is imported inside the commands: it takes seconds, and `evoforge --help` should not wait for it.
 """
@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 TasksDir = Annotated[
     Path | None, typer.Option("--tasks-dir", help="Folder of task YAMLs (default: evoforge's tasks/).")
+]
+Limit = Annotated[int | None, typer.Option(help="Score only the first N items of each task.")]
+DeviceName = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+DtypeName = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
+BatchSize = Annotated[int, typer.Option(help="Fixed batch size.")]
+Weights = Annotated[
+    list[str] | None,
+    typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
 ]
 
 
@@ -82,6 +90,26 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
     return weights
 
 
+def scoring_settings(
+    command: str, limit: int | None, batch_size: int, weight: list[str] | None
+) -> tuple[EvaluationConfig, dict[str, float]]:
+    """The evaluation settings and domain weights that `eval` and `compare` take as options."""
+    try:
+        evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(command, err)) from None
+    return evaluation, parse_weights(weight or [])
+
+
+def checked_suite(tasks_dir: Path | None, weights: dict[str, float]) -> None:
+    """Broken tasks or weights fail here, before a long model load."""
+    from evoforge.evaluate import TaskSuite, check_weights
+
+    suite = TaskSuite.discover(tasks_dir)
+    suite.check()
+    check_weights(weights, suite)
+
+
 def print_result(result: EvalResult) -> None:
     """Per-task and per-domain tables, then the fitness."""
     per_task = Table(title=f"split {result.split}")
@@ -115,32 +143,23 @@ def eval_model(
     split: Annotated[
         str, typer.Option(help="validation (the fitness split) or test (held out).")
     ] = "validation",
-    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    limit: Limit = None,
     tasks_dir: TasksDir = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    batch_size: Annotated[int, typer.Option(help="Fixed batch size.")] = EvaluationConfig().batch_size,
-    weight: Annotated[
-        list[str] | None,
-        typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
-    ] = None,
+    device: DeviceName = "auto",
+    dtype: DtypeName = "float32",
+    batch_size: BatchSize = EvaluationConfig().batch_size,
+    weight: Weights = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the result as JSON here.")
     ] = None,
 ) -> None:
     """Score one model on the task suite: per-task metrics, per-domain scores, fitness."""
-    try:
-        evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error("evoforge eval", err)) from None
-    weights = parse_weights(weight or [])
+    evaluation, weights = scoring_settings("evoforge eval", limit, batch_size, weight)
     if json_out is not None:
         check_writable(json_out, "--json", is_file=True)
-    from evoforge.evaluate import Scorer, TaskSuite, check_weights, load_model
+    from evoforge.evaluate import Scorer, load_model
 
-    suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
-    suite.check()
-    check_weights(weights, suite)
+    checked_suite(tasks_dir, weights)
     check_model_files(locate_model(model, what=""), model)
     with quiet_libraries():
         with console.status(f"loading {model}"):
@@ -163,31 +182,21 @@ def compare(
     model_a: Annotated[str, typer.Argument(help="Model folder, Hugging Face id or candidate YAML.")],
     model_b: Annotated[str, typer.Argument(help="The same for B; B − A is what is estimated.")],
     split: Annotated[str, typer.Option(help="test (held out, default) or validation.")] = "test",
-    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    limit: Limit = None,
     tasks_dir: TasksDir = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    batch_size: Annotated[int, typer.Option(help="Fixed batch size.")] = EvaluationConfig().batch_size,
-    weight: Annotated[
-        list[str] | None,
-        typer.Option(help="DOMAIN=W, repeatable; replaces the default weights (every built-in domain 0.25)."),
-    ] = None,
+    device: DeviceName = "auto",
+    dtype: DtypeName = "float32",
+    batch_size: BatchSize = EvaluationConfig().batch_size,
+    weight: Weights = None,
 ) -> None:
     """Compare two models on the same items: B − A per domain and in fitness, with paired 95 % intervals.
 
     A candidate YAML is merged first, as `evoforge merge` does."""
-    try:
-        evaluation = EvaluationConfig(limit=limit, batch_size=batch_size)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error("evoforge compare", err)) from None
-    weights = parse_weights(weight or [])
-    from evoforge.evaluate import TaskSuite, check_weights
+    evaluation, weights = scoring_settings("evoforge compare", limit, batch_size, weight)
     from evoforge.evaluate.compare import compare_models
     from evoforge.track.comparisons import header, rows
 
-    suite = TaskSuite.discover(tasks_dir)  # broken tasks or weights fail before a long model load
-    suite.check()
-    check_weights(weights, suite)
+    checked_suite(tasks_dir, weights)
     with quiet_libraries(), console.status("comparing") as status:
         done = compare_models(
             model_a,
