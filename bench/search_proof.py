@@ -78,6 +78,12 @@ def _diff(a: dict, b: dict) -> str:
     return f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
 
 
+def _heldout_rows(root: Path) -> list[dict]:
+    """What `heldout` wrote for a run (RUN.heldout.json next to its folder), if it did."""
+    path = root.parent / f"{root.name}.heldout.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def summarize(args: argparse.Namespace) -> None:
     """Markdown: per run, evaluations, best-so-far fitness, and held-out paired comparisons of its best."""
     base = [r for r in json.loads(args.base.read_text()) if r["label"] != f"model {args.ancestor}"]
@@ -88,23 +94,18 @@ def summarize(args: argparse.Namespace) -> None:
         "| − best seed on held-out | − best specialist | median mutant / parent |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    scored = {root: _heldout_rows(root) for root in args.run_dirs}
+    # Seeds by member id, from any run's file (runs of one run seed share their seeds).
     seed_rows = {
-        r["label"].rsplit(" ", 1)[1]: r
-        for root in args.run_dirs
-        if (root.parent / f"{root.name}.heldout.json").is_file()
-        for r in json.loads((root.parent / f"{root.name}.heldout.json").read_text())
-        if r["kind"] == "seed"
+        r["label"].rsplit(" ", 1)[1]: r for rows in scored.values() for r in rows if r["kind"] == "seed"
     }
-    for root in args.run_dirs:
+    for root, rows in scored.items():
         run = Run.load(root)
         fresh = [e for e in run.evaluations if not e.cached]
         history = [g.best_fitness for g in run.generations]
         ratios = parent_ratios(run.evaluations, run.baselines.fitness_split)
         ratio = ", ".join(f"{op} {r:.3f}" for op, r in ratios.items()) or "-"
-        heldout = root.parent / f"{root.name}.heldout.json"
-        rows = json.loads(heldout.read_text()) if heldout.is_file() else []
         best = next((r for r in rows if r["kind"] == "best"), None)
-        # A run's seeds by member id, from any run's file (runs of one run seed share their seeds).
         seeds = [seed_rows[e.id] for e in run.evaluations if e.generation == 0 and e.id in seed_rows]
         cells = ["not scored"] * 4
         if best is not None and len(seeds) == len([e for e in run.evaluations if e.generation == 0]):

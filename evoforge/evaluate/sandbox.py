@@ -175,16 +175,19 @@ def run_python(
         )
     data = source.encode(errors="surrogatepass")  # a lone surrogate fails the program, not the caller
     test_data = None if tests is None else tests.encode(errors="surrogatepass")
-    for attempt in range(1 + SETUP_RETRIES):
+
+    def attempt() -> SandboxResult:
+        if not privileged:
+            return _run(data, test_data, 0, timeout_s, memory_mb)
+        with _call_uid() as uid:
+            return _run(data, test_data, uid, timeout_s, memory_mb)
+
+    for _ in range(SETUP_RETRIES):
         try:
-            if not privileged:
-                return _run(data, test_data, 0, timeout_s, memory_mb)
-            with _call_uid() as uid:
-                return _run(data, test_data, uid, timeout_s, memory_mb)
+            return attempt()
         except SandboxError:
-            if attempt == SETUP_RETRIES:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return attempt()
 
 
 def _run(data: bytes, tests: bytes | None, uid: int, timeout_s: float, memory_mb: int) -> SandboxResult:
