@@ -11,7 +11,6 @@ from eval_support import REAL_TASKS, needs_real_tasks, one_torch_thread, write_m
 from typer.testing import CliRunner
 
 from evoforge.cli import app
-from evoforge.cli.app import console, out
 from evoforge.evaluate import TaskSuite
 
 runner = CliRunner()
@@ -26,9 +25,10 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tables as a wide terminal shows them (not cut at 80 columns), so cells can be read back."""
-    for rich_console in (out, console):
-        monkeypatch.setattr(rich_console, "width", 300)
+    """Tables as a wide terminal shows them (not cut at 80 columns), so cells can be read back. Through
+    COLUMNS, which rich reads on every use: setting a console's `width` would pin it, and undoing that
+    pins the width it had (80), which cut later tests' tables (test_compare after this file)."""
+    monkeypatch.setenv("COLUMNS", "300")
 
 
 @pytest.fixture(scope="module")
