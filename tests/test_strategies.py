@@ -143,6 +143,27 @@ def test_mutants_at_a_low_rate_keep_their_parents_methods_and_path():
     assert all(m.hash != parent.hash for m in mutants)
 
 
+def test_two_of_each_elites_three_mutants_keep_its_layer_plan():
+    """A layer-plan edit costs a small model ~12 % (recipes/demo/SEARCH.md): the GA's median mutant must keep
+    the plan, so only one mutant in three may edit it, even at a rate that edits most plans."""
+    s = strategies.make(config("ga", mutation_rate=0.5), SPACE, random.Random(0))
+    seeds = s.ask()
+    s.tell([(p, 0.1 * k) for k, p in enumerate(seeds)])
+    elites = {p.genome.hash: p.genome for p in seeds[-2:]}
+    mutants = [p for p in s.ask() if p.operator == "mutation"]
+    assert len(mutants) == 6
+    for parent_hash, parent in elites.items():
+        kept = [m.genome.structure == parent.structure for m in mutants if m.parents == [parent_hash]]
+        assert len(kept) == 3 and kept[:2] == [True, True] and not kept[2]
+
+
+def test_keep_layers_mutants_change_only_continuous_genes_and_methods():
+    parent = seed_genomes(SPACE, config("ga").merge_operators, [1, 1, 1], 0)["slerp-dare-dfs"]
+    rng = random.Random(5)
+    mutants = [mutate(parent, SPACE, rng, 0.5, keep_layers=True) for _ in range(50)]
+    assert all(m.structure == parent.structure and m.hash != parent.hash for m in mutants)
+
+
 RESUME_ELSEWHERE = """
 import json, random, sys
 from test_strategies import SPACE, config, objective

@@ -15,21 +15,27 @@ from evoforge.genome.base import GenomeSpace
 from evoforge.genome.genes import Genome
 
 
-def _mutate_once(genome: Genome, space: GenomeSpace, rng: random.Random, rate: float) -> Genome:
+def _mutate_once(
+    genome: Genome, space: GenomeSpace, rng: random.Random, rate: float, keep_layers: bool
+) -> Genome:
     return Genome(
         interp=interp.mutate(genome.interp, rng, rate),
         crossover=crossover.mutate(genome.crossover, rng, rate),
-        structure=structure.mutate(genome.structure, space, rng, rate),
+        structure=genome.structure if keep_layers else structure.mutate(genome.structure, space, rng, rate),
     )
 
 
-def mutate(genome: Genome, space: GenomeSpace, rng: random.Random, rate: float) -> Genome:
+def mutate(
+    genome: Genome, space: GenomeSpace, rng: random.Random, rate: float, *, keep_layers: bool = False
+) -> Genome:
     """A mutant that differs from its parent; `rate` (the run's mutation_rate) sets how far: the σ of the
     Gaussian noise on every continuous parameter is `rate`, each gene's method flips with probability
     rate/4 (`methods.FLIP_SHARE`), and each layer-path step is edited with probability `rate`
-    (`structure.edit_count`: rate × depth edits on average, possibly none)."""
+    (`structure.edit_count`: rate × depth edits on average, possibly none). `keep_layers` leaves the whole
+    structure gene as it is: a layer-plan edit costs a small model ~12 % of its fitness whatever the rate
+    (recipes/demo/SEARCH.md), so the GA makes most of its mutants this way."""
     for _ in range(32):
-        child = _mutate_once(genome, space, rng, rate)
+        child = _mutate_once(genome, space, rng, rate, keep_layers)
         if child.hash != genome.hash:
             return child
     return child

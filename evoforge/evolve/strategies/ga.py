@@ -4,7 +4,10 @@ Round 0 evaluates the 8 seeds. Every later round holds the previous round's 2 be
 (operator `elite`: their fitness is cached, so they cost no evaluation), 3 mutants of each, and one child per
 triple of the next 6 by rank, shuffled (genome-space recombination): 8 new evaluations a round with the
 default `population_size` 8 (in general `population_size` new genomes: ⌊(size − 2)/3⌋ children, the rest
-mutants). `mutation_rate` sets the mutants' distance from their parent (`genome.mutate`).
+mutants). `mutation_rate` sets the mutants' distance from their parent (`genome.mutate`). Each elite's mutants
+come in threes: two keep its layer plan (continuous genes and method flips only), the third may also edit the
+plan (rate × depth edits on average). On the demo a plan edit cost 12-15 % of the parent's fitness while the
+others kept 99 % (recipes/demo/SEARCH.md), so the structure is explored by one mutant in three, not by all.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 
 ELITE = 2
 """Genomes carried unchanged into the next round; each also parents 3 mutants."""
+LAYER_MUTANT_EVERY = 3
+"""Of an elite's mutants, every third may edit the layer plan; the others keep it."""
 
 
 def parent_weights(fitness: Sequence[float], pressure: float) -> list[float]:
@@ -48,8 +53,9 @@ def next_round(
     out = [Proposal(genome=p.genome, operator="elite", parents=[p.genome.hash]) for p in elites]
     for k in range(n_mutants):
         parent = elites[k % len(elites)] if k < ELITE * (n_mutants // ELITE) else elites[0]
+        keep_layers = (k // ELITE) % LAYER_MUTANT_EVERY != LAYER_MUTANT_EVERY - 1
         for _ in range(8):
-            child = mutate(parent.genome, space, rng, cfg.mutation_rate)
+            child = mutate(parent.genome, space, rng, cfg.mutation_rate, keep_layers=keep_layers)
             if child.hash not in known:
                 break
         known.add(child.hash)
