@@ -177,6 +177,12 @@ def main(
     log_every: int = typer.Option(25),
     device: str = typer.Option("cuda" if torch.cuda.is_available() else "cpu"),
     dtype: str = typer.Option("bfloat16", help="Base weights' dtype (float32 is much faster on CPU)."),
+    checkpointing: bool = typer.Option(
+        True,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute each block's activations in the backward pass: ~1/3 more compute, a fraction of "
+        "the memory (a 1.5 B model's 32 x 256-token batch needs ~50 GB without it).",
+    ),
 ) -> None:
     """Train the LoRA adapter NAME on top of ANCESTOR (bf16 base, fp32 adapter, AdamW, constant LR)."""
     from peft import LoraConfig, get_peft_model
@@ -191,6 +197,8 @@ def main(
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(ancestor)
     base = AutoModelForCausalLM.from_pretrained(ancestor, dtype=getattr(torch, dtype)).to(device)
+    if checkpointing:  # non-reentrant: the frozen embeddings' outputs need no grad for the LoRA grads to flow
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -254,6 +262,7 @@ def main(
             "seed": seed,
             "n": n,
             "dtype": dtype,
+            "gradient_checkpointing": checkpointing,
         },
         "device": torch.cuda.get_device_name() if on_cuda else device,
         "seconds": round(time.time() - started, 1),
