@@ -8,8 +8,11 @@
 # disjoint from every task's validation and test split), made here first where missing (that needs the data
 # sources: a machine without them gets the committed files). Small rank, a low learning rate and replay of
 # general text (KL to the ancestor) keep the deltas small outside each skill, so that the specialists stay
-# mergeable. TRAIN_ARGS (extra train_adapters.py options, e.g. "--steps 2 --device cpu") override the defaults.
+# mergeable. TRAIN_ARGS (extra train_adapters.py options, e.g. "--steps 2 --device cpu") override the defaults;
+# SKIP_TRAINED=1 keeps each adapter that OUT_DIR already holds whole (its training.json, written last), so an
+# interrupted run picks up where it stopped; PYTHON is the interpreter (default python3).
 set -euo pipefail
+py=${PYTHON:-python3}
 trio=$1; ancestor=$2; here=$(cd "$(dirname "$0")" && pwd); root=$(dirname "$here")
 case $trio in
   smollm2)
@@ -35,13 +38,14 @@ data=$root/recipes/$recipes/training
 mkdir -p "$data"
 for spec in "${items[@]}"; do   # items per task: the number and code pools are finite outside the splits
   task=${spec%%:*}
-  [ -s "$data/$task.jsonl" ] || python "$here/build_tasks.py" --train "$task" -n "${spec##*:}" --seed 7 > "$data/$task.jsonl"
+  [ -s "$data/$task.jsonl" ] || "$py" "$here/build_tasks.py" --train "$task" -n "${spec##*:}" --seed 7 > "$data/$task.jsonl"
 done
 read -r -a extra <<< "${TRAIN_ARGS:-}"
 for entry in "${plan[@]}"; do
   read -r name steps tasks <<< "$entry"
   [[ $names == "  " || $names == *" $name "* ]] || continue
+  if [[ ${SKIP_TRAINED:-} == 1 && -s $out/$name/training.json ]]; then echo "$name: already trained in $out/$name"; continue; fi
   src=(); for t in $tasks; do src+=(--jsonl "$data/$t.jsonl"); done
-  python "$here/train_adapters.py" "$ancestor" "$name" "${src[@]}" --steps "$steps" --out "$out/$name" \
+  "$py" "$here/train_adapters.py" "$ancestor" "$name" "${src[@]}" --steps "$steps" --out "$out/$name" \
     "${common[@]}" "${extra[@]}"
 done

