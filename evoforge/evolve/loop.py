@@ -219,6 +219,7 @@ class Evolution:
         return jobs
 
     def write_recipes(self, generation: int, population: Sequence[Member]) -> None:
+        """Each member's recipe file, unless there is one (a resumed run scores the text on disk)."""
         for member in population:
             path = self.run_dir.recipe(generation, member.id)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,7 @@ class RayExecutor:
                 self.running[getattr(self.actors[worker], method).remote(*args)] = (batch, i, worker)
                 batch.running += 1
 
-    def next(self, batch: Calls) -> tuple[int, Any]:
+    def next_result(self, batch: Calls) -> tuple[int, Any]:
         """The batch's next finished call; while it waits, every batch's calls are served."""
         while not batch.done:
             if not batch.queue and not batch.running:
@@ -342,7 +342,7 @@ class Calls:
         return self
 
     def __next__(self) -> tuple[Any, Any]:
-        i, value = self.executor.next(self)
+        i, value = self.executor.next_result(self)
         return self.tags[i], value
 
     def close(self) -> None:
