@@ -1,5 +1,6 @@
-"""The ray executor on a local CPU cluster: the same run as the local executor, through a dead actor and a
-resume (tiny models, 2 actors). Needs the ray extra; CI installs it (`make install`)."""
+"""The ray executor on a local CPU cluster: the same run as the local executor, through a dead actor, a
+resume and random search's look-ahead (tiny models, 2 actors). Needs the ray extra; CI installs it
+(`make install`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from evoforge.cli import app
 from evoforge.config import EvolutionConfig
 from evoforge.evolve.executors import Job, WorkerDied
 from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES, ExecutorLost, RayExecutor
+from evoforge.evolve.strategies.random import RandomSearch
 from evoforge.pipeline import EvoMergePipeline
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'evoforge[ray]')")
@@ -140,7 +142,8 @@ def test_a_run_resumed_on_ray_survives_a_killed_actor(cluster, diverse_family, m
 
 
 class Flaky:
-    """A stand-in evaluator actor: `die` kills its process, `bad` raises, anything else scores 1."""
+    """A stand-in evaluator actor: `die` kills its process, `bad` raises, `slow` takes a second, anything
+    else scores (recipe, seed)."""
 
     def ready(self) -> int:
         return os.getpid()
@@ -150,6 +153,8 @@ class Flaky:
             os._exit(1)
         if recipe == "bad":
             raise ValueError("bad recipe")
+        if recipe == "slow":
+            time.sleep(1.0)
         return recipe, float(seed), 0.0
 
 
@@ -185,3 +190,49 @@ def test_when_every_actor_is_dead_for_good_the_run_stops(cluster):
             list(results)
     finally:
         executor.close()
+
+
+def test_rounds_open_together_share_the_actors_and_a_call_meanwhile_waits_for_a_free_one(cluster):
+    """The loop's look-ahead: a round asked ahead runs on the actor the current round leaves free, and a
+    held-out score or a best model's save asked while every actor is busy waits for one (rather than
+    finding no idle actor and stopping the run)."""
+    executor = flaky_executor(actors=2, max_restarts=0)
+    try:
+        current = executor.run([Job("slow", 0, "validation"), Job("a", 1, "validation")])
+        ahead = executor.run([Job("b", 2, "validation")])
+        assert [job.recipe for job, _ in current] == ["a", "slow"]
+        assert len(ahead.done) == 1  # b finished while the driver waited for the current round's slowest
+        assert [(job.recipe, result) for job, result in ahead] == [("b", ("b", 2.0, 0.0))]
+        busy = executor.run([Job("slow", 3, "validation"), Job("slow", 4, "validation")])
+        assert executor.score_recipe("d", 7, "test") == ("d", 7.0, 0.0)
+        assert sorted(result[1] for _, result in busy) == [3.0, 4.0]
+        dropped = executor.run([Job("slow", 5, "validation"), Job("slow", 6, "validation"), Job("c", 8, "x")])
+        dropped.close()  # c is withdrawn; the slow ones finish unread
+        assert executor.score_recipe("e", 9, "test") == ("e", 9.0, 0.0)
+        assert not executor.batches and not executor.running
+    finally:
+        executor.close()
+
+
+def test_random_search_asked_ahead_on_ray_gives_the_local_executors_run(
+    cluster, diverse_family, mc_tasks, tmp_path, monkeypatch
+):
+    """Random search asks each round ahead: new bests' held-out scores and saves run while the next round's
+    jobs hold the actors, and the run is still the local one."""
+    keys = {**RUN, "max_generations": 3, "search": {"strategy": "random"}}
+    local = tmp_path / "local"
+    with monkeypatch.context() as patch:  # the reference: rounds strictly in turn
+        patch.setattr(RandomSearch, "asks_ahead", lambda self: False)
+        EvoMergePipeline(EvolutionConfig(**run_config(diverse_family, mc_tasks, local, **keys))).run()
+    open_before: list[int] = []  # batches of calls open when each new one was made
+    calls = RayExecutor.calls
+    monkeypatch.setattr(
+        RayExecutor,
+        "calls",
+        lambda self, *a, **k: open_before.append(len(self.batches)) or calls(self, *a, **k),
+    )
+    on_ray = tmp_path / "ray"
+    data = run_config(diverse_family, mc_tasks, on_ray, **keys, executor="ray", ray={"actors": 2})
+    EvoMergePipeline(EvolutionConfig(**data)).run()
+    assert run_outputs(on_ray) == run_outputs(local)
+    assert max(open_before) >= 1  # rounds overlapped: without look-ahead each call is made alone

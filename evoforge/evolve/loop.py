@@ -9,6 +9,14 @@ a finished candidate again. Each candidate's recipe is read once: the text score
 built from, even if the file is edited meanwhile. Failures: `evolve.failures`; a best model that cannot be
 written is recorded and retried (at the next new best, at the end of the run, on resume), never fatal.
 `Evolution.cancel` stops a run before its next candidate (the Python API's Ctrl-C and task cancellation).
+
+Look-ahead: with a strategy that `asks_ahead` (random after round 0), the next round is asked for as soon
+as the current one is handed to the executor, and its jobs queue behind the current ones, so a worker done
+with this round starts on the next instead of waiting for this round's slowest candidate. Records,
+checkpoints, hooks and new-best saves still follow round by round in candidate order, and since the strategy
+would have asked the same after `tell`, the state at each round boundary is the uninterrupted run's. A round
+asked ahead that is not run (the last round, a plateau, a stop) is dropped: never recorded, its recipes
+removed, its queued jobs withdrawn.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from evoforge.evolve.checkpoint import Member, Outcome, State, UnsavedBest
 from evoforge.evolve.executors import Job, Result, Round, as_executor
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, append_record, write_json_atomic
 from evoforge.evolve.run_dir import RunDir
-from evoforge.evolve.strategies import Proposal
+from evoforge.evolve.strategies import Proposal, SearchStrategy
+from evoforge.evolve.strategies.base import asks_ahead
 from evoforge.genome import Genome, GenomeSpace
 from evoforge.recipe import render
 
@@ -51,6 +60,15 @@ def plateaued(history: Sequence[float], patience: int, threshold: float) -> bool
         return False
     before, now = history[-1 - patience], history[-1]
     return (now - before) / max(abs(before), 1e-9) < threshold
+
+
+@dataclass
+class Ahead:
+    """The next round, asked before the current one is told: its members and their jobs, already queued."""
+
+    generation: int
+    population: list[Member]
+    round: Round
 
 
 class Cancelled(Exception):
@@ -88,6 +106,8 @@ class Evolution:
         """Member id → the recipe text read for it this generation (scored, then saved)."""
         self._round: Round | None = None
         """The generation's fresh jobs, running on the executor while the loop records them in order."""
+        self._ahead: Ahead | None = None
+        """The next generation, asked ahead (`asks_ahead`), its jobs queued behind the current ones."""
 
     def initial_state(self) -> State:
         rng = random.Random(self.cfg.seed)
@@ -183,11 +203,13 @@ class Evolution:
         halve = getattr(as_executor(self.evaluator), "halve_batch_size", None)
         return bool(halve and halve())
 
-    def fresh_jobs(self, state: State, generation: int, split: str) -> dict[str, Job]:
+    def fresh_jobs(
+        self, state: State, generation: int, population: Sequence[Member], split: str
+    ) -> dict[str, Job]:
         """Cache key → job, for the population's genomes not evaluated on `split` yet (each genome once;
         a recipe that cannot be read is left to `evaluate`, which records why)."""
         jobs: dict[str, Job] = {}
-        for member in state.population:
+        for member in population:
             key = f"{member.genome.hash}:{split}"
             if key not in state.cache and key not in jobs:
                 try:
@@ -196,18 +218,53 @@ class Evolution:
                     continue
         return jobs
 
-    def run_generation(self, state: State) -> tuple[GenerationRecord, list[Outcome]]:
-        gen, t0 = state.generation, time.perf_counter()
-        self._recipes.clear()
-        for member in state.population:
-            path = self.run_dir.recipe(gen, member.id)
+    def write_recipes(self, generation: int, population: Sequence[Member]) -> None:
+        """Each member's recipe file, unless there is one (a resumed run scores the text on disk)."""
+        for member in population:
+            path = self.run_dir.recipe(generation, member.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
-                title = f"generation {gen}, {member.operator}"
+                title = f"generation {generation}, {member.operator}"
                 write_json_atomic(path, render(member.genome, self.space, title=title))
+
+    def ask_ahead(self, state: State, strategy: SearchStrategy, current: dict[str, Job]) -> None:
+        """Ask for the next round now and queue its jobs (those not in `current`) behind the current
+        round's, where the strategy allows it and the next round is not past max_generations."""
+        following = state.generation + 1
+        if following >= self.cfg.max_generations or not asks_ahead(strategy):
+            return
+        population = members(following, strategy.ask())
+        self.write_recipes(following, population)
+        jobs = self.fresh_jobs(state, following, population, self.cfg.evaluation.fitness_split)
+        queued = [job for key, job in jobs.items() if key not in current]
+        self._ahead = Ahead(following, population, Round(as_executor(self.evaluator), queued))
+
+    def drop_ahead(self) -> None:
+        """A round asked ahead that will not run: its queued jobs withdrawn, its recipes removed."""
+        if self._ahead is None:
+            return
+        ahead, self._ahead = self._ahead, None
+        ahead.round.close()
+        paths = [self.run_dir.recipe(ahead.generation, m.id) for m in ahead.population]
+        for path in paths:
+            path.unlink(missing_ok=True)
+        if paths and not any(paths[0].parent.iterdir()):
+            paths[0].parent.rmdir()
+
+    def run_generation(
+        self, state: State, strategy: SearchStrategy
+    ) -> tuple[GenerationRecord, list[Outcome]]:
+        gen, t0 = state.generation, time.perf_counter()
+        # Recipe texts are read once per member; those of a round asked ahead were read then.
+        self._recipes = {m.id: self._recipes[m.id] for m in state.population if m.id in self._recipes}
+        self.write_recipes(gen, state.population)
         split = self.cfg.evaluation.fitness_split
-        jobs = self.fresh_jobs(state, gen, split)
-        self._round = Round(as_executor(self.evaluator), list(jobs.values()))
+        jobs = self.fresh_jobs(state, gen, state.population, split)
+        if self._ahead is not None:  # its jobs hold these (a job that does not is scored on its own)
+            self._round, self._ahead = self._ahead.round, None
+        else:
+            self._round = Round(as_executor(self.evaluator), list(jobs.values()))
+        self.ask_ahead(state, strategy, jobs)
         outcomes, fresh = [], []
         try:  # the executor finishes jobs in any order; they are recorded in candidate order
             for member in state.population:
@@ -286,19 +343,26 @@ class Evolution:
         self.run_dir.keep_generations_before(state.generation)
         if not self.run_dir.checkpoint(state.generation).exists():
             ckpt.save(self.run_dir, state)
-        while state.generation < self.cfg.max_generations:
-            record, outcomes = self.run_generation(state)
-            append_record(self.run_dir.generations, record)
-            self.hooks.on_generation(record)
-            stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
-            strategy.tell([(m, o.fitness if o.scores else None) for m, o in zip(state.population, outcomes)])
-            state.population = members(state.generation + 1, strategy.ask())
-            state.strategy = strategy.state_dict()
-            state.rng_state = ckpt.rng_state(rng)
-            state.generation += 1
-            ckpt.save(self.run_dir, state)
-            if stop:
-                break
+        try:
+            while state.generation < self.cfg.max_generations:
+                record, outcomes = self.run_generation(state, strategy)
+                append_record(self.run_dir.generations, record)
+                self.hooks.on_generation(record)
+                stop = plateaued(state.best_history, self.cfg.plateau_patience, self.cfg.plateau_threshold)
+                told = [(m, o.fitness if o.scores else None) for m, o in zip(state.population, outcomes)]
+                strategy.tell(told)
+                ahead = self._ahead
+                state.population = (
+                    ahead.population if ahead else members(state.generation + 1, strategy.ask())
+                )
+                state.strategy = strategy.state_dict()
+                state.rng_state = ckpt.rng_state(rng)
+                state.generation += 1
+                ckpt.save(self.run_dir, state)
+                if stop:
+                    break
+        finally:
+            self.drop_ahead()
         if state.unsaved:
             self.save_unsaved(state)
             ckpt.save(self.run_dir, state)

@@ -3,7 +3,9 @@
 A job is what a worker needs to score a candidate: its recipe text, DARE seed and split; a result is
 `(Scores, merge seconds, evaluation seconds)`, or the exception that failed the job. Only recipes and
 numbers cross the seam, never weights. An executor may finish jobs in any order; `Round` hands them to the
-loop in candidate order, so the records are the same whichever executor ran them.
+loop in candidate order, so the records are the same whichever executor ran them. Several rounds may be
+open at once (the loop's look-ahead, `evolve.loop`), and single calls (a held-out score, a best model's
+merge) may come while they are: an executor serves all of them, the one a caller waits on first.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class Executor(Protocol):
     """Runs jobs; also scores whole model folders (the baselines) and writes a run's best models."""
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Result | Exception]]:
-        """Each job's result or the exception that failed it, as the jobs finish (any order). A generator:
-        the local executor runs each job only when the loop asks for the next result."""
+        """Each job's result or the exception that failed it, as the jobs finish (any order); `close()` on
+        the iterator withdraws the jobs not started. The local executor runs each job only when the loop
+        asks for the next result; the ray one starts them on free workers from this call on."""
         ...
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> Result: ...
@@ -87,5 +90,5 @@ class Round:
         return result
 
     def close(self) -> None:
-        """Stop handing out jobs (the ones still running finish unread)."""
+        """Stop handing out jobs: queued ones are withdrawn, running ones finish unread."""
         self._results.close()

@@ -3,7 +3,9 @@
 Each actor loads the base models and one Scorer once, then takes recipe text + DARE seed + split and returns
 `(Scores, merge s, eval s)`: only recipes and numbers travel, never weights. The driver keeps the strategy,
 cache, records and checkpoints. Jobs are handed to whichever actor is free and taken as they finish
-(`ray.wait`), so no actor waits for another's candidate; `Round` puts them back in candidate order.
+(`ray.wait`), so no actor waits for another's candidate; `Round` puts them back in candidate order. One
+scheduler serves every open batch of calls (the current round, a round asked ahead, a held-out score or a
+best model's save while those run), the batch the driver waits on first.
 
 Best models are written by an actor straight into the run directory (preferably the one that has just scored
 the new best on the held-out split, whose Scorer still holds its weights): the actors need the base models
@@ -21,7 +23,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +142,11 @@ class RayExecutor:
         self.restarting: dict[Any, int] = {}
         """`ready` calls to actors that Ray is restarting → the actor's index."""
         self.last_worker: int | None = None
+        """The actor that answered the call taken last (a new best's held-out score, before its save)."""
+        self.batches: list[Calls] = []
+        """Open batches of calls (`calls`), oldest first."""
+        self.running: dict[Any, tuple[Calls | None, int, int]] = {}
+        """Calls on the actors → (their batch, None once it is closed; index in it; actor index)."""
         try:
             ray.get([a.ready.remote() for a in actors])
         except ray.exceptions.RayError as exc:
@@ -173,10 +180,8 @@ class RayExecutor:
 
     # -------------------------------------------------------------------------------------- the seam
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Result | Exception]]:
-        calls = [("score_recipe", (j.recipe, j.seed, j.split)) for j in jobs]
-        for i, result in self.calls(calls):
-            yield jobs[i], result
+    def run(self, jobs: Sequence[Job]) -> Calls:
+        return self.calls([("score_recipe", (j.recipe, j.seed, j.split)) for j in jobs], jobs)
 
     def score_recipe(self, recipe: str, seed: int, split: str) -> Result:
         return self.call("score_recipe", (recipe, seed, split))
@@ -197,7 +202,7 @@ class RayExecutor:
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.batches = [], []
         if self.started:
             self.ray.shutdown()
             self.started = False
@@ -205,65 +210,93 @@ class RayExecutor:
     # ------------------------------------------------------------------------------------- scheduling
 
     def call(self, method: str, args: tuple, prefer: int | None = None) -> Any:
-        ((_, result),) = self.calls([(method, args)], prefer)
+        ((_, result),) = self.calls([(method, args)], [None], prefer)
         if isinstance(result, Exception):
             raise result
         return result
 
-    def calls(
-        self, calls: Sequence[tuple[str, tuple]], prefer: int | None = None
-    ) -> Iterator[tuple[int, Any]]:
-        """(index, value or exception) of each actor call as it finishes; a call whose worker died goes to
-        another actor (`DEATHS_PER_JOB`). Calls still running when the caller stops are left to finish."""
+    def calls(self, calls: Sequence[tuple[str, tuple]], tags: Sequence, prefer: int | None = None) -> Calls:
+        """Actor calls, started on free actors from now on, taken as `(tag, value or exception)` as they
+        finish (`Calls`)."""
+        batch = Calls(self, calls, tags, prefer)
+        self.batches.append(batch)
+        self._dispatch(batch)
+        return batch
+
+    def _dispatch(self, first: Calls) -> None:
+        """Free actors take queued calls: those of the batch a caller waits on first, then the other open
+        batches', oldest first (a round asked ahead waits behind the current one)."""
+        for batch in [first, *(b for b in self.batches if b is not first)]:
+            while batch.queue and self.idle:
+                i = batch.queue.popleft()
+                worker = self._pick(batch.avoid.get(i, set()), batch.prefer)
+                method, args = batch.calls[i]
+                self.running[getattr(self.actors[worker], method).remote(*args)] = (batch, i, worker)
+                batch.running += 1
+
+    def next_result(self, batch: Calls) -> tuple[int, Any]:
+        """The batch's next finished call; while it waits, every batch's calls are served."""
+        while not batch.done:
+            if not batch.queue and not batch.running:
+                self.withdraw(batch)
+                raise StopIteration
+            self._dispatch(batch)
+            if not self.running and not self.restarting:
+                self.withdraw(batch)
+                raise ExecutorLost(
+                    f"executor: every Ray evaluator actor is dead (each was restarted up to "
+                    f"ray.max_restarts = {self.max_restarts} times); resume the run from its checkpoint"
+                )
+            self._step(batch)
+        i, value, worker = batch.done.popleft()
+        if worker is not None:
+            self.last_worker = worker
+        return i, value
+
+    def withdraw(self, batch: Calls) -> None:
+        """Close a batch: its queued calls are dropped, its running ones finish unread."""
+        if batch in self.batches:
+            self.batches.remove(batch)
+        batch.queue.clear()
+        batch.done.clear()
+        for ref, (owner, i, worker) in self.running.items():
+            if owner is batch:
+                self.running[ref] = (None, i, worker)
+
+    def _step(self, waiting: Calls) -> None:
+        """Wait for one call (or restart) to finish and file its result with its batch; a call whose worker
+        died goes to another actor, and fails once workers died under it `DEATHS_PER_JOB` times."""
         ray = self.ray
-        queue = deque(range(len(calls)))
-        died: dict[int, int] = {}
-        running: dict[Any, tuple[int, int]] = {}
-        avoid: dict[int, set[int]] = {}
-
-        def dispatch() -> None:
-            while queue and self.idle:
-                i = queue.popleft()
-                worker = self._pick(avoid.get(i, set()), prefer)
-                method, args = calls[i]
-                running[getattr(self.actors[worker], method).remote(*args)] = (i, worker)
-
+        (ref,), _ = ray.wait([*self.running, *self.restarting], num_returns=1)
+        if ref in self.restarting:
+            self._restarted(ref)
+            return
+        batch, i, worker = self.running.pop(ref)
+        if batch is not None:
+            batch.running -= 1
+        done_by: int | None = None
         try:
-            while queue or running:
-                dispatch()
-                if not running and not self.restarting:
-                    raise ExecutorLost(
-                        f"executor: every Ray evaluator actor is dead (each was restarted up to "
-                        f"ray.max_restarts = {self.max_restarts} times); resume the run from its checkpoint"
-                    )
-                (ref,), _ = ray.wait([*running, *self.restarting], num_returns=1)
-                if ref in self.restarting:
-                    self._restarted(ref)
-                    continue
-                i, worker = running.pop(ref)
-                try:
-                    finished = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the call raised: the candidate's own failure
-                    self.idle.append(worker)
-                    finished = cause(exc)
-                except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as exc:
-                    # its process died (Ray reports it as died or as unavailable: jobs go to idle actors only)
-                    self._restart(worker)
-                    avoid.setdefault(i, set()).add(worker)
-                    died[i] = died.get(i, 0) + 1
-                    if died[i] < DEATHS_PER_JOB:
-                        queue.appendleft(i)
-                        continue
-                    finished = WorkerDied(
-                        f"a worker died under this candidate {died[i]} times: {first_line(exc)}"
-                    )
-                else:
-                    self.idle.append(worker)
-                    self.last_worker = worker
-                dispatch()  # the freed actor starts its next call before this result goes back
-                yield i, finished
-        finally:
-            self.idle.extend(worker for _, worker in running.values())  # their next call queues behind
+            value = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the call raised: the candidate's own failure
+            self.idle.append(worker)
+            value = cause(exc)
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as exc:
+            # its process died (Ray reports it as died or as unavailable: calls go to idle actors only)
+            self._restart(worker)
+            if batch is None:
+                return
+            batch.avoid.setdefault(i, set()).add(worker)
+            batch.died[i] = batch.died.get(i, 0) + 1
+            if batch.died[i] < DEATHS_PER_JOB:
+                batch.queue.appendleft(i)
+                return
+            value = WorkerDied(f"a worker died under this candidate {batch.died[i]} times: {first_line(exc)}")
+        else:
+            self.idle.append(worker)
+            done_by = worker
+        if batch is not None:
+            batch.done.append((i, value, done_by))
+        self._dispatch(waiting)  # the freed actor starts its next call before this result goes back
 
     def _pick(self, avoid: set[int], prefer: int | None) -> int:
         """An idle actor: `prefer` if idle, else one this call has not failed on, else any."""
@@ -286,6 +319,34 @@ class RayExecutor:
         except self.ray.exceptions.RayError:
             return  # dead for good: restarts used up, or its models no longer load
         self.idle.append(worker)
+
+
+class Calls:
+    """One batch of actor calls (a round's jobs, or one call), yielded as `(tag, value or exception)` as they
+    finish; `close` withdraws the ones not started. Several may be open at once: an actor that finishes takes
+    the next queued call of whichever batch (`RayExecutor._dispatch`)."""
+
+    def __init__(
+        self, executor: RayExecutor, calls: Sequence[tuple[str, tuple]], tags: Sequence, prefer: int | None
+    ) -> None:
+        self.executor, self.calls, self.tags, self.prefer = executor, calls, tags, prefer
+        self.queue = deque(range(len(calls)))
+        self.running = 0
+        self.done: deque[tuple[int, Any, int | None]] = deque()
+        """(index, value or exception, the actor that answered it unless it failed)."""
+        self.died: dict[int, int] = {}
+        self.avoid: dict[int, set[int]] = {}
+        """Index → actors that died under it (it goes to another one where there is one)."""
+
+    def __iter__(self) -> Calls:
+        return self
+
+    def __next__(self) -> tuple[Any, Any]:
+        i, value = self.executor.next_result(self)
+        return self.tags[i], value
+
+    def close(self) -> None:
+        self.executor.withdraw(self)
 
 
 def first_line(exc: Exception) -> str:

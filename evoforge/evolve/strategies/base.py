@@ -6,6 +6,10 @@ fitness comes from the cache), tells the strategy each proposal's fitness (None 
 and checkpoints the strategy's `state_dict()` with the run's RNG, so a resumed run asks for exactly what the
 uninterrupted run would have. A new strategy is one file in this folder: a class with the methods of
 `SearchStrategy`, decorated with `@register`, imported in `strategies/__init__.py`.
+
+A strategy whose next round does not depend on the current round's results (random search after round 0)
+says so with `asks_ahead`: the runner then asks for the next round while the current one is still being
+scored, so workers that are done take its candidates instead of waiting for the round's slowest.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ Result = tuple[Proposal, float | None]
 
 class SearchStrategy(Protocol):
     """Built as `Strategy(cfg, space, rng)`; `rng` is the run's RNG (checkpointed by the runner), the only
-    source of Python-level randomness a strategy may use."""
+    source of Python-level randomness a strategy may use. Optionally also `asks_ahead() -> bool`: True when
+    the next `ask` may come before the current round's `tell` (it would not change what `ask` returns);
+    a strategy without it is never asked ahead."""
 
     name: ClassVar[str]
 
@@ -66,6 +72,12 @@ def register(cls: type[SearchStrategy]) -> type[SearchStrategy]:
         raise ValueError(f"search strategy {cls.name!r} is registered twice")
     STRATEGIES[cls.name] = cls
     return cls
+
+
+def asks_ahead(strategy: SearchStrategy) -> bool:
+    """Whether the runner may ask for the next round before telling this one (see the module's docstring)."""
+    method = getattr(strategy, "asks_ahead", None)
+    return bool(method and method())
 
 
 def make(cfg: EvolutionConfig, space: GenomeSpace, rng: random.Random) -> SearchStrategy:

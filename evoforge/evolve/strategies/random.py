@@ -1,5 +1,6 @@
 """Random search, the control: the seeds, then `population_size` uniform points a round of the space cmaes
-searches (`continuous.Box` around the best seed), drawn from the run RNG."""
+searches (`continuous.Box` around the best seed), drawn from the run RNG. After round 0 no result changes
+what it asks next, so the runner asks ahead (`asks_ahead`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class RandomSearch:
             )
             for _ in range(self.cfg.population_size)
         ]
+
+    def asks_ahead(self) -> bool:
+        """Once the box is fixed (told round 0), `tell` is a no-op: the next round is known already."""
+        return self.box is not None
 
     def tell(self, results: Sequence[Result]) -> None:
         if self.box is None:
