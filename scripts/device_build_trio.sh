@@ -45,7 +45,7 @@ step() {  # step NAME COMMAND...: run it, its output into the log, and log its w
 }
 
 deps() {  # evoforge's needs, from .whl/ where the image lacks them; every import the build and calibration make
-  local need='import pydantic, mergekit, lm_eval, cma, gguf, peft, typer, rich, transformers, evoforge.evolve.candidates'
+  local need='import pydantic, mergekit, lm_eval, gguf, peft, typer, rich, transformers, evoforge.evolve.candidates'
   if ! "$py" -c "$need" 2>/dev/null && [ ! -e "$site/.installed" ]; then
     [ -d "$root/.whl" ] || { echo "error: $py lacks evoforge's dependencies and there is no .whl/ to install (carry .whl)"; return 1; }
     rm -rf "$site"
