@@ -110,6 +110,7 @@ def main(
             for split in splits:
                 results[split][label] = evaluator.score_recipe(recipe, genome.crossover.seed, split)[0]
             report()
+        report()  # also when a resumed run found everything measured
 
 
 if __name__ == "__main__":

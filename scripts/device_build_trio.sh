@@ -44,8 +44,8 @@ step() {  # step NAME COMMAND...: run it, its output into the log, and log its w
   say "step $current done in $(( $(date +%s) - t0 )) s"
 }
 
-deps() {  # evoforge's needs, from .whl/ where the image lacks them, then every import the build makes
-  local need='import pydantic, mergekit, lm_eval, gguf, peft, typer, rich, transformers'
+deps() {  # evoforge's needs, from .whl/ where the image lacks them; every import the build and calibration make
+  local need='import pydantic, mergekit, lm_eval, gguf, peft, typer, rich, transformers, evoforge.evolve.candidates'
   if ! "$py" -c "$need" 2>/dev/null && [ ! -e "$site/.installed" ]; then
     [ -d "$root/.whl" ] || { echo "error: $py lacks evoforge's dependencies and there is no .whl/ to install (carry .whl)"; return 1; }
     rm -rf "$site"

@@ -14,6 +14,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${2:-.parts/$trio}
 py=${PYTHON:-$root/.venv/bin/python}; [ -x "$py" ] || py=python3
 cd "$root"
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+"$py" -c 'import evoforge.trios' 2>/dev/null || {
+  echo "error: $py cannot import evoforge and its dependencies: set PYTHON to the project's venv python" >&2; exit 1; }
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
 case $dest/ in
@@ -62,7 +65,7 @@ done
 rm -rf "$dest/.split"
 
 keep=/tmp/keep/$trio-parts
-echo "${#wheels[@]} wheels of $trio in ${#pieces[@]} pieces of at most $(( piece >> 20 )) MiB" \
+echo "${#wheels[@]} wheel(s) of $trio in ${#pieces[@]} pieces of at most $(( piece >> 20 )) MiB" \
   "(the tree sends $(( tree >> 20 )) MiB per call); one device call each, carry = the folder:"
 for p in "${pieces[@]}"; do
   nn=${p##*.}

@@ -198,7 +198,9 @@ def main(
     tokenizer = AutoTokenizer.from_pretrained(ancestor)
     base = AutoModelForCausalLM.from_pretrained(ancestor, dtype=getattr(torch, dtype)).to(device)
     if checkpointing:  # non-reentrant: the frozen embeddings' outputs need no grad for the LoRA grads to flow
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.25 renamed it (the old name warns); the GPU image's is older
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
