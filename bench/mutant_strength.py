@@ -2,12 +2,14 @@
 seeds": the median mutant should keep ≥ 95 %.)
 
     python bench/mutant_strength.py recipes/demo.yaml --rates 0.03 0.15 --mutants 12 --limit 20 --device cpu
+    python bench/mutant_strength.py recipes/demo.yaml --rates 0.15 --mutants 12 --limit 10 --device cpu --ga
 
 Mutants (`genome.mutate`) of the run file's round-0 seed `--parent` (default: the demo's best seed by held-out
 accuracy, slerp-ties-frankenmerge) are scored on the fitness split by the run file's fitness metric, first
 `--limit` items per task; the parent is scored the same way once. Reported per rate: the median and quartiles of
 mutant / parent fitness, for mutants whose layer plan changed and for those whose did not. Every draw comes
-from one `random.Random(--seed)` per rate, so a rerun scores the same mutants.
+from one `random.Random(--seed)` per rate, so a rerun scores the same mutants. `--ga` makes them as the GA
+does: two of every three keep the parent's layer plan (`keep_layers`), the third may edit it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N items per task (default: all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ga", action="store_true", help="every third mutant may edit the layer plan")
     args = parser.parse_args()
     cfg = load_config(args.run_file, **({"device": args.device} if args.device else {}))
     space = GenomeSpace.from_config(cfg)
@@ -70,7 +73,7 @@ def main() -> None:
             rng = random.Random(args.seed)
             changed, kept = [], []
             for i in range(args.mutants):
-                child = mutate(parent, space, rng, rate)
+                child = mutate(parent, space, rng, rate, keep_layers=args.ga and i % 3 != 2)
                 ratio = fitness(child) / base
                 (changed if child.structure != parent.structure else kept).append(ratio)
                 log(f"rate {rate} mutant {i + 1}/{args.mutants}: {ratio:.3f}")

@@ -4,9 +4,9 @@
 #     smollm2      SmolLM2-135M-Instruct: math, multilingual, code     (~1-2 min each on an H100)
 #     qwen2-1.5b   Qwen2.5-Coder-1.5B-Instruct: math, multilingual, structured   (recipes/qwen2-1.5b/README.md)
 # ANCESTOR_DIR is what `evoforge demo prepare --trio TRIO` printed; OUT_DIR defaults to recipes/<recipes>/adapters.
-# Training items are the committed recipes/<recipes>/training/<task>.jsonl (scripts/build_tasks.py --train,
-# disjoint from every task's validation and test split), made here first where missing (that needs the data
-# sources: a machine without them gets the committed files). Small rank, a low learning rate and replay of
+# Training items are the committed recipes/training/<task>.jsonl, one file per task for both trios
+# (scripts/build_tasks.py --train, disjoint from every task's validation and test split), made here first
+# where missing (that needs the data sources: a machine without them gets the committed files). Small rank, a low learning rate and replay of
 # general text (KL to the ancestor) keep the deltas small outside each skill, so that the specialists stay
 # mergeable. TRAIN_ARGS (extra train_adapters.py options, e.g. "--steps 2 --device cpu") override the defaults;
 # SKIP_TRAINED=1 keeps each adapter that OUT_DIR already holds whole (its training.json, written last), so an
@@ -34,7 +34,7 @@ esac
 shift 2
 out=${1:-$root/recipes/$recipes/adapters}; shift $(( $# > 0 ? 1 : 0 ))
 names=" ${*:-} "
-data=$root/recipes/$recipes/training
+data=$root/recipes/training
 mkdir -p "$data"
 for spec in "${items[@]}"; do   # items per task: the number and code pools are finite outside the splits
   task=${spec%%:*}

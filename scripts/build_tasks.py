@@ -34,7 +34,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = ROOT / "tasks"
-RECIPES_DIR = ROOT / "recipes"  # recipes/<trio>/training/ hold the items each trio's adapters are trained on
+TRAINING_DIR = (
+    ROOT / "recipes" / "training"
+)  # the items every trio's adapters are trained on, a file per task
 
 # The committed data was built with exactly these; another version may generate other items.
 SOURCE_VERSIONS = {
@@ -579,11 +581,11 @@ def _unique(task: TaskData, items: Iterator[Doc], exclude: set[str], n: int, wha
 
 
 def trained_keys(*folders: Path) -> set[str]:
-    """Keys of the items the demo trios' adapters are trained on (`folders`, by default every
-    recipes/<trio>/training/ with its <task>.jsonl files): no split holds one, so held-out scores of the
-    specialists and their merges are on unseen items."""
+    """Keys of the items the demo trios' adapters are trained on (`folders`, by default recipes/training/
+    with its <task>.jsonl files): no split holds one, so held-out scores of the specialists and their merges
+    are on unseen items."""
     keys: set[str] = set()
-    for folder in folders or sorted(RECIPES_DIR.glob("*/training")):
+    for folder in folders or (TRAINING_DIR,):
         for path in sorted(folder.glob("*.jsonl")):
             if path.stem not in TASKS:
                 raise SystemExit(

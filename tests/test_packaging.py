@@ -23,8 +23,7 @@ SHIPPED = {  # checkout folder → where the wheel puts it
     "recipes": "evoforge/_data/recipes",
 }
 NOT_SHIPPED = (
-    "recipes/demo/training/",
-    "recipes/qwen2-1.5b/training/",
+    "recipes/training/",
     "recipes/demo/RESULTS.md",
     "recipes/demo/CALIBRATION.md",
 )

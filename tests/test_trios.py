@@ -285,7 +285,7 @@ def test_build_adapters_trains_the_qwen_trio_from_committed_items_only(tmp_path:
         ["/anc", "multilingual"],
         ["/anc", "structured"],
     ]
-    data = ROOT / "recipes" / "qwen2-1.5b" / "training"
+    data = ROOT / "recipes" / "training"
     for call in calls:
         assert call[0].endswith("scripts/train_adapters.py")
         jsonl = [Path(call[i + 1]) for i, arg in enumerate(call) if arg == "--jsonl"]
