@@ -24,7 +24,7 @@ from evoforge.evolve.loop import Evolution, Hooks
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, Scores, parent_ratios, read_records
 from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies.continuous import Box
-from evoforge.genome import Genome, GenomeSpace, mutate, seed_genomes
+from evoforge.genome import Genome, GenomeSpace, mutate, seed_genomes, structure
 from evoforge.genome.structure import edit_count
 from evoforge.recipe import parse
 
@@ -282,3 +282,21 @@ def test_unknown_strategy_is_one_line_naming_the_field(tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("error: --strategy: 'bo' is not one of"), (
         result.stderr
     )
+
+
+def test_a_frankenmerge_edit_re_sources_a_few_layers_not_the_whole_model():
+    """Every seed's frankenmerge path is one block (all layers from the crossover stage): an edit gives a run
+    of at most rate × depth of its layers a new source, never the whole model (which a base model or the
+    interp output in place of the merge is: 0.15 of the parent's fitness on the demo)."""
+    space = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=30)
+    ops = config("ga", merge_operators={"frankenmerge_layers": [0, 0, 0]}).merge_operators  # the demo's
+    parent = seed_genomes(space, ops, [1, 1, 1], 0)["linear-ties-frankenmerge"]
+    assert {s.source for s in parent.structure.path} == {"crossover"}
+    edit = structure.METHODS["frankenmerge"].edit
+    rng = random.Random(11)
+    for rate in (0.03, 0.15):
+        for _ in range(200):
+            path = edit(list(parent.structure.path), space, rng, rate)
+            moved = [i for i, s in enumerate(path) if s.source != "crossover"]
+            assert 1 <= len(moved) <= max(1, round(rate * 30))
+            assert moved == list(range(moved[0], moved[-1] + 1))  # one contiguous run

@@ -107,7 +107,9 @@ def _blocks(path: Sequence[Step]) -> list[tuple[int, int]]:
 
 
 def _edit_frankenmerge(path: list[Step], space: GenomeSpace, rng: random.Random, rate: float) -> list[Step]:
-    """Give one block a new source, or move one block boundary by a layer (`rate` does not matter)."""
+    """Move one block boundary by a layer, or give a run of up to rate × depth layers (at least one) inside
+    one block a new source. Every seed's path is one block: re-sourcing whole blocks would swap the whole
+    model for a base model or the interp output (a mutant at 0.15 of its parent's fitness on the demo)."""
     blocks = _blocks(path)
     if len(blocks) > 1 and rng.random() < 0.5:
         b = rng.randrange(len(blocks) - 1)
@@ -118,8 +120,10 @@ def _edit_frankenmerge(path: list[Step], space: GenomeSpace, rng: random.Random,
             path[e0 - 1] = path[e0 - 1].model_copy(update={"source": path[s1].source})
         return path
     start, end = rng.choice(blocks)
+    length = rng.randint(1, max(1, min(end - start, round(rate * len(path)))))
+    first = rng.randint(start, end - length)
     new = rng.choice([s for s in space.sources if s != path[start].source])
-    for i in range(start, end):
+    for i in range(first, first + length):
         path[i] = path[i].model_copy(update={"source": new})
     return path
 
