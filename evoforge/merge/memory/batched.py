@@ -1,0 +1,301 @@
+"""A stage's same-shaped tasks merged in one call: every layer's `q_proj.weight` of a linear, TIES, task
+arithmetic or multislerp stage stacked into one [tensors, elements] view, merged once, split.
+
+On CPU at tiny scale the memory path's time is mergekit's per-tensor kernel Python (83-92 %); on a GPU it is
+kernel launches. Each task still goes through mergekit's own `ExecuteMergeMethodTask.execute` (input checks,
+optional-weight policies, buffers, parameter binding); only its final call, the method's `_execute_resolved`,
+is recorded instead of run (`_recorded`), and the recorded calls of tasks that share method, input models,
+options (shared non-numeric parameters), dtypes and shapes run as one:
+
+- `linear`: mergekit's own batch kernel (`BatchedMergeMethod._execute_resolved` over many groups: mergekit
+  packs them, per-tensor weights become rows of its coefficient tensor). Every step is per element.
+- `ties`, `task_arithmetic` (`_task_arithmetic`): `GeneralizedTaskArithmeticMerge.merge_group` over the
+  stack, per-tensor weights and densities per row. TIES's magnitude top-k is a row-wise argsort of the
+  magnitudes: torch sorts each row of a [tensors, elements] view exactly as it sorts that tensor alone, so
+  the same k elements are kept, ties included (mergekit's CPU float32 conversion kept). Not with `rescale`
+  (its l1 norms are whole-tensor sums, which torch splits over threads differently from row sums).
+- `multislerp` (`_multislerp`, CPU only): norms, dots and means per row; the cosine and sine of each
+  tensor's tangent norm are taken one tensor at a time (a vectorised `cos` over many rows rounds differently
+  from the scalar one mergekit's 0-d tensor gets). Tensors no input changes keep the base, as
+  `mergekit_fixes.zero_safe_multislerp` has it.
+
+Equality: the same bits as the per-tensor path (tests/test_batched_merge.py, any thread count on the CPU).
+Everything else runs per tensor: `slerp` (mergekit's kernel chunks the elements by 1 M / rows and takes its
+angles with vectorised transcendental functions: per-row bits would change with the batch), DARE and DELLA
+(their masks must be drawn tensor by tensor in mergekit's executor order to stay bit-identical to
+`mergekit-multi --random-seed`; `run` keeps such stages in that order), passthrough, the other methods, and
+on CUDA multislerp (GPU reductions are laid out by the tensor's shape: row sums need not equal whole-tensor
+sums). On CUDA, linear and TIES batch by the same argument (per-element steps; CUDA sorts rows of > 4,096
+elements with a stable segmented sort, as it sorts one tensor) but are not yet measured there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from mergekit import merge_methods
+from mergekit.common import ModelReference
+from mergekit.merge_methods.base import BatchedMergeMethod, BatchOptions, ParameterScope, TensorGroup
+from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge, get_mask
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.sparsify import SparsificationMethod
+
+ENABLED = True
+"""Batch a stage's same-shaped tasks (False: every task alone, as mergekit's executor runs them; tests and
+bench/merge_bench.py's `--no-batch` compare the two)."""
+
+MAX_BYTES = 1 << 28
+"""Inputs of one batched call at most (256 MiB: a 1.5 B model's 28 q_proj of three inputs in bfloat16 are
+0.4 GiB, so two calls); the stack, the masks and float32 intermediates come on top, a few times this."""
+
+_CPU_ONLY = frozenset({"multislerp"})
+
+
+def batchable(method_name: str, device: torch.device) -> bool:
+    """Whether tasks of `method_name` on `device` are merged in batches."""
+    if method_name == "linear":
+        return True
+    if method_name in _CPU_ONLY:
+        return device.type == "cpu"
+    method = merge_methods.get(method_name)
+    return isinstance(method, GeneralizedTaskArithmeticMerge) and method.sparsification_method in (
+        None,
+        SparsificationMethod.magnitude,
+    )
+
+
+def options(task: ExecuteMergeMethodTask) -> Hashable | None:
+    """What tasks merged in one call must share besides inputs and shapes: the method, input models, dtypes
+    and the shared parameters a batch cannot vary per row. None: this task runs alone."""
+    method = merge_methods.get(task.method_name)
+    shared = tuple(
+        (p.name, task.parameters.get(p.name))
+        for p in method.spec.parameters
+        if p.scope == ParameterScope.SHARED and not p.batch_tensor
+    )
+    if getattr(method, "sparsification_method", None) is not None and task.parameters.get("rescale"):
+        return None
+    return (task.method_name, task.model_order, task.base_model, task.dtype, task.out_dtype, shared)
+
+
+@dataclass
+class _Call:
+    """One task's `_execute_resolved` call, as `ExecuteMergeMethodTask.execute` made it."""
+
+    group: TensorGroup
+    parameters: dict[str, Any]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+
+    def signature(self) -> Hashable:
+        """What calls merged together must have alike."""
+        entries = tuple(
+            (e.id, e.is_base, e.tensor.shape, e.tensor.dtype, e.tensor.device) for e in self.group.entries
+        )
+        return (self.dtype, self.out_dtype, entries)
+
+
+_PENDING = object()
+
+
+@contextmanager
+def _recorded(method: Any, calls: list[_Call | None]) -> Iterator[None]:
+    """While active, `method._execute_resolved` appends its call to `calls` instead of merging."""
+
+    def record(groups: Sequence[TensorGroup], parameters: list, *, dtype=None, out_dtype=None, **_: Any):
+        (group,), (bound,) = groups, parameters
+        calls[-1] = _Call(group, bound, dtype, out_dtype)
+        return (_PENDING,)
+
+    object.__setattr__(method, "_execute_resolved", record)
+    try:
+        yield
+    finally:
+        object.__delattr__(method, "_execute_resolved")
+
+
+def execute(
+    tasks: Sequence[ExecuteMergeMethodTask], tensors: Sequence[dict[ModelReference, torch.Tensor]]
+) -> list[torch.Tensor | None]:
+    """`[task.execute(tensors=t) for task, t in zip(tasks, tensors)]`, the merges of tasks with alike inputs
+    done in one call per method (the tasks share `options`)."""
+    method = merge_methods.get(tasks[0].method_name)
+    results: list[Any] = []
+    calls: list[_Call | None] = []
+    with _recorded(method, calls):
+        for task, inputs in zip(tasks, tensors):
+            calls.append(None)
+            results.append(task.execute(tensors=inputs))
+    batches: dict[Hashable, list[int]] = {}
+    for index, call in enumerate(calls):
+        if call is not None:
+            batches.setdefault(call.signature(), []).append(index)
+    for indices in batches.values():
+        merged = _merge(method, [calls[i] for i in indices])
+        if len(indices) > 1:
+            merged = _own(merged)
+        for index, tensor in zip(indices, merged):
+            results[index] = tensor
+    return results
+
+
+def _merge(method: Any, calls: list[_Call]) -> Sequence[torch.Tensor]:
+    """The recorded calls' results: one call of the method's batch kernel (alone: mergekit's own call)."""
+    first = calls[0]
+    groups = [call.group for call in calls]
+    parameters = [call.parameters for call in calls]
+    if len(calls) > 1 and isinstance(method, BatchedMergeMethod):
+        limits = BatchOptions(max_bytes=1 << 62, max_groups=len(calls))
+        return method._execute_resolved(
+            groups, parameters, dtype=first.dtype, out_dtype=first.out_dtype, batch_options=limits
+        )
+    if len(calls) == 1 or first.group.entries[0].tensor.numel() == 0:
+        return [
+            method._execute_resolved((g,), [p], dtype=first.dtype, out_dtype=first.out_dtype)[0]
+            for g, p in zip(groups, parameters)
+        ]
+    groups = [align_dtype(g, first.dtype or promoted_dtype(g)) for g in groups]
+    shape = groups[0].entries[0].tensor.shape
+    with torch.autocast(device_type=groups[0].entries[0].tensor.device.type, enabled=False):
+        if isinstance(method, GeneralizedTaskArithmeticMerge):
+            merged = _task_arithmetic(method, groups, parameters)
+        else:
+            merged = _multislerp(groups, parameters)
+    if merged is None:  # a degenerate row: mergekit's own calls, one by one
+        return [
+            method._execute_resolved((g,), [p], dtype=first.dtype, out_dtype=first.out_dtype)[0]
+            for g, p in zip(groups, parameters)
+        ]
+    if first.out_dtype is not None:
+        merged = merged.to(first.out_dtype)
+    return [row.reshape(shape) for row in merged.unbind(0)]
+
+
+def _own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows of a batch, each in storage of its own: a sink may write them to one safetensors file, which
+    refuses tensors that share memory."""
+    return [t.clone() for t in tensors]
+
+
+def _rows(groups: Sequence[TensorGroup], index: int) -> torch.Tensor:
+    """Entry `index` of every group, stacked as [groups, elements]."""
+    return torch.stack([g.entries[index].tensor.reshape(-1) for g in groups])
+
+
+def _task_arithmetic(
+    method: GeneralizedTaskArithmeticMerge,
+    groups: Sequence[TensorGroup],
+    parameters: Sequence[dict[str, Any]],
+) -> torch.Tensor:
+    """mergekit's `GeneralizedTaskArithmeticMerge.merge_group` over rows (magnitude sparsification or none)."""
+    first = groups[0]
+    base_index = next(i for i, e in enumerate(first.entries) if e.is_base)
+    others = [i for i in range(len(first.entries)) if i != base_index]
+    base = _rows(groups, base_index)
+    deltas = base.new_empty((len(others), *base.shape))
+    for row, index in enumerate(others):
+        delta = _rows(groups, index) - base
+        if method.sparsification_method is not None:
+            densities = [p["density"][g.entries[index].id] for g, p in zip(groups, parameters)]
+            delta = _magnitude(delta, densities)
+        deltas[row] = delta
+        del delta
+    weights = torch.tensor(
+        [[p["weight"][g.entries[i].id] for g, p in zip(groups, parameters)] for i in others],
+        dtype=deltas.dtype,
+        device=deltas.device,
+    ).unsqueeze(-1)
+    deltas.mul_(weights)
+    shared = parameters[0]
+    if method.consensus_method:
+        mask_dtype = torch.int8 if shared["int8_mask"] else base.dtype
+        mask = get_mask(deltas, method=method.consensus_method, mask_dtype=mask_dtype)
+        mixed_delta = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed_delta = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if shared["normalize"]:
+        mixed_delta /= divisor
+    if shared["lambda"] != 1:
+        mixed_delta *= shared["lambda"]
+    return (base + mixed_delta).to(base.dtype)
+
+
+def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
+    """mergekit's `sparsify.magnitude` (unscaled) of each row: the k = max(1, int(density × elements)) largest
+    magnitudes kept, in the order of mergekit's argsort (on the CPU over float32 magnitudes)."""
+    count = delta.shape[1]
+    rows = [i for i, d in enumerate(densities) if 0 < d < 1]
+    if rows:
+        part = delta[rows] if len(rows) < len(densities) else delta
+        w = part.abs()
+        if w.device.type == "cpu":
+            w = w.float()
+        order = torch.argsort(w, dim=1, descending=True)
+        del w
+        kept = torch.tensor([max(1, int(densities[i] * count)) for i in rows], device=delta.device)
+        keep = torch.arange(count, device=delta.device) < kept.unsqueeze(1)
+        mask = torch.zeros_like(part).scatter_(1, order, keep.to(delta.dtype))
+        del order, keep
+        masked = part * mask
+        if len(rows) == len(densities):
+            return masked
+        delta = delta.clone()
+        delta[rows] = masked
+    for i, density in enumerate(densities):
+        if density <= 0:
+            delta[i] = 0  # mergekit: zeros_like (never -0.0)
+    return delta
+
+
+def _multislerp(groups: Sequence[TensorGroup], parameters: Sequence[dict[str, Any]]) -> torch.Tensor | None:
+    """mergekit's `multislerp` over rows (two or more inputs besides the base); None if a row is degenerate
+    (mergekit's fallback or error) and is not a tensor no input changes."""
+    first, shared = groups[0], parameters[0]
+    eps = shared["eps"]
+    has_base = first.base is not None
+    others = [i for i, e in enumerate(first.entries) if not e.is_base]
+    if len(others) < 2:
+        return None
+    base = _rows(groups, next(i for i, e in enumerate(first.entries) if e.is_base)) if has_base else None
+    tensors = torch.stack([_rows(groups, i) for i in others], dim=1)  # [rows, inputs, elements]
+    origin = base if base is not None else torch.zeros_like(tensors[:, 0])
+    unchanged = (tensors == origin.unsqueeze(1)).all(dim=2).all(dim=1)  # mergekit_fixes (e): the origin
+    if base is not None:
+        tensors -= base.unsqueeze(1)
+    weights = torch.tensor(
+        [[p["weight"][g.entries[i].id] for i in others] for g, p in zip(groups, parameters)],
+        dtype=tensors.dtype,
+        device=tensors.device,
+    )
+    if shared["normalize_weights"]:
+        weights = torch.stack([w / w.sum() for w in weights])  # each as mergekit sums it alone
+    norms = torch.norm(tensors, dim=-1, keepdim=True)
+    unit_tensors = tensors / (norms + eps)
+    mean = (unit_tensors * weights.unsqueeze(-1)).sum(1)
+    mean_norm = torch.norm(mean, dim=-1, keepdim=True)
+    if bool(((mean_norm.squeeze(1) < eps) & ~unchanged).any()):
+        return None
+    mean = mean / mean_norm
+    dots = (unit_tensors * mean.unsqueeze(1)).sum(-1, keepdim=True)
+    tangent_vectors = unit_tensors - dots * mean.unsqueeze(1)
+    tangent_result = (tangent_vectors * weights.unsqueeze(-1)).sum(1)
+    tangent_norm = torch.norm(tangent_result, dim=-1, keepdim=True) + eps
+    cos = torch.stack([n.cos() for n in tangent_norm])  # one by one: see the module's docstring
+    sin = torch.stack([n.sin() for n in tangent_norm])
+    result = mean * cos + tangent_result * (sin / tangent_norm)
+    avg_norm = (norms.squeeze(-1) * weights).sum(-1, keepdim=True)
+    result = result * avg_norm
+    if base is not None:
+        result = result + base
+    if bool(unchanged.any()):
+        result[unchanged] = origin[unchanged]
+    return result
