@@ -71,7 +71,7 @@ from evoforge.evolve.run_dir import RunDir
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
-from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, models_in_memory
+from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, batched, models_in_memory
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed, render
 from evoforge.tiny import byte_level_tokenizer, make_family
@@ -657,6 +657,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="memory path: every merge task alone (evoforge.merge.memory.batched.ENABLED off)",
+    )
+    parser.add_argument(
         "--sections", default="ABEC", help="sections to run, e.g. AE (C compares recipes only after A)"
     )
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
@@ -682,6 +687,7 @@ def main() -> None:
     args.loops = args.loops.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
+    batched.ENABLED = not args.no_batch
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -704,7 +710,8 @@ def main() -> None:
             else f"CPU, {torch.get_num_threads()} threads"
         )
         print(
-            f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}"
+            f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}, "
+            f"batched merges {'on' if batched.ENABLED else 'off'}"
         )
         recipes = bench_recipes(space, args.recipes)
         cuda = device.type == "cuda"
