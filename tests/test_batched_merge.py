@@ -92,7 +92,12 @@ def test_per_layer_parameters_batch_as_resolved(qwen_family, mergers, monkeypatc
         f"models:\n  - model: {a}\n    parameters: {{weight: [0.0, 1.0]}}\n"
         f"  - model: {b}\n    parameters: {{weight: [{{filter: mlp, value: 0.3}}, {{value: 0.5}}]}}\n"
     )
-    for label, text in (("ties", ties), ("multislerp", multislerp), ("linear", linear)):
+    slerp = (
+        f"merge_method: slerp\nbase_model: {a}\ndtype: float32\n"
+        f"parameters: {{t: [{{filter: mlp, value: [0.1, 0.9]}}, {{value: 0.4}}]}}\n"
+        f"models:\n  - model: {a}\n  - model: {b}\n"
+    )
+    for label, text in (("ties", ties), ("multislerp", multislerp), ("linear", linear), ("slerp", slerp)):
         before = len(batches)
         together, alone = merged_both_ways(mergers["qwen"], text, monkeypatch)
         assert_same_bits(together, alone, label)
@@ -153,6 +158,10 @@ def kernel_cases(rows: int) -> dict[str, list[ExecuteMergeMethodTask]]:
             task("multislerp", models, base, {}, {m: {"weight": rng.uniform(0.1, 1.0)} for m in (A, B, C)})
             for _ in range(rows)
         ]
+    cases["slerp"] = [
+        task("slerp", (BASE, A), BASE, {"t": rng.uniform(0.0, 1.0)}, {m: {} for m in (BASE, A)})
+        for _ in range(rows)
+    ]
     cases["linear"] = [
         task("linear", (BASE, A, B), None, {}, {m: {"weight": rng.uniform(0.0, 1.0)} for m in (BASE, A, B)})
         for _ in range(rows)

@@ -205,6 +205,10 @@ EXPECTED = [
         "exact",
     ),
     Expect(
+        f"{MK}.merge_methods.slerp._CHUNK_ELEMENTS",
+        "memory/batched.py reads it, and scales it by the rows while mergekit's slerp runs over a batch",
+    ),
+    Expect(
         f"{MK}.merge_methods.generalized_task_arithmetic.get_mask",
         "memory/chunked.py, memory/batched.py",
         ("delta", "method", "mask_dtype"),

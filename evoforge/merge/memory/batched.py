@@ -9,6 +9,10 @@ options (shared non-numeric parameters), dtypes and shapes run as one:
 
 - `linear`: mergekit's own batch kernel (`BatchedMergeMethod._execute_resolved` over many groups: mergekit
   packs them, per-tensor weights become rows of its coefficient tensor). Every step is per element.
+- `slerp` (CPU only): mergekit's own batch kernel too, its chunk of columns kept at what one tensor gets
+  (`_slerp_chunks`: mergekit divides its 1 M-element chunk by the rows). Its dot product is a whole-chunk
+  sum for one tensor, which torch splits over threads above 32,768 elements: with more than one thread,
+  larger tensors run alone.
 - `ties`, `task_arithmetic` (`_task_arithmetic`): `GeneralizedTaskArithmeticMerge.merge_group` over the
   stack, per-tensor weights and densities per row. TIES's magnitude top-k is a row-wise argsort of the
   magnitudes: torch sorts each row of a [tensors, elements] view exactly as it sorts that tensor alone, so
@@ -19,11 +23,10 @@ options (shared non-numeric parameters), dtypes and shapes run as one:
   40 rows). Tensors no input changes keep the base, as `mergekit_fixes.zero_safe_multislerp` has it.
 
 Equality: the same bits as the per-tensor path (tests/test_batched_merge.py, any thread count on the CPU).
-Everything else runs per tensor: `slerp` (mergekit's kernel chunks the elements by 1 M / rows and takes its
-angles with vectorised transcendental functions: per-row bits would change with the batch), DARE and DELLA
+Everything else runs per tensor: DARE and DELLA
 (their masks must be drawn tensor by tensor in mergekit's executor order to stay bit-identical to
 `mergekit-multi --random-seed`; `run` keeps such stages in that order), passthrough, the other methods, and
-on CUDA multislerp (GPU reductions are laid out by the tensor's shape: row sums need not equal whole-tensor
+on CUDA slerp and multislerp (GPU reductions are laid out by the tensor's shape: row sums need not equal whole-tensor
 sums). On CUDA, linear and TIES batch by the same argument (per-element steps; CUDA sorts rows of > 4,096
 elements with a stable segmented sort, as it sorts one tensor) but are not yet measured there.
 """
@@ -31,10 +34,11 @@ elements with a stable segmented sort, as it sorts one tensor) but are not yet m
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import mergekit.merge_methods.slerp as slerp_module
 import torch
 from mergekit import merge_methods
 from mergekit.common import ModelReference
@@ -52,7 +56,9 @@ MAX_BYTES = 1 << 28
 """Inputs of one batched call at most (256 MiB: a 1.5 B model's 28 q_proj of three inputs in bfloat16 are
 0.4 GiB, so two calls); the stack, the masks and float32 intermediates come on top, a few times this."""
 
-_CPU_ONLY = frozenset({"multislerp"})
+_CPU_ONLY = frozenset({"multislerp", "slerp"})
+_GRAIN = 32768
+"""torch's `at::internal::GRAIN_SIZE`: a reduction to one value over fewer elements runs on one thread."""
 
 
 def batchable(method_name: str, device: torch.device) -> bool:
@@ -148,28 +154,36 @@ def _merge(method: Any, calls: list[_Call]) -> Sequence[torch.Tensor]:
     first = calls[0]
     groups = [call.group for call in calls]
     parameters = [call.parameters for call in calls]
-    if len(calls) > 1 and isinstance(method, BatchedMergeMethod):
+    numel = first.group.entries[0].tensor.numel()
+
+    def alone() -> list[torch.Tensor]:
+        return [
+            method._execute_resolved((g,), [p], dtype=first.dtype, out_dtype=first.out_dtype)[0]
+            for g, p in zip(groups, parameters)
+        ]
+
+    if (
+        len(calls) == 1
+        or numel == 0
+        or (isinstance(method, BatchedMergeMethod) and not _rows_alike(method, numel))
+    ):
+        return alone()
+    if isinstance(method, BatchedMergeMethod):
         limits = BatchOptions(max_bytes=1 << 62, max_groups=len(calls))
-        return method._execute_resolved(
-            groups, parameters, dtype=first.dtype, out_dtype=first.out_dtype, batch_options=limits
-        )
-    if len(calls) == 1 or first.group.entries[0].tensor.numel() == 0:
-        return [
-            method._execute_resolved((g,), [p], dtype=first.dtype, out_dtype=first.out_dtype)[0]
-            for g, p in zip(groups, parameters)
-        ]
-    groups = [align_dtype(g, first.dtype or promoted_dtype(g)) for g in groups]
-    shape = groups[0].entries[0].tensor.shape
-    with torch.autocast(device_type=groups[0].entries[0].tensor.device.type, enabled=False):
+        with _slerp_chunks(len(calls)) if method is merge_methods.get("slerp") else nullcontext():
+            return method._execute_resolved(
+                groups, parameters, dtype=first.dtype, out_dtype=first.out_dtype, batch_options=limits
+            )
+    aligned = [align_dtype(g, first.dtype or promoted_dtype(g)) for g in groups]
+    shape = aligned[0].entries[0].tensor.shape
+    with torch.autocast(device_type=aligned[0].entries[0].tensor.device.type, enabled=False):
         if isinstance(method, GeneralizedTaskArithmeticMerge):
-            merged = _task_arithmetic(method, groups, parameters)
+            merged = _task_arithmetic(method, aligned, parameters)
         else:
-            merged = _multislerp(groups, parameters)
+            merged = _multislerp(aligned, parameters)
+    del aligned
     if merged is None:  # a degenerate row: mergekit's own calls, one by one
-        return [
-            method._execute_resolved((g,), [p], dtype=first.dtype, out_dtype=first.out_dtype)[0]
-            for g, p in zip(groups, parameters)
-        ]
+        return alone()
     if first.out_dtype is not None:
         merged = merged.to(first.out_dtype)
     return [row.reshape(shape) for row in merged.unbind(0)]
@@ -179,6 +193,27 @@ def _own(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Rows of a batch, each in storage of its own: a sink may write them to one safetensors file, which
     refuses tensors that share memory."""
     return [t.clone() for t in tensors]
+
+
+def _rows_alike(method: BatchedMergeMethod, numel: int) -> bool:
+    """Whether mergekit's batch kernel gives each row the bits of that tensor alone: linear always; slerp
+    when one tensor's whole-chunk dot product runs on one thread."""
+    return (
+        method is not merge_methods.get("slerp")
+        or torch.get_num_threads() == 1
+        or min(numel, slerp_module._CHUNK_ELEMENTS) < _GRAIN
+    )
+
+
+@contextmanager
+def _slerp_chunks(rows: int) -> Iterator[None]:
+    """While active, mergekit's slerp over `rows` tensors splits them into the columns one tensor gets."""
+    chunk = slerp_module._CHUNK_ELEMENTS
+    slerp_module._CHUNK_ELEMENTS = chunk * rows
+    try:
+        yield
+    finally:
+        slerp_module._CHUNK_ELEMENTS = chunk
 
 
 def _rows(groups: Sequence[TensorGroup], index: int) -> torch.Tensor:

@@ -223,7 +223,9 @@ class _Run:
             self.shapes[inp.source] = next((s for i in inputs if (s := self._shape(i)) is not None), None)
         return self.shapes[inp.source]
 
-    def _execute_batch(self, path: str | None, stage: _StagePlan, names: list[str], name: str) -> Any:
+    def _execute_batch(
+        self, path: str | None, stage: _StagePlan, names: list[str], name: str
+    ) -> torch.Tensor | None:
         """The outputs `names` of a stage merged in one call (`batched.execute`); `name`'s is returned, the
         others wait in `ready`."""
         entries = stage.skeleton.entries
