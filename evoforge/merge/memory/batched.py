@@ -14,9 +14,10 @@ options (shared non-numeric parameters), dtypes and shapes run as one:
   sum for one tensor, which torch splits over threads above 32,768 elements: with more than one thread,
   larger tensors run alone.
 - `ties`, `task_arithmetic` (`_task_arithmetic`): `GeneralizedTaskArithmeticMerge.merge_group` over the
-  stack, per-tensor weights and densities per row. TIES's magnitude top-k is a row-wise argsort of the
-  magnitudes: torch sorts each row of a [tensors, elements] view exactly as it sorts that tensor alone, so
-  the same k elements are kept, ties included (mergekit's CPU float32 conversion kept). Not with `rescale`
+  stack, per-tensor weights and densities per row. TIES's magnitude top-k (`_largest`): the elements at
+  least each row's k-th largest magnitude, where exactly k are; where the k-th value is tied, a row-wise
+  argsort: torch sorts each row of a [tensors, elements] view exactly as it sorts that tensor alone, so the
+  same k elements are kept, ties included (mergekit's CPU float32 conversion kept). Not with `rescale`
   (its l1 norms are whole-tensor sums, which torch splits over threads differently from row sums).
 - `multislerp` (`_multislerp`, CPU only): norms, dots and means per row; the cosine and sine of each
   tensor's tangent norm over a column of rows (torch's vectorised and scalar `cos`/`sin` agree: tested with
@@ -265,7 +266,7 @@ def _task_arithmetic(
 
 def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
     """mergekit's `sparsify.magnitude` (unscaled) of each row: the k = max(1, int(density × elements)) largest
-    magnitudes kept, in the order of mergekit's argsort (on the CPU over float32 magnitudes)."""
+    magnitudes kept (`_largest`; on the CPU compared in float32, as mergekit sorts them)."""
     count = delta.shape[1]
     rows = [i for i, d in enumerate(densities) if 0 < d < 1]
     if rows:
@@ -273,13 +274,9 @@ def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
         w = part.abs()
         if w.device.type == "cpu":
             w = w.float()
-        order = torch.argsort(w, dim=1, descending=True)
+        keep = _largest(w, [max(1, int(densities[i] * count)) for i in rows])
         del w
-        kept = torch.tensor([max(1, int(densities[i] * count)) for i in rows], device=delta.device)
-        keep = torch.arange(count, device=delta.device) < kept.unsqueeze(1)
-        mask = torch.zeros_like(part).scatter_(1, order, keep.to(delta.dtype))
-        del order, keep
-        masked = part * mask
+        masked = part * keep.to(delta.dtype)
         if len(rows) == len(densities):
             return masked
         delta = delta.clone()
@@ -288,6 +285,31 @@ def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
         if density <= 0:
             delta[i] = 0  # mergekit: zeros_like (never -0.0)
     return delta
+
+
+def _largest(w: torch.Tensor, kept: Sequence[int]) -> torch.Tensor:
+    """Each row's `kept[i]` largest elements as mergekit's `argsort(descending=True)[:k]` picks them: those
+    at least the row's k-th largest value where exactly k are (`kthvalue`, linear time: 6× faster than the
+    sort at 8 K elements); in a row where the k-th value is tied (or NaN), the first k of the row's argsort,
+    whose order of equal values is what one tensor's argsort gives."""
+    count = w.shape[1]
+    keep = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+    tied: list[int] = []
+    for k in sorted(set(kept)):
+        rows = [i for i, x in enumerate(kept) if x == k]
+        part = w[rows] if len(rows) < len(kept) else w
+        threshold = torch.kthvalue(part, count - k + 1, dim=1, keepdim=True).values
+        above = part >= threshold
+        keep[rows] = above
+        tied += [row for row, n in zip(rows, above.sum(dim=1).tolist()) if n != k]
+    if tied:
+        order = torch.argsort(w[tied], dim=1, descending=True)
+        first = (
+            torch.arange(count, device=w.device)
+            < torch.tensor([kept[i] for i in tied], device=w.device)[:, None]
+        )
+        keep[tied] = torch.zeros_like(first).scatter_(1, order, first)
+    return keep
 
 
 def _multislerp(groups: Sequence[TensorGroup], parameters: Sequence[dict[str, Any]]) -> torch.Tensor | None:
