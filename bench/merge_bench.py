@@ -3,7 +3,7 @@ planner, on the same recipes in one process. Prints markdown tables to stdout (p
 
     python bench/merge_bench.py --scale tiny                    # CPU smoke: tiny Qwen2 family, < 2 min
     python bench/merge_bench.py --scale tiny-28                 # the same at Qwen2-1.5B's depth (28 layers)
-    python bench/merge_bench.py --scale wide-4 --sections A     # CPU: 4 layers at hidden 1024 (arithmetic)
+    python bench/merge_bench.py --scale mid-8                   # CPU: 8 layers at hidden 256
     python bench/merge_bench.py --scale qwen2-1.5b              # GPU: builds 4 random Qwen2-1.5B-shaped models
 
 Sections
@@ -83,10 +83,10 @@ from evolution_support import TASKS, write_mc_tasks  # noqa: E402  the test suit
 from mergekit_support import plan_in_memory  # noqa: E402  mergekit's in-memory planner, with its workaround
 
 NAMES = ("alpha", "beta", "gamma")
-TINY = {"tiny": (6, 64), "tiny-28": (28, 64), "wide-4": (4, 1024)}
+TINY = {"tiny": (6, 64), "tiny-28": (28, 64), "mid-8": (8, 256)}
 """evoforge.tiny families, (layers, hidden): at hidden 64 merge cost is mergekit's per-tensor Python work, not
-arithmetic; wide-4's tensors (0.5-2 M elements, 150 MB a model in float32) are above torch's 32 K-element
-grain, where a multi-threaded whole-tensor reduction is split over threads."""
+arithmetic; mid-8's tensors (32-131 K elements, 10 MB a model in float32) reach torch's 32 K-element grain,
+above which a multi-threaded whole-tensor reduction is split over threads."""
 SEED_ORDER = (0, 7, 5, 2, 1, 6, 3, 4)
 """The 8 seeds in an order whose first few cover interp, crossover and structure methods."""
 QWEN2_1_5B = dict(

@@ -169,13 +169,14 @@ def kernel_cases(rows: int) -> dict[str, list[ExecuteMergeMethodTask]]:
     return cases
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("threads", "rows"), [(1, 40), (2, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_batched_kernels_give_mergekits_bits(threads, dtype):
-    """Tensors of 49,152 elements (above torch's 32,768-element grain: whole-tensor reductions split over
-    threads), bfloat16 magnitudes full of ties at TIES's k-th value, densities 0 and 1, int8 masks, lambda,
-    a row no input changes, 40 rows (vectorised elementwise functions): batched, each row has the bits of mergekit's task run alone."""
-    rows, shape = 40, (96, 512)
+def test_batched_kernels_give_mergekits_bits(threads, rows, dtype):
+    """Tensors of 49,152 elements (above torch's 32,768-element grain: with 2 threads a whole-tensor reduction
+    is split over them), bfloat16 magnitudes full of ties at TIES's k-th value, densities 0 and 1, int8 masks,
+    lambda, a row no input changes, 40 rows (elementwise functions vectorised over rows): batched, each row
+    has the bits of mergekit's task run alone."""
+    shape = (96, 512)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

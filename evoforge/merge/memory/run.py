@@ -186,7 +186,7 @@ class _Run:
     def _batch(self, path: str | None, stage: _StagePlan, name: str) -> list[str]:
         """The outputs merged in one call with `name` ([] : alone). A stage's batches are formed when its
         first output is asked for, from the outputs this candidate uses: same `batched.options`, save dtype
-        and input shapes, at most `batched.MAX_BYTES` of inputs (counted at 4 bytes an element) each."""
+        and input shapes, at most `batched.MAX_BYTES` of inputs for the device each."""
         if not self.batching or stage.skeleton.order is not None:  # random stages: disk executor's order
             return []
         if path not in self.batches:
@@ -203,7 +203,7 @@ class _Run:
             self.batches[path] = {}
             for (_, _, shapes), names in alike.items():
                 size = 4 * sum(math.prod(shape) for shape in shapes if shape is not None)
-                per_call = max(1, batched.MAX_BYTES // max(size, 1))
+                per_call = batched.MAX_BYTES.get(self.merger.device.type, 0) // max(size, 1)
                 for start in range(0, len(names), per_call):
                     chunk = names[start : start + per_call]
                     if len(chunk) > 1:
