@@ -24,12 +24,12 @@ options (shared non-numeric parameters), dtypes and shapes run as one:
   40 rows). Tensors no input changes keep the base, as `mergekit_fixes.zero_safe_multislerp` has it.
 
 Equality: the same bits as the per-tensor path (tests/test_batched_merge.py, any thread count on the CPU).
-Everything else runs per tensor: DARE and DELLA
-(their masks must be drawn tensor by tensor in mergekit's executor order to stay bit-identical to
-`mergekit-multi --random-seed`; `run` keeps such stages in that order), passthrough, the other methods, and
-on CUDA slerp and multislerp (GPU reductions are laid out by the tensor's shape: row sums need not equal whole-tensor
-sums). On CUDA, linear and TIES batch by the same argument (per-element steps; CUDA sorts rows of > 4,096
-elements with a stable segmented sort, as it sorts one tensor) but are not yet measured there.
+Everything else runs per tensor: DARE and DELLA (their masks must be drawn tensor by tensor in mergekit's
+executor order to stay bit-identical to `mergekit-multi --random-seed`; `run` keeps such stages in that
+order), passthrough, the other methods, and on CUDA slerp and multislerp (GPU reductions are laid out by the
+tensor's shape: row sums need not equal whole-tensor sums). On CUDA, linear and TIES batch by the same
+argument (per-element steps; CUDA sorts rows of > 4,096 elements with a stable segmented sort, as it sorts
+one tensor) but are not yet measured there. Batches are bounded by `MAX_BYTES` per device type.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ elements a tensor, 4 layers batched, multislerp took 1.35 s against ~0.8 s tenso
 _CPU_ONLY = frozenset({"multislerp", "slerp"})
 _UNTIED = 1 << 16
 """Rows of at most this many elements try `kthvalue` before the sort (`_largest`). Deltas are multiples of
-the weights' rounding step, so large tensors tie at the k-th magnitude: at 2 M float32 elements (TIES, hidden 1024)
-15 of 18 batches did, and the failed try cost 13 % of the sort; at 8 K elements (tiny-28) rows are untied."""
+the weights' rounding step, so large tensors tie at the k-th magnitude: at 2 M float32 elements (TIES, hidden
+1024) all 18 batches had tied rows, and the try cost a fifth of the sort; at 8 K elements rows are untied."""
 _GRAIN = 32768
 """torch's `at::internal::GRAIN_SIZE`: a reduction to one value over fewer elements runs on one thread."""
 
