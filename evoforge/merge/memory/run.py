@@ -203,7 +203,7 @@ class _Run:
             self.batches[path] = {}
             for (_, _, shapes), names in alike.items():
                 size = 4 * sum(math.prod(shape) for shape in shapes if shape is not None)
-                per_call = batched.MAX_BYTES.get(self.merger.device.type, 0) // max(size, 1)
+                per_call = max(1, batched.MAX_BYTES.get(self.merger.device.type, 0) // max(size, 1))
                 for start in range(0, len(names), per_call):
                     chunk = names[start : start + per_call]
                     if len(chunk) > 1:
