@@ -3,6 +3,7 @@ planner, on the same recipes in one process. Prints markdown tables to stdout (p
 
     python bench/merge_bench.py --scale tiny                    # CPU smoke: tiny Qwen2 family, < 2 min
     python bench/merge_bench.py --scale tiny-28                 # the same at Qwen2-1.5B's depth (28 layers)
+    python bench/merge_bench.py --scale mid-8                   # CPU: 8 layers at hidden 256
     python bench/merge_bench.py --scale qwen2-1.5b              # GPU: builds 4 random Qwen2-1.5B-shaped models
 
 Sections
@@ -71,7 +72,7 @@ from evoforge.evolve.run_dir import RunDir
 from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, seed_genomes
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
-from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, models_in_memory
+from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, batched, models_in_memory
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed, render
 from evoforge.tiny import byte_level_tokenizer, make_family
@@ -82,8 +83,10 @@ from evolution_support import TASKS, write_mc_tasks  # noqa: E402  the test suit
 from mergekit_support import plan_in_memory  # noqa: E402  mergekit's in-memory planner, with its workaround
 
 NAMES = ("alpha", "beta", "gamma")
-TINY_LAYERS = {"tiny": 6, "tiny-28": 28}
-"""evoforge.tiny families (hidden 64): merge cost is mergekit's per-tensor Python work, not arithmetic."""
+TINY = {"tiny": (6, 64), "tiny-28": (28, 64), "mid-8": (8, 256)}
+"""evoforge.tiny families, (layers, hidden): at hidden 64 merge cost is mergekit's per-tensor Python work, not
+arithmetic; mid-8's tensors (32-131 K elements, 10 MB a model in float32) reach torch's 32 K-element grain,
+above which a multi-threaded whole-tensor reduction is split over threads."""
 SEED_ORDER = (0, 7, 5, 2, 1, 6, 3, 4)
 """The 8 seeds in an order whose first few cover interp, crossover and structure methods."""
 QWEN2_1_5B = dict(
@@ -110,8 +113,9 @@ def build_family(
 ) -> dict[str, Path]:
     """Ancestor + three related children: evoforge.tiny's family, or Qwen2-1.5B-shaped random bf16 models
     built on `device` (the GPU: seconds instead of minutes) with the byte-level tokenizer or `tokenizer_dir`'s."""
-    if scale in TINY_LAYERS:
-        return make_family(root, arch="qwen2", num_layers=TINY_LAYERS[scale])
+    if scale in TINY:
+        layers, hidden = TINY[scale]
+        return make_family(root, arch="qwen2", num_layers=layers, hidden=hidden)
     paths = {name: root / name for name in ("ancestor", *NAMES)}
     if all((p / "config.json").exists() for p in paths.values()):
         return paths
@@ -637,7 +641,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", choices=(*TINY_LAYERS, "qwen2-1.5b"), default="tiny")
+    parser.add_argument("--scale", choices=(*TINY, "qwen2-1.5b"), default="tiny")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--recipes", type=int, default=None, help="seed recipes in section A (default 8 tiny, 3 GPU)"
@@ -657,6 +661,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="memory path: every merge task alone (evoforge.merge.memory.batched.ENABLED off)",
+    )
+    parser.add_argument(
         "--sections", default="ABEC", help="sections to run, e.g. AE (C compares recipes only after A)"
     )
     parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
@@ -674,7 +683,7 @@ def main() -> None:
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
     )
     args = parser.parse_args()
-    gpu = args.scale not in TINY_LAYERS
+    gpu = args.scale not in TINY
     args.recipes = args.recipes or (3 if gpu else 8)
     args.tasks = args.tasks or ("real" if gpu else "mc")
     args.limit = args.limit or (16 if args.tasks == "real" else None)
@@ -682,6 +691,7 @@ def main() -> None:
     args.loops = args.loops.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
+    batched.ENABLED = not args.no_batch
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -695,7 +705,7 @@ def main() -> None:
         space = GenomeSpace(
             models=NAMES,
             paths=tuple(str(family[n]) for n in NAMES),
-            num_layers=TINY_LAYERS.get(args.scale, QWEN2_1_5B["num_hidden_layers"]),
+            num_layers=TINY[args.scale][0] if args.scale in TINY else QWEN2_1_5B["num_hidden_layers"],
             dtype=args.dtype,
         )
         name = (
@@ -704,7 +714,8 @@ def main() -> None:
             else f"CPU, {torch.get_num_threads()} threads"
         )
         print(
-            f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}"
+            f"## evoforge merge bench: {args.scale} on {name}, torch {torch.__version__}, dtype {args.dtype}, "
+            f"batched merges {'on' if batched.ENABLED else 'off'}"
         )
         recipes = bench_recipes(space, args.recipes)
         cuda = device.type == "cuda"

@@ -188,7 +188,8 @@ EXPECTED = [
     # mergekit's merge methods: read by memory/layout.py and memory/merger.py, patched by mergekit_fixes (e)
     Expect(
         f"{MK}.merge_methods.generalized_task_arithmetic.GeneralizedTaskArithmeticMerge",
-        "memory/layout.py, memory/merger.py, memory/chunked.py read sparsification_method, consensus_method",
+        "memory/layout.py, memory/merger.py, memory/chunked.py, memory/batched.py read sparsification_method, "
+        "consensus_method",
         fields=("consensus_method", "sparsification_method", "method_name"),
     ),
     Expect(
@@ -198,8 +199,18 @@ EXPECTED = [
         "exact",
     ),
     Expect(
+        f"{MK}.merge_methods.base.MergeMethod._execute_resolved",
+        "memory/batched.py records each task's call to it (per instance) and calls it over many groups",
+        ("self", "groups", "parameters", "dtype", "out_dtype", "batch_options"),
+        "exact",
+    ),
+    Expect(
+        f"{MK}.merge_methods.slerp._CHUNK_ELEMENTS",
+        "memory/batched.py reads it, and scales it by the rows while mergekit's slerp runs over a batch",
+    ),
+    Expect(
         f"{MK}.merge_methods.generalized_task_arithmetic.get_mask",
-        "memory/chunked.py",
+        "memory/chunked.py, memory/batched.py",
         ("delta", "method", "mask_dtype"),
     ),
     Expect(

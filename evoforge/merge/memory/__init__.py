@@ -10,8 +10,9 @@ gives stock `mergekit-multi --random-seed`'s.
 
 Modules by concern: `layout` (a stage's layout, planned once per recipe structure), `plan` (a candidate's
 stages: documents loaded, parameters resolved, kept for the next candidates), `run` (executing the plans:
-stage tensors on demand, random stages in mergekit's order), `chunked` (TIES/DARE over a tensor in chunks,
-for tasks too big for a small card), `merger` (the residents, streaming, `merge`).
+stage tensors on demand, random stages in mergekit's order), `batched` (a stage's same-shaped tasks merged
+in one call, same bits), `chunked` (TIES/DARE over a tensor in chunks, for tasks too big for a small card),
+`merger` (the residents, streaming, `merge`).
 mergekit reads the residents through `evoforge.merge.mergekit_hooks`. Anything this path cannot reproduce
 exactly (tokenizer merges, models not resident, a dtype the residents were not kept in) raises `NotInMemory`:
 the caller merges that recipe through the disk path instead.

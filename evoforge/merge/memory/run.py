@@ -13,6 +13,7 @@ assembled by reference (the output tensor *is* the input tensor).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,7 +24,7 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from transformers.trainer_utils import set_seed
 
-from evoforge.merge.memory import chunked
+from evoforge.merge.memory import batched, chunked
 from evoforge.merge.memory.layout import NotInMemory, _Entry, _Input
 from evoforge.merge.memory.plan import _StagePlan
 
@@ -47,6 +48,14 @@ class _Run:
         """Stage tasks that run for their output (their inputs are counted in `uses`)."""
         self.position = dict.fromkeys(stages, 0)
         self.rng: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.batching = batched.ENABLED and not merger.stream
+        """Same-shaped tasks of a stage merged in one call (`batched`); not with streamed residents (a small
+        card: the per-task host and chunk rules of `_run_task` apply)."""
+        self.batches: dict[str | None, dict[str, list[str]]] = {}
+        """Per stage: each batched output's batch (the outputs merged in the same call)."""
+        self.ready: dict[tuple[str | None, str], torch.Tensor | None] = {}
+        """Outputs merged in a batch before they were asked for."""
+        self.shapes: dict[tuple[str, str], tuple[int, ...] | None] = {}
 
     def _count_inputs(self, entry: _Entry) -> None:
         for inp in entry.inputs:
@@ -80,10 +89,17 @@ class _Run:
             sources = (inp.source for inp in entries[name].inputs)
             return min((position[s] for s in sources if s in position), default=-1)
 
+        written: set[str] = set()
         for name in final.skeleton.order or sorted(entries, key=first_needed):
+            if name in written:
+                continue
             tensor = self._execute(None, final, name)
             if tensor is not None:
                 write(name, tensor)
+            for key in [key for key in self.ready if key[0] is None]:  # merged in the same batch
+                written.add(key[1])
+                if (tensor := self.ready.pop(key)) is not None:
+                    write(key[1], tensor)
 
     def _tensor(self, source: tuple[str, str]) -> torch.Tensor | None:
         """A stage output, computed if needed; forgotten after its last use. With streamed residents (a GPU
@@ -143,7 +159,13 @@ class _Run:
         self._run_task(path, stage.task(name), tensors, random=True)
 
     def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
-        """One output tensor of a stage (`path` None: the final document)."""
+        """One output tensor of a stage (`path` None: the final document), with those merged in the same
+        batch (kept in `ready` until asked for)."""
+        if (path, name) in self.ready:
+            return self.ready.pop((path, name))
+        batch = self._batch(path, stage, name)
+        if batch:
+            return self._execute_batch(path, stage, batch, name)
         entry, task = stage.skeleton.entries[name], stage.task(name)
         tensors = {}
         for inp in entry.inputs:
@@ -160,6 +182,64 @@ class _Run:
             result = self._run_task(path, task, tensors, random=stage.skeleton.order is not None)
         dtype = entry.save_dtype
         return result.to(dtype) if result is not None and dtype is not None else result
+
+    def _batch(self, path: str | None, stage: _StagePlan, name: str) -> list[str]:
+        """The outputs merged in one call with `name` ([] : alone). A stage's batches are formed when its
+        first output is asked for, from the outputs this candidate uses: same `batched.options`, save dtype
+        and input shapes, at most `batched.MAX_BYTES` of inputs for the device each."""
+        if not self.batching or stage.skeleton.order is not None:  # random stages: disk executor's order
+            return []
+        if path not in self.batches:
+            entries = stage.skeleton.entries
+            alike: dict[tuple, list[str]] = {}
+            for n in entries if path is None else (n for n in entries if (path, n) in self.counted):
+                task = stage.task(n)
+                if not batched.batchable(task.method_name, self.merger.device):
+                    continue
+                options = batched.options(task)
+                if options is not None:
+                    shapes = tuple(self._shape(inp) for inp in entries[n].inputs)
+                    alike.setdefault((options, entries[n].save_dtype, shapes), []).append(n)
+            self.batches[path] = {}
+            for (_, _, shapes), names in alike.items():
+                size = 4 * sum(math.prod(shape) for shape in shapes if shape is not None)
+                per_call = max(1, batched.MAX_BYTES.get(self.merger.device.type, 0) // max(size, 1))
+                for start in range(0, len(names), per_call):
+                    chunk = names[start : start + per_call]
+                    if len(chunk) > 1:
+                        self.batches[path].update(dict.fromkeys(chunk, chunk))
+        return self.batches[path].get(name, [])
+
+    def _shape(self, inp: _Input) -> tuple[int, ...] | None:
+        """The shape of what `_load(inp)` gives, without computing it (a merge keeps its inputs' shape)."""
+        if inp.source is None:
+            return None
+        path, name = inp.source
+        stage = self.stages.get(path)
+        if stage is None:
+            return tuple(self.merger.models[path].tensors[name].shape)
+        if inp.source not in self.shapes:
+            inputs = stage.skeleton.entries[name].inputs
+            self.shapes[inp.source] = next((s for i in inputs if (s := self._shape(i)) is not None), None)
+        return self.shapes[inp.source]
+
+    def _execute_batch(
+        self, path: str | None, stage: _StagePlan, names: list[str], name: str
+    ) -> torch.Tensor | None:
+        """The outputs `names` of a stage merged in one call (`batched.execute`); `name`'s is returned, the
+        others wait in `ready`."""
+        entries = stage.skeleton.entries
+        for n in names:
+            del self.batches[path][n]
+        inputs = [
+            {inp.ref: t for inp in entries[n].inputs if (t := self._load(inp)) is not None} for n in names
+        ]
+        results = batched.execute([stage.task(n) for n in names], inputs)
+        del inputs
+        for n, result in zip(names, results):
+            dtype = entries[n].save_dtype
+            self.ready[path, n] = result.to(dtype) if result is not None and dtype is not None else result
+        return self.ready.pop((path, name))
 
     def _run_task(
         self,
