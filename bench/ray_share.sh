@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue "Scale-out on Ray", item 6: does a second evaluator actor on the same GPU pay (one actor merging while
+# the other decodes)? Runs RUN_FILE for GENS generations with the Ray executor, 1 actor holding the whole card,
+# then 2 actors holding half each (gpus_per_actor 0.5), same run seed; prints each generation's wall time.
+#   bench/ray_share.sh RUN_FILE OUT_DIR [GENS=2]      e.g. recipes/qwen2-1.5b.yaml on one H200
+# Generation 0 includes the actors' start (base models loaded once per actor); later generations are the
+# steady state. The two runs' records must agree (same seeds, same scores): checked at the end.
+set -euo pipefail
+run_file=${1:?run file}; out=${2:?output folder}; gens=${3:-2}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+for actors in 1 2; do
+  cfg=$out/actors-$actors.yaml
+  grep -v -E '^(executor|ray):' "$run_file" > "$cfg"
+  printf 'executor: ray\nray: {actors: %d, gpus_per_actor: %s}\n' "$actors" "$([ "$actors" = 1 ] && echo 1.0 || echo 0.5)" >> "$cfg"
+  [ "$(grep -c '^device: cpu' "$cfg")" = 0 ] || sed -i 's/gpus_per_actor: [0-9.]*/cpus_per_actor: 1/' "$cfg"
+  rm -rf "$out/actors-$actors"
+  start=$(date +%s)
+  "$py" -m evoforge run "$cfg" --gens "$gens" --wandb disabled --output-dir "$out/actors-$actors" \
+    > "$out/actors-$actors.log" 2>&1
+  echo "actors $actors: $(( $(date +%s) - start )) s in all" | tee -a "$out/summary.txt"
+done
+"$py" - "$out" <<'PY' | tee -a "$out/summary.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def rows(n, name):
+    return [json.loads(line) for line in (out / f"actors-{n}" / name).read_text().splitlines() if line.strip()]
+for n in (1, 2):
+    walls = ", ".join(f"{g['wall_s']:.1f}" for g in rows(n, "generations.jsonl"))
+    print(f"actors {n}: wall s per generation: {walls}")
+key = lambda r: (r["generation"], r["id"], r["split"], r["fitness"])
+same = sorted(map(key, rows(1, "evaluations.jsonl"))) == sorted(map(key, rows(2, "evaluations.jsonl")))
+print("records agree:", same)
+PY
