@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stage a demo trio's wheels for a GPU machine without network that takes one ≤ 64 MiB transfer per call.
 #   scripts/stage_trio_parts.sh TRIO [DEST]        (DEST default .parts/TRIO, inside the repo, git-ignored)
+#   scripts/stage_trio_parts.sh FOLDER [DEST]      any folder's files the same way (e.g. the ray wheel and the
+#                                                  wheels it needs): DEST default .parts/<folder's name>
 # Each call sends the repo's working tree too, so the wheels are tarred in order and split into pieces that
 # fill what the tree leaves of 64 MiB (less 1 MiB): DEST/01/, DEST/02/, ... each holds one piece and
 # SHA256SUMS of all of them. Missing wheels are downloaded first (evoforge.trios.download_wheels, pip).
@@ -8,8 +10,10 @@
 #   scripts/device_build_trio.sh /tmp/keep/TRIO-parts /tmp/keep/TRIO-build $OUT    (recipes/qwen2-1.5b/README.md)
 # PIECE_MB overrides the piece size; PYTHON the interpreter with evoforge (default .venv/bin/python, python3).
 set -euo pipefail
-[ $# -ge 1 ] || { echo "usage: $0 TRIO [DEST]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 TRIO|FOLDER [DEST]" >&2; exit 2; }
 trio=$1
+files=
+if [ -d "$trio" ]; then files=$(cd "$trio" && pwd); trio=$(basename "$files"); fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${2:-.parts/$trio}
 py=${PYTHON:-$root/.venv/bin/python}; [ -x "$py" ] || py=python3
@@ -28,8 +32,12 @@ mkdir -p "$(dirname "$exclude")"
 grep -qx "/${rel%%/*}/" "$exclude" 2>/dev/null || echo "/${rel%%/*}/" >> "$exclude"
 git check-ignore -q "$rel" || { echo "error: $rel is not git-ignored: every call would send it" >&2; exit 1; }
 
-# The trio's wheels, in order (downloading the missing ones); a DemoError is one line.
-mapfile -t wheels < <("$py" -c '
+if [ -n "$files" ]; then  # a folder: its files, in name order
+  mapfile -t wheels < <(find "$files" -maxdepth 1 -type f | sort)
+  [ ${#wheels[@]} -gt 0 ] || { echo "error: $files holds no file to stage" >&2; exit 2; }
+else
+  # The trio's wheels, in order (downloading the missing ones); a DemoError is one line.
+  mapfile -t wheels < <("$py" -c '
 import sys
 from evoforge.demo import default_cache_dir
 from evoforge.trios import DemoError, download_wheels, get_trio
@@ -38,6 +46,7 @@ try:
 except DemoError as exc:
     sys.exit(f"error: {exc}")
 ' "$trio")
+fi
 [ ${#wheels[@]} -gt 0 ] || exit 1
 
 # What every call sends anyway: tracked and untracked-not-ignored files (and shared/, where there is one).

@@ -393,3 +393,36 @@ def test_staged_pieces_each_fit_a_device_call_beside_the_tree_and_rebuild_the_wh
     result = _stage(repo, cache)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: the working tree sends 62 MiB per call")
+
+
+def test_any_folders_files_are_staged_the_same_way(tmp_path: Path) -> None:
+    """stage_trio_parts.sh FOLDER: e.g. the ray wheel and the wheels it needs, for a device without network;
+    pieces named after the folder, unpacking to the same files."""
+    repo, files = tmp_path / "repo", tmp_path / "ray"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "stage_trio_parts.sh", repo / "scripts")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    files.mkdir()
+    wanted = {"ray-2.60.0.whl": os.urandom(6 << 20), "msgpack-1.1.whl": os.urandom(1000)}
+    for name, data in wanted.items():
+        (files / name).write_bytes(data)
+    env = {**os.environ, "PIECE_MB": "4", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    cmd = ["bash", str(repo / "scripts" / "stage_trio_parts.sh"), str(files)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folders = sorted((repo / ".parts" / "ray").iterdir())
+    assert [f.name for f in folders] == ["01", "02"]
+    assert "  .parts/ray/01    mkdir -p /tmp/keep/ray-parts && cp" in result.stdout
+    keep = tmp_path / "keep"
+    (keep / "out").mkdir(parents=True)
+    for f in folders:
+        for p in f.iterdir():
+            shutil.copy(p, keep)
+    subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=keep, check=True)
+    subprocess.run(f"cat {keep}/wheels.tar.* | tar -xf - -C {keep}/out", shell=True, check=True)
+    assert {p.name: p.read_bytes() for p in (keep / "out").iterdir()} == wanted
+
+    (files / "ray-2.60.0.whl").unlink()
+    (files / "msgpack-1.1.whl").unlink()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {files} holds no file to stage"
