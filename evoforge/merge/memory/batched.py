@@ -45,9 +45,11 @@ from mergekit import merge_methods
 from mergekit.common import ModelReference
 from mergekit.merge_methods.base import BatchedMergeMethod, BatchOptions, ParameterScope, TensorGroup
 from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
-from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge, get_mask
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.sparsify import SparsificationMethod
+
+from evoforge.merge.memory import chunked
 
 ENABLED = True
 """Batch a stage's same-shaped tasks (False: every task alone, as mergekit's executor runs them; tests and
@@ -254,23 +256,7 @@ def _task_arithmetic(
         dtype=deltas.dtype,
         device=deltas.device,
     ).unsqueeze(-1)
-    deltas.mul_(weights)
-    shared = parameters[0]
-    if method.consensus_method:
-        mask_dtype = torch.int8 if shared["int8_mask"] else base.dtype
-        mask = get_mask(deltas, method=method.consensus_method, mask_dtype=mask_dtype)
-        mixed_delta = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed_delta = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if shared["normalize"]:
-        mixed_delta /= divisor
-    if shared["lambda"] != 1:
-        mixed_delta *= shared["lambda"]
-    return (base + mixed_delta).to(base.dtype)
+    return chunked.combine(method, deltas, weights, base, parameters[0])
 
 
 def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:

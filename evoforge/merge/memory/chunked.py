@@ -165,7 +165,7 @@ def merge_group(
         rows = base.new_empty((len(entries), end - start))
         for index, sparsifier in enumerate(sparsifiers):
             rows[index] = sparsifier.apply(inputs[index][start:end] - flat[start:end], start)
-        out[start:end] = _combine(method, rows, weights, flat[start:end], parameters)
+        out[start:end] = combine(method, rows, weights, flat[start:end], parameters)
         del rows
     return out.reshape(base.shape)
 
@@ -241,14 +241,16 @@ def _kth_largest(deltas: Chunks, k: int) -> tuple[int, int]:
     return prefix, greater
 
 
-def _combine(
+def combine(
     method: GeneralizedTaskArithmeticMerge,
     deltas: torch.Tensor,
     weights: torch.Tensor,
     base: torch.Tensor,
     parameters: dict[str, Any],
 ) -> torch.Tensor:
-    """mergekit's `merge_group` after sparsification, on one chunk (every step is per element)."""
+    """mergekit's `merge_group` after sparsification: weighted task vectors (`deltas`, [models, ...]), sign
+    consensus, normalisation and λ, added to `base`. Every step is per element, so it serves a chunk of one
+    tensor (here) and a stack of same-shaped tensors (`batched`) alike."""
     deltas.mul_(weights)
     if method.consensus_method:
         mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
