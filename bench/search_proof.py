@@ -4,7 +4,8 @@
     python bench/search_proof.py heldout RUN_FILE --base-models --out base.json
 
 `heldout` scores, on the run file's held-out split by accuracy (all items), each run's final best (the
-run's `Run.best`: the fittest finished candidate, earliest on ties) and its 8 seeds (generation 0), or with
+run's `Run.best`: the confirmation's choice in a likelihood run, else the fittest), its fittest candidate if
+that is another, and its 8 seeds (generation 0), or with
 `--base-models` the run file's base models and ancestor, and writes every model's per-item scores (document
 order, per task) as JSON. Models are merged as the run merged them (`fitness_metrics.load`: the memory path
 into the Scorer's resident model, else mergekit on disk). The paired comparison of these vectors (bootstrap
@@ -34,9 +35,11 @@ from evoforge.recipe import random_seed
 
 
 def run_candidates(root: Path) -> list[Candidate]:
-    """A run's best and its generation-0 seeds, as recipes with the DARE seed their header names."""
+    """A run's best, its fittest (if another) and its generation-0 seeds, as recipes with the DARE seed their
+    header names."""
     run = Run.load(root)
-    chosen = [("best", run.best)] + [("seed", e) for e in run.evaluations if e.generation == 0]
+    chosen = [("best", run.best)] + ([("fittest", run.fittest)] if run.confirmed_other else [])
+    chosen += [("seed", e) for e in run.evaluations if e.generation == 0]
     out = []
     for kind, rec in chosen:
         text = (root / rec.recipe).read_text(encoding="utf-8")
@@ -84,6 +87,13 @@ def _heldout_rows(root: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def _fittest(fittest: dict | None, best: dict | None) -> str:
+    """The fittest's held-out fitness and the confirmed best minus it, where the confirmation chose another."""
+    if fittest is None or best is None:
+        return "-"
+    return f"{fittest['fitness']:.4f}; best − it {_diff(fittest, best)}"
+
+
 def summarize(args: argparse.Namespace) -> None:
     """Markdown: per run, evaluations, best-so-far fitness, and held-out paired comparisons of its best."""
     base = [r for r in json.loads(args.base.read_text()) if r["label"] != f"model {args.ancestor}"]
@@ -91,9 +101,9 @@ def summarize(args: argparse.Namespace) -> None:
     print(f"Best specialist on held-out: {specialist['label']} {specialist['fitness']:.4f}\n")
     print(
         "| run | evaluations | best fitness: round 0 → end | best | held-out: best | − gen-0 best seed "
-        "| − best seed on held-out | − best specialist | median mutant / parent |"
+        "| − best seed on held-out | − best specialist | held-out: fittest, if not the best | median mutant / parent |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     scored = {root: _heldout_rows(root) for root in args.run_dirs}
     # Seeds by member id, from any run's file (runs of one run seed share their seeds).
     seed_rows = {
@@ -106,6 +116,7 @@ def summarize(args: argparse.Namespace) -> None:
         ratios = parent_ratios(run.evaluations, run.baselines.fitness_split)
         ratio = ", ".join(f"{op} {r:.3f}" for op, r in ratios.items()) or "-"
         best = next((r for r in rows if r["kind"] == "best"), None)
+        fittest = next((r for r in rows if r["kind"] == "fittest"), None)
         seeds = [seed_rows[e.id] for e in run.evaluations if e.generation == 0 and e.id in seed_rows]
         cells = ["not scored"] * 4
         if best is not None and len(seeds) == len([e for e in run.evaluations if e.generation == 0]):
@@ -121,7 +132,7 @@ def summarize(args: argparse.Namespace) -> None:
             cells[0] = f"{run.best_heldout.fitness:.4f} (no per-item scores)"
         print(
             f"| {root.name} | {len(fresh)} | {history[0]:.4f} → {max(history):.4f} | {run.best.label} "
-            f"{run.best.id} | {' | '.join(cells)} | {ratio} |"
+            f"{run.best.id} | {' | '.join(cells)} | {_fittest(fittest, best)} | {ratio} |"
         )
 
 

@@ -96,6 +96,11 @@ class EvaluationConfig(Strict):
     compile_generation: bool = False
     """GPU only: decode with a static KV cache that transformers compiles into CUDA graphs. Each new batch
     shape or model depth compiles once (tens of seconds), so it pays over many candidates of one depth."""
+    confirm_top: Annotated[int, Field(ge=0, le=64)] = 3
+    """With `fitness_metric: likelihood`: at the end of the run, the `confirm_top` fittest distinct candidates
+    and the best seed are scored on the fitness split by accuracy, and the most accurate is the run's best
+    (`evolve.confirm`). Likelihood ranks candidates well overall but not among the top, where a search climbs
+    it (recipes/demo/SEARCH.md). 0: the fittest is the best. Ignored with accuracy fitness."""
 
 
 class SearchConfig(Strict):

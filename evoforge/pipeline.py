@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel
 from rich.console import Console
@@ -22,12 +23,29 @@ from evoforge.evaluate.stats import paired_difference
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
 from evoforge.evolve.loop import Cancelled
-from evoforge.evolve.records import Baselines, GenerationRecord, ItemScores, Scores, write_json_atomic
+from evoforge.evolve.records import (
+    Baselines,
+    EvaluationRecord,
+    GenerationRecord,
+    ItemScores,
+    Scores,
+    rounded_items,
+    write_json_atomic,
+)
 from evoforge.evolve.run_dir import Run, RunDir, best_seed
 from evoforge.genome import GenomeSpace
 from evoforge.models import check_run_models, check_run_output
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed
+
+
+class Written(NamedTuple):
+    """A candidate whose model a run writes: its id, label, genome hash and DARE seed."""
+
+    id: str
+    label: str
+    genome_hash: str
+    seed: int | None
 
 
 class BestCandidate(BaseModel):
@@ -48,20 +66,17 @@ class BestCandidate(BaseModel):
     best_base_model: str
     best_base_fitness: float
     best_base_heldout: float
+    confirmed_accuracy: float | None = None
+    """Its accuracy on the fitness split, when a likelihood run's confirmation chose it (`evolve.confirm`)."""
     heldout_gain_interval: tuple[float, float] | None = None
     """95 % paired bootstrap interval of the held-out fitness minus the best base model's, when the run kept
     both models' held-out items."""
 
 
-def _rounded(items: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Six decimals, far below any SE: a continuous metric's full floats would double the file."""
-    return {task: [round(x, 6) for x in values] for task, values in items.items()}
-
-
 def model_card(
     run_dir: RunDir,
     cfg: EvolutionConfig,
-    member: Member,
+    candidate: Written,
     fit: Scores,
     held: Scores | None,
     recipe: str,
@@ -82,13 +97,13 @@ def model_card(
     tree = "\n".join(
         f"- `{r.genome_hash}` {r.id} ({r.operator}, {r.label}, fitness {r.fitness:.4f})"
         + (f" ← {', '.join(f'`{p}`' for p in r.parents)}" if r.parents else "")
-        for r in run_dir.lineage(member.genome.hash, cfg.evaluation.fitness_split)
+        for r in run_dir.lineage(candidate.genome_hash, cfg.evaluation.fitness_split)
     )
     ev = cfg.evaluation
     return f"""---
 tags: [merge, mergekit, evoforge]
 ---
-# {member.id} ({member.genome.label})
+# {candidate.id} ({candidate.label})
 
 Evolved by evoforge run `{cfg.name}` from {", ".join(f"`{m.path}`" for m in cfg.base_models)}.
 
@@ -108,7 +123,7 @@ Scores ± bootstrap standard error over the items:
 
 ## Recipe
 Rebuild with `evoforge merge evoforge_recipe.yaml --out DIR`, or plain mergekit:
-`mergekit-multi evoforge_recipe.yaml --intermediate-dir TMP --out-path DIR --no-lazy --random-seed {member.genome.crossover.seed}`
+`mergekit-multi evoforge_recipe.yaml --intermediate-dir TMP --out-path DIR --no-lazy --random-seed {candidate.seed}`
 
 ```yaml
 {recipe.strip()}
@@ -193,7 +208,7 @@ class EvoMergePipeline:
             held = evaluator.evaluate_model(cfg.resolve(m), ev.heldout_split)
             scores[m.name] = {ev.fitness_split: to_scores(fit), ev.heldout_split: to_scores(held)}
             if held.item_scores() is not None:
-                held_items[m.name] = _rounded(held.item_scores())
+                held_items[m.name] = rounded_items(held.item_scores())
         items = ItemScores(
             split=held.split,
             metric=held.metric,
@@ -206,7 +221,7 @@ class EvoMergePipeline:
         self.run_dir.write_baselines(baselines)
         return baselines
 
-    def _heldout_comparisons(self, evaluator, member: Member, recipe: str) -> list[str]:
+    def _heldout_comparisons(self, evaluator, candidate: Written, recipe: str) -> list[str]:
         """Markdown comparing a new best with the best base model and the best seed on the held-out split.
         Its per-item scores (the loop's last evaluation) and the best seed's (scored once, at the first new
         best, when generation 0's seeds are all scored) are added to heldout_items.json first."""
@@ -215,10 +230,14 @@ class EvoMergePipeline:
         run_dir, split = self.run_dir, self.cfg.evaluation.heldout_split
         items = run_dir.read_items()
         seed = best_seed(run_dir.evaluation_records(), self.cfg.evaluation.fitness_split)
-        wanted = {member.genome.hash: (recipe, member.genome.crossover.seed)}  # the text that was scored
+        wanted = {candidate.genome_hash: (recipe, candidate.seed)}  # the text that was scored
         if seed is not None and seed.genome_hash not in wanted:
-            text = (run_dir.root / seed.recipe).read_text(encoding="utf-8")
-            wanted[seed.genome_hash] = (text, random_seed(text))
+            try:
+                text = (run_dir.root / seed.recipe).read_text(encoding="utf-8")
+            except OSError as exc:  # removed or unreadable since: the comparison is left out, not the model
+                self._print(f"[yellow]warning:[/] best seed {seed.id} not scored on {split}: {exc}")
+            else:
+                wanted[seed.genome_hash] = (text, random_seed(text))
         for genome_hash, (text, dare_seed) in wanted.items():
             if items is None or genome_hash in items.candidates:
                 continue
@@ -228,14 +247,14 @@ class EvoMergePipeline:
                 self.console.print(f"[yellow]warning:[/] {genome_hash} not scored on {split}: {exc}")
                 continue
             if result.item_scores() is not None:
-                items.candidates[genome_hash] = _rounded(result.item_scores())
+                items.candidates[genome_hash] = rounded_items(result.item_scores())
                 run_dir.write_items(items)
         ancestor = self.cfg.ancestor.name if self.cfg.ancestor else None
         baselines = run_dir.read_baselines()
         base = baselines.best_base(split, ancestor) if baselines else None
         return heldout_comparisons(
             items,
-            (member.id, member.genome.hash),
+            (candidate.id, candidate.genome_hash),
             base[0] if base else None,
             (seed.id, seed.genome_hash) if seed else None,
         )
@@ -269,6 +288,7 @@ class EvoMergePipeline:
 
     def _generations(self, evolution, evaluator, state: State) -> None:
         """Baselines, generations, report, with the run's executor (closed by `_evolve`)."""
+        from evoforge.evolve.confirm import confirm
         from evoforge.evolve.loop import Hooks
         from evoforge.track.report import write_report
         from evoforge.track.wandb_log import WandbTracker
@@ -304,18 +324,30 @@ class EvoMergePipeline:
                 f"  {member.id} {member.genome.label:<26} {outcome.fitness:.4f} ({note}){err}"
             )
 
+        def write_model(
+            gen: int | None, folder: Path, candidate: Written, fit: Scores, held: Scores | None, recipe: str
+        ) -> None:
+            """The candidate's model folder with its recipe and model card, logged to W&B (generation
+            None: the confirmed best)."""
+            evaluator.merge(recipe, candidate.seed, folder)
+            (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
+            comparisons = self._heldout_comparisons(evaluator, candidate, recipe)
+            card = model_card(run_dir, cfg, candidate, fit, held, recipe, comparisons)
+            (folder / "README.md").write_text(card, encoding="utf-8")
+            tracker.log_best_model(gen, folder, {"id": candidate.id, "fitness": fit.fitness})
+
         def on_new_best(gen: int, member: Member, outcome: Outcome, recipe: str) -> str:
             folder = run_dir.best_model(gen)
-            evaluator.merge(recipe, member.genome.crossover.seed, folder)
             held = state.cache.get(f"{member.genome.hash}:{cfg.evaluation.heldout_split}")
-            (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
-            comparisons = self._heldout_comparisons(evaluator, member, recipe)
-            card = model_card(
-                run_dir, cfg, member, outcome.scores, held.scores if held else None, recipe, comparisons
-            )
-            (folder / "README.md").write_text(card, encoding="utf-8")
-            tracker.log_best_model(gen, folder, {"id": member.id, "fitness": outcome.fitness})
+            genome = member.genome
+            written = Written(member.id, genome.label, genome.hash, genome.crossover.seed)
+            write_model(gen, folder, written, outcome.scores, held.scores if held else None, recipe)
             return folder.name
+
+        def write_confirmed(rec: EvaluationRecord, recipe: str, folder: Path) -> None:
+            held = run_dir.read_confirmation()
+            written = Written(rec.id, rec.label, rec.genome_hash, random_seed(recipe))
+            write_model(None, folder, written, rec.scores, held.heldout if held else None, recipe)
 
         base = baselines.best_base(baselines.fitness_split, cfg.ancestor.name if cfg.ancestor else None)
         base_fit = base[1].fitness if base else 0.0
@@ -335,16 +367,21 @@ class EvoMergePipeline:
         )
         with tracker, progress:
             evolution.run(state)
+            confirm(cfg, run_dir, evaluator, write_confirmed, self.cancel, self._print)
         write_report(run_dir.root)
         if tracker.local_dir:
             self.console.print(
                 f"W&B run in {tracker.local_dir} (upload with `wandb sync {tracker.local_dir}`)"
             )
 
+    def _print(self, line: str) -> None:
+        self.console.print(line, highlight=False, soft_wrap=True)
+
     def best(self) -> BestCandidate:
-        """The run's best candidate (`Run.best`: the one the report shows and gen_<N>_best_model holds)."""
+        """The run's best candidate (`Run.best`: the one the report shows, whose model the run wrote)."""
         run = Run.load(self.run_dir.root)
-        top, gen, held = run.best, run.best_generation, run.best_heldout
+        top, held = run.best, run.best_heldout
+        model, model_error = run.best_model
         if top.scores is None:
             reason = (top.error or "").partition("\n")[0]
             raise EvoforgeError(
@@ -372,11 +409,16 @@ class EvoMergePipeline:
             heldout_fitness=held.fitness if held else None,
             domain_scores=top.scores.domains,
             heldout_domain_scores=held.domains if held else {},
-            model_path=str(self.run_dir.root / gen.best_model) if gen.best_model else None,
-            model_error=gen.best_model_error,
+            model_path=str(self.run_dir.root / model) if model else None,
+            model_error=model_error,
             recipe_path=str(self.run_dir.root / top.recipe),
             best_base_model=base[0],
             best_base_fitness=base[1].fitness,
             best_base_heldout=run.baselines.models[base[0]][held_split].fitness,
+            confirmed_accuracy=next(
+                (c.scores.fitness for c in run.confirmation.candidates if c.id == top.id and c.scores), None
+            )
+            if run.confirmation
+            else None,
             heldout_gain_interval=interval,
         )

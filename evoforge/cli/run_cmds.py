@@ -78,7 +78,12 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
         interval = f", held-out gain {gap:+.4f} in [{low:+.4f}, {high:+.4f}] (95%, paired over items)"
     typer.echo(
         f"best {best.id} ({best.label}): fitness {best.overall_fitness:.4f} ({gain:+.1%} vs {best.best_base_model}), "
-        f"held-out {held if held is not None else float('nan'):.4f}"
+        + (
+            f"chosen by accuracy {best.confirmed_accuracy:.4f} on {cfg.evaluation.fitness_split}, "
+            if best.confirmed_accuracy is not None
+            else ""
+        )
+        + f"held-out {held if held is not None else float('nan'):.4f}"
         + (f" ({held_gain:+.1%})" if held_gain is not None else "")
         + interval
     )

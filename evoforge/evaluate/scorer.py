@@ -361,6 +361,10 @@ class Scorer:
             )
         return scores
 
+    def metric(self, split: str) -> Metric:
+        """The split's metric: the config's `fitness_metric` on the fitness split, accuracy on any other."""
+        return self.evaluation.fitness_metric if split == self.evaluation.fitness_split else "accuracy"
+
     def score(
         self,
         split: str | None = None,
@@ -373,8 +377,7 @@ class Scorer:
         bootstrap standard errors of the domain scores and fitness."""
         split = split or self.evaluation.fitness_split
         limit = limit if limit is not None else self.evaluation.limit
-        if metric is None:
-            metric = self.evaluation.fitness_metric if split == self.evaluation.fitness_split else "accuracy"
+        metric = metric or self.metric(split)
         tasks = self.tasks(split)
         self._reseed(tasks.values())
         start = time.perf_counter()

@@ -24,7 +24,7 @@ import yaml
 from transformers import PretrainedConfig
 
 from evoforge.config import EvolutionConfig
-from evoforge.evaluate.scorer import EvalResult, ResidentWeights, Scorer
+from evoforge.evaluate.scorer import EvalResult, Metric, ResidentWeights, Scorer
 from evoforge.evaluate.suite import resolve_tasks_dir
 from evoforge.evolve.records import Scores
 from evoforge.merge.disk import YAML_LOADER, merge_recipe
@@ -103,22 +103,27 @@ class CandidateEvaluator:
         self._held = _HeldCandidate(self.scorer.open_weights(config), copy.deepcopy(config))
         return self._held
 
-    def evaluate_model(self, path: str | Path, split: str) -> EvalResult:
+    def evaluate_model(self, path: str | Path, split: str, metric: Metric | None = None) -> EvalResult:
         """A whole model folder (a base model, or a saved candidate) on one split."""
         self._held = None
         self.scorer.load_weights(path)
-        return self.scorer.score(split)
+        return self.scorer.score(split, metric=metric)
 
     def score_model(self, path: str | Path, split: str) -> Scores:
         return to_scores(self.evaluate_model(path, split))
 
-    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
-        """A candidate's whole result on `split` (per-item scores included): the last `score_recipe`'s if it
-        scored this candidate on this split (the loop scores a new best on the held-out split just before
-        `on_new_best`), else scored now."""
+    def result(self, recipe: str, seed: int, split: str, metric: Metric | None = None) -> EvalResult:
+        """A candidate's whole result on `split` by `metric` (default: the split's, `Scorer.score`), per-item
+        scores included: the last `score_recipe`'s if it scored this candidate so (the loop scores a new best
+        on the held-out split just before `on_new_best`), else scored now."""
         last = self._last
-        if last is None or last[1].split != split or not _same_candidate(last[0], (recipe, seed)):
-            self.score_recipe(recipe, seed, split)
+        wanted = metric or self.scorer.metric(split)
+        if (
+            last is None
+            or (last[1].split, last[1].metric) != (split, wanted)
+            or not _same_candidate(last[0], (recipe, seed))
+        ):
+            self.score_recipe(recipe, seed, split, metric)
         return self._last[1]
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
@@ -146,9 +151,12 @@ class CandidateEvaluator:
         self.scorer.lm.batch_size_per_gpu = size // 2
         return True
 
-    def score_recipe(self, recipe: str, seed: int, split: str) -> tuple[Scores, float, float]:
-        """(scores, merge seconds, evaluation seconds) of one candidate recipe. On the memory path the merge
-        seconds include copying the weights into the Scorer; on the disk path the evaluation seconds do."""
+    def score_recipe(
+        self, recipe: str, seed: int, split: str, metric: Metric | None = None
+    ) -> tuple[Scores, float, float]:
+        """(scores, merge seconds, evaluation seconds) of one candidate recipe (by the split's metric unless
+        `metric` says). On the memory path the merge seconds include copying the weights into the Scorer; on
+        the disk path the evaluation seconds do."""
         t0 = time.perf_counter()
         self._held = None
         if self.memory is not None:
@@ -163,7 +171,7 @@ class CandidateEvaluator:
                 else:
                     self._held = None
                 t1 = time.perf_counter()
-                result = self.scorer.score(split)
+                result = self.scorer.score(split, metric=metric)
                 self._last = ((recipe, seed), result)
                 return to_scores(result), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +179,7 @@ class CandidateEvaluator:
         try:
             self.merge(recipe, seed, out)
             t1 = time.perf_counter()
-            result = self.evaluate_model(out, split)
+            result = self.evaluate_model(out, split, metric)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         self._last = ((recipe, seed), result)

@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,17 +26,19 @@ from evoforge.evolve.run_dir import RunDir
 from evoforge.evolve.strategies.base import Proposal
 
 VERSION = 2
-RESUMABLE_CHANGES = {
-    "max_generations",
-    "output_dir",
-    "wandb_mode",
-    "wandb_project",
-    "device",
-    "executor",
-    "ray",
-    "source",
+RESUMABLE_CHANGES: dict[str, Any] = {
+    "max_generations": True,
+    "output_dir": True,
+    "wandb_mode": True,
+    "wandb_project": True,
+    "device": True,
+    "executor": True,
+    "ray": True,
+    "source": True,
+    "evaluation": {"confirm_top"},
 }
-"""Config keys a resumed run may change; any other change makes the checkpoint belong to another run."""
+"""Config keys a resumed run may change (a `model_dump` exclude); any other change makes the checkpoint belong to
+another run."""
 
 
 class CheckpointError(EvoforgeError):
@@ -105,6 +108,15 @@ def rng_state(rng: random.Random) -> list:
     return [version, list(internal), gauss]
 
 
+RESUMABLE_NAMES = [
+    f"{key}.{sub}" if isinstance(value, set) else key
+    for key, value in sorted(RESUMABLE_CHANGES.items())
+    if key != "source"
+    for sub in (sorted(value) if isinstance(value, set) else [None])
+]
+"""The keys of RESUMABLE_CHANGES as a user writes them (`source` is not a run-file key)."""
+
+
 def fingerprint(cfg: EvolutionConfig) -> str:
     """What identifies a run: the resolved config (absolute paths, as run_dir/config.yaml holds it) minus
     the keys a resume may change."""
@@ -149,6 +161,6 @@ def load(path: Path, cfg: EvolutionConfig) -> State:
     if state.config_fingerprint != fingerprint(cfg):
         raise CheckpointError(
             f"{path}: config_fingerprint: the checkpoint belongs to another run configuration "
-            f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'source'}))} may change on resume)"
+            f"(only {', '.join(RESUMABLE_NAMES)} may change on resume)"
         )
     return state

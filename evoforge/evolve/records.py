@@ -3,7 +3,8 @@
 `evaluations.jsonl` holds one `EvaluationRecord` per candidate evaluation (append-only, fsynced per line),
 `generations.jsonl` one `GenerationRecord` per finished generation, `baselines.json` the `Baselines` (the
 base models and ancestor on the fitness and held-out splits), `heldout_items.json` the `ItemScores` that
-paired comparisons resample; `run_dir.RunDir` says where each file lives.
+paired comparisons resample, `confirmation.json` the `Confirmation` that picks a likelihood run's best;
+`run_dir.RunDir` says where each file lives.
 """
 
 from __future__ import annotations
@@ -100,6 +101,44 @@ class GenerationRecord(BaseModel):
     wall_s: float = 0.0
 
 
+class Confirmed(BaseModel):
+    """One candidate of a confirmation: its search fitness and its score on the fitness split by accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    generation: int
+    genome_hash: str
+    fitness: float
+    """Its fitness in the search (likelihood)."""
+    scores: Scores | None = None
+    """On the fitness split by accuracy; None if it failed (`error`)."""
+    error: str | None = None
+
+
+class Confirmation(BaseModel):
+    """A run whose fitness is likelihood (a proxy, cheaper than accuracy) ends by scoring its `top` fittest
+    distinct candidates and its best seed on the fitness split by accuracy, the metric of the held-out claim;
+    the most accurate of them is the run's best (`evolve.confirm`, `run_dir.Run.best`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: str
+    top: int
+    generations: int
+    """How many finished generations the candidates were drawn from: a run resumed for more generations is
+    confirmed again (the scores of candidates already confirmed are reused)."""
+    candidates: list[Confirmed]
+    chosen: str | None = None
+    """The chosen candidate's id, once every candidate is scored."""
+    heldout: Scores | None = None
+    """The chosen candidate on the held-out split, when it is not the fittest (whose generation record has
+    its held-out scores)."""
+    model: str | None = None
+    """confirmed_best_model, once written, when the chosen candidate is not the fittest (whose model is its
+    gen_<N>_best_model)."""
+    model_error: str | None = None
+    """Why that model could not be written; `--resume` tries again."""
+
+
 class Baselines(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fitness_split: str
@@ -129,6 +168,12 @@ class ItemScores(BaseModel):
     """model name → task → per-item scores."""
     candidates: dict[str, dict[str, list[float]]] = {}
     """genome hash → task → per-item scores."""
+
+
+def rounded_items(items: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-item scores to six decimals, far below any SE: a continuous metric's full floats would double the
+    file."""
+    return {task: [round(x, 6) for x in values] for task, values in items.items()}
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -10,17 +10,21 @@ runs/<name>/
   generations.jsonl                              `GenerationRecord`s, one per finished generation
   baselines.json                                 `Baselines`
   heldout_items.json                             `ItemScores`: held-out items of base models, bests, best seed
+  confirmation.json                              `Confirmation`: a likelihood run's top candidates by accuracy
   checkpoints/evolution_checkpoint_gen_<N>.json  the state at the start of generation N
   gen_<N>_best_model/                            each new best: model folder, recipe, model card
+  confirmed_best_model/                          the confirmed best, when it is not the fittest
   report/                                        plots and summary.md
   wandb/, wandb_run_id                           the W&B run (wandb.init(dir=run_dir) makes wandb/)
   .work/                                         scratch merges, removed when the run stops
   .lock                                          the running run's pid, flock-ed while it runs
 
-The run's best is the candidate with the highest fitness-split fitness in a finished generation, the
+The run's fittest is the candidate with the highest fitness-split fitness in a finished generation, the
 earliest on ties (generation, then place in the population). The loop writes exactly that candidate as
-gen_<N>_best_model (a new best must beat every earlier generation's best strictly), the report shows it
-and `evoforge run` prints it. A generation that an interrupted run left half-evaluated does not count
+gen_<N>_best_model (a new best must beat every earlier generation's best strictly). The run's best is the
+fittest, unless the run was confirmed (`evolve.confirm`: a likelihood run's top candidates and best seed
+re-scored by accuracy): then it is the confirmation's choice. The report shows the best and `evoforge run`
+prints it. A generation that an interrupted run left half-evaluated does not count
 (a resume with `--gens N` can leave one behind): its best is not known, it has no held-out score, no model.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from evoforge.config import format_validation_error, read_mapping
 from evoforge.errors import ConfigError, EvoforgeError
 from evoforge.evolve.records import (
     Baselines,
+    Confirmation,
     EvaluationRecord,
     GenerationRecord,
     ItemScores,
@@ -112,6 +118,14 @@ class RunDir:
     def best_model(self, generation: int) -> Path:
         return self.root / f"gen_{generation}_best_model"
 
+    @property
+    def confirmed_model(self) -> Path:
+        return self.root / "confirmed_best_model"
+
+    @property
+    def confirmation(self) -> Path:
+        return self.root / "confirmation.json"
+
     def checkpoint(self, generation: int) -> Path:
         return self.root / CHECKPOINT_DIR / f"evolution_checkpoint_gen_{generation}.json"
 
@@ -159,7 +173,7 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                holder = _holder(fd)
                 raise EvoforgeError(
                     f"{self.root}: another evoforge run (pid {holder}) is using this run directory; "
                     "wait for it to stop or choose another --output-dir"
@@ -171,7 +185,11 @@ class RunDir:
             os.close(fd)  # releases the lock
 
     def _repair(self) -> list[str]:
-        for folder in [*self.root.glob(".gen_*_best_model.*.partial"), self.work]:
+        partial = [
+            *self.root.glob(".gen_*_best_model.*.partial"),
+            *self.root.glob(".confirmed_best_model.*.partial"),
+        ]
+        for folder in [*partial, self.work]:
             shutil.rmtree(folder, ignore_errors=True)
         for pattern in (".*.tmp", f"{CHECKPOINT_DIR}/.*.tmp", "candidates/gen_*/.*.tmp"):
             for tmp in self.root.glob(pattern):
@@ -190,6 +208,18 @@ class RunDir:
     def write_baselines(self, baselines: Baselines) -> None:
         write_json_atomic(self.baselines, baselines.model_dump_json(indent=2))
 
+    def read_confirmation(self) -> Confirmation | None:
+        """The run's confirmation, None before (or without) one; a damaged file is an error naming it."""
+        if not self.confirmation.is_file():
+            return None
+        try:
+            return Confirmation.model_validate_json(self.confirmation.read_text(encoding="utf-8"))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(self.confirmation, err)) from None
+
+    def write_confirmation(self, confirmation: Confirmation) -> None:
+        write_json_atomic(self.confirmation, confirmation.model_dump_json(indent=2))
+
     def read_items(self) -> ItemScores | None:
         """The held-out per-item scores, None where the run has none (it predates them)."""
         if not self.heldout_items.is_file():
@@ -205,6 +235,17 @@ class RunDir:
     def lineage(self, genome_hash: str, split: str) -> list[EvaluationRecord]:
         """A candidate and its ancestors so far (during a run: its own generation is not finished)."""
         return lineage((r for r in self.evaluation_records() if r.split == split), genome_hash)
+
+
+def _holder(fd: int) -> str:
+    """The pid a locked run directory's holder wrote, waiting a moment for it: the holder writes it just after
+    it takes the lock."""
+    for _ in range(50):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.02)
+    return "unknown"
 
 
 def latest_records(records: Iterable[EvaluationRecord]) -> list[EvaluationRecord]:
@@ -280,6 +321,8 @@ class Run:
     """Fitness-split evaluations of the finished generations."""
     generations: list[GenerationRecord]
     baselines: Baselines
+    confirmation: Confirmation | None = None
+    """The confirmation of exactly these generations, once it has chosen (else None: the best is the fittest)."""
 
     @classmethod
     def load(cls, root: Path) -> Run:
@@ -316,6 +359,9 @@ class Run:
                 )
         cfg = read_mapping(run_dir.config) if run_dir.config.is_file() else {}
         ancestor = cfg.get("ancestor")
+        confirmation = run_dir.read_confirmation()
+        if confirmation and (confirmation.chosen is None or confirmation.generations != len(generations)):
+            confirmation = None
         return cls(
             run_dir=run_dir,
             name=str(cfg.get("name") or root.name),
@@ -323,24 +369,46 @@ class Run:
             evaluations=evaluations,
             generations=sorted(generations, key=lambda g: g.generation),
             baselines=baselines,
+            confirmation=confirmation,
         )
 
     @cached_property
-    def best_generation(self) -> GenerationRecord:
-        """The generation holding the run's best candidate (the earliest on a tie): the population has no
-        elitism, so the last generation's best is not necessarily the run's best."""
+    def fittest_generation(self) -> GenerationRecord:
+        """The generation holding the run's fittest candidate (the earliest on a tie): a generation's best
+        need not beat the earlier ones."""
         return max(self.generations, key=lambda g: (g.best_fitness, -g.generation))
 
     @cached_property
-    def best(self) -> EvaluationRecord:
-        """The run's best candidate (see the module's docstring); a generation's best_id is the first of
-        its population at the generation's best fitness."""
-        g = self.best_generation
+    def fittest(self) -> EvaluationRecord:
+        """The candidate with the highest fitness (see the module's docstring); a generation's best_id is the
+        first of its population at the generation's best fitness."""
+        g = self.fittest_generation
         return next(e for e in self.evaluations if (e.generation, e.id) == (g.generation, g.best_id))
+
+    @cached_property
+    def best(self) -> EvaluationRecord:
+        """The run's best: the confirmation's choice, else the fittest (see the module's docstring)."""
+        if self.confirmation is None:
+            return self.fittest
+        return next(e for e in self.evaluations if e.id == self.confirmation.chosen)
+
+    @property
+    def confirmed_other(self) -> bool:
+        """Whether the confirmation chose another candidate than the fittest."""
+        return self.best.genome_hash != self.fittest.genome_hash
 
     @property
     def best_heldout(self) -> Scores | None:
-        return self.best_generation.best_heldout
+        if self.confirmation is not None and self.confirmed_other:
+            return self.confirmation.heldout
+        return self.fittest_generation.best_heldout
+
+    @property
+    def best_model(self) -> tuple[str | None, str | None]:
+        """(the best's model folder relative to the run directory, or None and why it is not written)."""
+        if self.confirmation is not None and self.confirmed_other:
+            return self.confirmation.model, self.confirmation.model_error
+        return self.fittest_generation.best_model, self.fittest_generation.best_model_error
 
     def by_hash(self) -> dict[str, EvaluationRecord]:
         return first_evaluations(self.evaluations)

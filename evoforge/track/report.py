@@ -304,9 +304,33 @@ def _comparisons(run: Run) -> list[str]:
     )
 
 
+def _confirmation(run: Run) -> list[str]:
+    """How a likelihood run's best was chosen (`evolve.confirm`): each candidate's fitness and accuracy."""
+    conf = run.confirmation
+    if conf is None:
+        return []
+    lines = [
+        f"- Chosen by accuracy on {conf.split} among the {conf.top} fittest and the best seed "
+        "(fitness is likelihood, a proxy that ranks the top candidates less well):",
+        "",
+        f"  | candidate | fitness | accuracy on {conf.split} |",
+        "  |---|---|---|",
+    ]
+    for c in conf.candidates:
+        acc = (
+            with_se(c.scores.fitness, c.scores.fitness_se)
+            if c.scores
+            else f"failed: {_first_line(c.error or '')}"
+        )
+        mark = "**" if c.id == conf.chosen else ""
+        lines.append(f"  | {mark}`{c.id}`{mark} | {_fmt(c.fitness)} | {mark}{acc}{mark} |")
+    return lines
+
+
 def summary_markdown(run: Run) -> str:
     """The summary: the best candidate, its improvement over the best base model on both splits, tables."""
-    best, gen, held = run.best, run.best_generation, run.best_heldout
+    best, held = run.best, run.best_heldout
+    model, _ = run.best_model
     fit_split, held_split = run.baselines.fitness_split, run.baselines.heldout_split
     failed = [e for e in run.evaluations if e.error is not None]
     cached = sum(e.cached for e in run.evaluations)
@@ -318,18 +342,19 @@ def summary_markdown(run: Run) -> str:
         f"- Generations: {len(run.generations)} (gen {first}–{last}); evaluations: {len(run.evaluations)} "
         f"({len(run.by_hash())} distinct genomes, {cached} cached, {len(failed)} failed)",
         f"- Best candidate: `{best.id}` — {best.label}, genome `{best.genome_hash}`, made by {best.operator} "
-        f"in generation {gen.generation}"
+        f"in generation {best.generation}"
         + (f" (it failed: {_first_line(best.error)})" if best.error is not None else ""),
-        f"- Fitness ({fit_split}): {_fmt(gen.best_fitness)}",
+        f"- Fitness ({fit_split}): {_fmt(best.fitness)}",
         f"- Held-out fitness ({held_split}): " + (_fmt(held.fitness) if held else "not scored"),
         f"- Recipe: `{best.recipe}`" + ("" if recipe.is_file() else " (file missing)"),
-        f"- Model: `{gen.best_model}/`" if gen.best_model else "- Model: not written",
+        f"- Model: `{model}/`" if model else "- Model: not written",
+        *_confirmation(run),
         "",
         "## Improvement over the best base model",
         "",
         "| split | best base model | base fitness | best candidate | Δ absolute | Δ relative |",
         "|---|---|---|---|---|---|",
-        _improvement_row(fit_split, "fitness", gen.best_fitness, run.best_base(fit_split)),
+        _improvement_row(fit_split, "fitness", best.fitness, run.best_base(fit_split)),
         _improvement_row(held_split, "held-out", held.fitness if held else None, run.best_base(held_split)),
         "",
         f"## Held-out comparisons ({held_split})",

@@ -107,8 +107,9 @@ class WandbTracker:
         if self._run is not None:
             self._run.log(generation_metrics(rec), step=rec.generation)
 
-    def log_best_model(self, generation: int, path: Path, metadata: dict[str, Any]) -> None:
-        """Log a best-model folder as artifact `model_gen_<N>` (type `model`).
+    def log_best_model(self, generation: int | None, path: Path, metadata: dict[str, Any]) -> None:
+        """Log a best-model folder as artifact `model_gen_<N>` (type `model`), the confirmed best's
+        (`evolve.confirm`, generation None) as `model_confirmed`.
 
         The files are referenced in place (policy `immutable`), not copied to a staging area: the folder is
         written once and a 3 GB copy per generation would double the run's disk use. An offline run
@@ -118,7 +119,8 @@ class WandbTracker:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"model_gen_{generation}", type="model", metadata=metadata)
+        name = "model_confirmed" if generation is None else f"model_gen_{generation}"
+        artifact = wandb.Artifact(name, type="model", metadata=metadata)
         artifact.add_dir(str(path), policy="immutable")
         self._run.log_artifact(artifact)
 

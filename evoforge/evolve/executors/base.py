@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from evoforge.evolve.records import Scores
 
 if TYPE_CHECKING:
-    from evoforge.evaluate.scorer import EvalResult
+    from evoforge.evaluate.scorer import EvalResult, Metric
 
 Result = tuple[Scores, float, float]
 """(scores, merge seconds, evaluation seconds), as `CandidateEvaluator.score_recipe` returns them."""
@@ -50,8 +50,9 @@ class Executor(Protocol):
         """A whole model folder's result, per-item scores included (the baselines)."""
         ...
 
-    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
-        """A candidate's result, per-item scores included (the held-out comparisons)."""
+    def result(self, recipe: str, seed: int, split: str, metric: Metric | None = None) -> EvalResult:
+        """A candidate's result, per-item scores included (the held-out comparisons, the confirmation), by
+        `metric` (default: the split's)."""
         ...
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:

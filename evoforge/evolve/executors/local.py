@@ -10,7 +10,7 @@ from evoforge.evolve.executors.base import Job, Result
 from evoforge.evolve.records import Scores
 
 if TYPE_CHECKING:
-    from evoforge.evaluate.scorer import EvalResult
+    from evoforge.evaluate.scorer import EvalResult, Metric
     from evoforge.evolve.candidates import CandidateEvaluator
 
 
@@ -39,8 +39,8 @@ class LocalExecutor:
     def evaluate_model(self, path: str | Path, split: str) -> EvalResult:
         return self.evaluator.evaluate_model(path, split)
 
-    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
-        return self.evaluator.result(recipe, seed, split)
+    def result(self, recipe: str, seed: int, split: str, metric: Metric | None = None) -> EvalResult:
+        return self.evaluator.result(recipe, seed, split, metric)
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
         return self.evaluator.merge(recipe, seed, out_dir)

@@ -35,7 +35,7 @@ from evoforge.evolve.records import Scores
 from evoforge.quiet import quiet_libraries
 
 if TYPE_CHECKING:
-    from evoforge.evaluate.scorer import EvalResult
+    from evoforge.evaluate.scorer import EvalResult, Metric
 
 OBJECT_STORE_BYTES = 128 * 1024**2
 """A local cluster's object store: recipes and score records are kilobytes (Ray's minimum is 75 MiB)."""
@@ -79,9 +79,9 @@ class EvaluatorActor:
         with quiet_libraries():
             return self.evaluator.evaluate_model(path, split)
 
-    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
+    def result(self, recipe: str, seed: int, split: str, metric: Metric | None = None) -> EvalResult:
         with quiet_libraries():
-            return self.evaluator.result(recipe, seed, split)
+            return self.evaluator.result(recipe, seed, split, metric)
 
     def merge(self, recipe: str, seed: int, out_dir: str) -> str:
         with quiet_libraries():
@@ -192,9 +192,9 @@ class RayExecutor:
     def evaluate_model(self, path: str | Path, split: str) -> EvalResult:
         return self.call("evaluate_model", (str(path), split))
 
-    def result(self, recipe: str, seed: int, split: str) -> EvalResult:
+    def result(self, recipe: str, seed: int, split: str, metric: Metric | None = None) -> EvalResult:
         """On the actor that scored last where it can: it may still hold the candidate's result."""
-        return self.call("result", (recipe, seed, split), prefer=self.last_worker)
+        return self.call("result", (recipe, seed, split, metric), prefer=self.last_worker)
 
     def merge(self, recipe: str, seed: int, out_dir: Path) -> Path:
         return Path(self.call("merge", (recipe, seed, str(out_dir)), prefer=self.last_worker))
