@@ -66,6 +66,7 @@ from transformers.trainer_utils import set_seed
 from evoforge.config import EvaluationConfig, EvolutionConfig, MergeOperators
 from evoforge.evaluate.generation import PooledHFLM
 from evoforge.evaluate.scorer import Scorer, load_model
+from evoforge.evolve import strategies
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.loop import Evolution, Hooks
 from evoforge.evolve.run_dir import RunDir
@@ -415,7 +416,13 @@ def one_generation(cfg: EvolutionConfig, space: GenomeSpace, evaluator: Candidat
         log(f"  best model written in {best_s[-1]:.2f} s")
 
     evolution = Evolution(cfg, space, run_dir, recorder, Hooks(on_new_best=on_new_best))
-    record, _ = evolution.run_generation(evolution.initial_state())
+    state = evolution.initial_state()
+    strategy = strategies.make(cfg, space, state.rng())  # as `Evolution.run` makes it
+    strategy.load_state_dict(state.strategy)
+    try:
+        record, _ = evolution.run_generation(state, strategy)
+    finally:
+        evolution.drop_ahead()
     fit = [r for r in recorder.rows if r[0] == cfg.evaluation.fitness_split]
     return {
         "rows": fit,
