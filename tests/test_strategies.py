@@ -300,3 +300,26 @@ def test_a_frankenmerge_edit_re_sources_a_few_layers_not_the_whole_model():
             moved = [i for i, s in enumerate(path) if s.source != "crossover"]
             assert 1 <= len(moved) <= max(1, round(rate * 30))
             assert moved == list(range(moved[0], moved[-1] + 1))  # one contiguous run
+
+
+def test_a_data_flow_edit_never_drops_repeats_or_shifts_the_first_or_last_layers():
+    """A dfs mutant that dropped layer 1 of the demo's 30 kept 3 % of its parent's fitness: edits that
+    restructure the path leave a tenth of the depth at each end in place (re-sourcing and rescaling them are
+    still allowed), and they still reach every step in between."""
+    space = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=30)
+    parent = seed_genomes(space, config("ga").merge_operators, [1, 1, 1], 0)["linear-ties-dfs"].structure.path
+    ends = structure.protected_ends(30)
+    assert ends == 3
+    edit = structure.METHODS["dfs"].edit
+    rng = random.Random(5)
+    restructured: set[int] = set()
+    for _ in range(400):
+        path = list(parent)
+        for _ in range(3):
+            path = edit(path, space, rng, 0.15)
+        head, tail = [s.layer for s in path[:ends]], [s.layer for s in path[-ends:]]
+        assert head == [0, 1, 2] and tail == [27, 28, 29], (head, tail)
+        layers = [s.layer for s in path]
+        if layers != list(range(30)):
+            restructured.add(next(i for i, (a, b) in enumerate(zip(layers, range(30))) if a != b))
+    assert min(restructured) == ends and max(restructured) >= 25  # the middle is edited, up to its end
