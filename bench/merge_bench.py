@@ -15,7 +15,8 @@ Sections
   B. One generation of the real loop (`Evolution.run_generation`, population = the 8 seeds, best model
      written as `evoforge run` writes it: from memory on the memory path, `evoforge.merge.save`, through
      mergekit's run_merge on the disk path) with `merge_path: memory` and `disk`: per-candidate merge and
-     evaluation seconds, generation wall time; both loops must score alike.
+     evaluation seconds, generation wall time; both loops must score alike. `--loops overlap` adds the
+     memory path with `overlap_merges` (the next candidate merged while this one is scored).
   E. Evaluation throughput on one model (the first child): lm-eval's HFLM (each task's requests decoded in
      their own batches) vs evoforge's Scorer (PooledHFLM on CUDA: every task's requests together), same
      task objects and items; per-candidate wall time (first call and warm median), generation's share,
@@ -368,7 +369,8 @@ def run_config(
             "base_models": [{"name": n, "path": str(family[n])} for n in NAMES],
             "dtype": args.dtype,
             "device": args.device,
-            "merge_path": merge_path,
+            "merge_path": "disk" if merge_path == "disk" else "memory",
+            "overlap_merges": merge_path == "overlap",
             "evaluation": {
                 "tasks_dir": str(tasks),
                 "batch_size": batch_size or args.batch_size,
@@ -387,10 +389,11 @@ class Recorder:
 
     def __init__(self, evaluator: CandidateEvaluator) -> None:
         self.evaluator, self.rows, self.errors = evaluator, [], []
+        self.overlap = evaluator.overlap  # the local executor then passes the next candidate (`then`)
 
-    def score_recipe(self, recipe: str, seed: int, split: str):
+    def score_recipe(self, recipe: str, seed: int, split: str, **then):
         try:
-            scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split)
+            scores, merge_s, eval_s = self.evaluator.score_recipe(recipe, seed, split, **then)
         except Exception as error:
             self.errors.append(f"{type(error).__name__}: {oom(error)}")
             raise
@@ -488,15 +491,18 @@ def section_loops(
     for merge_path, r in results.items():
         for error in r["errors"]:
             print(f"- {merge_path} loop, failed: {error}")
-    if len(per) < 2:
-        return
-    (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
-    print(
-        f"\nspeed-up memory vs disk: merge {dm / mm:.1f}×, candidate (merge + eval) {(dm + de) / (mm + me):.1f}×, "
-        f"generation {dw / mw:.1f}×"
-    )
-    same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results["disk"]["all"]]
-    print(f"same fitness for every candidate on both loops: {same}", flush=True)
+    if "memory" in per and "disk" in per:
+        (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
+        print(
+            f"\nspeed-up memory vs disk: merge {dm / mm:.1f}×, candidate (merge + eval) "
+            f"{(dm + de) / (mm + me):.1f}×, generation {dw / mw:.1f}×"
+        )
+    if "memory" in per and "overlap" in per:
+        print(f"\nspeed-up overlap vs memory: generation {per['memory'][2] / per['overlap'][2]:.2f}×")
+    for other in ("disk", "overlap"):
+        if "memory" in per and other in per:
+            same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results[other]["all"]]
+            print(f"same fitness for every candidate on the memory and {other} loops: {same}", flush=True)
 
 
 class Texts:
@@ -675,7 +681,11 @@ def main() -> None:
     parser.add_argument(
         "--sections", default="ABEC", help="sections to run, e.g. AE (C compares recipes only after A)"
     )
-    parser.add_argument("--loops", default="memory,disk", help="section B's loops: memory, disk or both")
+    parser.add_argument(
+        "--loops",
+        default="memory,disk",
+        help="section B's loops, comma-separated: memory, disk, overlap (memory, next merge while scoring)",
+    )
     parser.add_argument(
         "--control-batch", type=int, default=8, help="section E: lm-eval's HFLM again at this batch size"
     )

@@ -159,6 +159,9 @@ class EvolutionConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     device: Device = "auto"
     merge_path: Literal["memory", "disk"] = "memory"
+    overlap_merges: bool | None = None
+    """Merge the next candidate while this one is scored (memory path; a second model's worth of memory).
+    None: where merges run on a GPU that holds the base models; false: one after another."""
     executor: Literal["local", "ray"] = "local"
     """`local`: candidates one after another in this process; `ray`: spread over Ray actors (`ray` keys)."""
     ray: RayConfig = RayConfig()

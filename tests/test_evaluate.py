@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from eval_support import (
@@ -249,6 +251,24 @@ def test_generation_budget_from_the_run_file(qwen_family: dict[str, Path], mini_
 
     assert budgets(EvaluationConfig()) == {12}
     assert budgets(EvaluationConfig(max_new_tokens=3)) == {3}
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "likelihood"])
+def test_scoring_draws_nothing_from_the_global_generators_once_seeded(
+    qwen_family: dict[str, Path], mini_tasks: Path, metric: str
+) -> None:
+    """What lets the next candidate's merge run beside scoring (`overlap_merges`): DARE draws its masks from
+    torch's global generator, and a merge restores python's, numpy's and torch's when it ends."""
+
+    def states() -> tuple:
+        return random.getstate(), np.random.get_state()[1].tobytes(), torch.get_rng_state().numpy().tobytes()
+
+    scorer = Scorer.from_pretrained(
+        qwen_family["alpha"], device="cpu", weights=MINI_WEIGHTS, tasks_dir=mini_tasks
+    )
+    seeded: list[tuple] = []
+    scorer.score(limit=3, metric=metric, seeded=lambda: seeded.append(states()))
+    assert len(seeded) == 1 and states() == seeded[0]
 
 
 def _shallow_copy(src: Path, dst: Path, depth: int) -> Path:

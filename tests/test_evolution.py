@@ -18,12 +18,14 @@ import torch
 import yaml
 from evolution_support import run_config
 from safetensors.torch import load_file
+from test_executors import run_files
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from evoforge import BaseModelConfig, EvolutionConfig, EvoMergePipeline
 from evoforge.cli import app
 from evoforge.config import load_config
+from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.checkpoint import Member
 from evoforge.evolve.loop import members, plateaued
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
@@ -239,6 +241,33 @@ def test_sigkill_at_random_points_resumes_to_the_same_result(
     fresh = [r for r in read_records(evaluations, EvaluationRecord) if not r.cached]
     keys = [(r.genome_hash, r.split) for r in fresh]
     assert len(keys) == len(set(keys)), "a finished evaluation was run again"
+
+
+@pytest.mark.slow
+def test_merging_the_next_candidate_while_scoring_gives_the_same_run(
+    straight_run, diverse_family, mc_tasks, tmp_path, monkeypatch
+):
+    """`overlap_merges` on the CPU (the default turns it on for GPUs only): every record, checkpoint and the
+    best model are those of merges one after another, and most candidates were merged ahead."""
+    merged_ahead, written = [], []
+    merge_ahead, write_ahead = CandidateEvaluator._merge_ahead, CandidateEvaluator._write_ahead
+    monkeypatch.setattr(
+        CandidateEvaluator, "_merge_ahead", lambda self, a: merged_ahead.append(a) or merge_ahead(self, a)
+    )
+    monkeypatch.setattr(
+        CandidateEvaluator, "_write_ahead", lambda self, a: written.append(a) or write_ahead(self, a)
+    )
+    data = run_config(diverse_family, mc_tasks, tmp_path / "run", max_generations=4, **SMALL)
+    EvoMergePipeline(EvolutionConfig(**data, overlap_merges=True)).run()
+    assert run_files(tmp_path / "run") == run_files(straight_run)
+    saved = sorted(straight_run.glob("gen_*_best_model/*.safetensors"))
+    assert saved
+    for expected_file in saved:
+        best = load_file(tmp_path / "run" / expected_file.relative_to(straight_run))
+        expected = load_file(expected_file)
+        assert best.keys() == expected.keys() and all(torch.equal(best[k], t) for k, t in expected.items())
+    assert len(written) >= len(merged_ahead) - 4 > 10  # only a round's last merge ahead can go unused
+    assert all(a.error is None for a in merged_ahead)
 
 
 @pytest.mark.slow

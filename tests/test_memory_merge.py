@@ -392,10 +392,23 @@ def test_memory_loop_scores_candidates_as_the_disk_loop_does(
     with pytest.raises(NotInMemory):
         evaluators["memory"].memory.merge(foreign)
     deep, shallow = (render(genomes[k], space) for k in ("deep-dfs", "linear-ties-frankenmerge"))
-    for text in (deep, shallow, foreign):  # the Scorer's model grows to 9 layers, then back to 6
+    overlap = CandidateEvaluator(  # each next candidate merged while one is scored (ahead, in a thread)
+        EvolutionConfig.model_validate(
+            run_config(qwen_family, tasks, tmp_path / "overlap", merge_path="memory", overlap_merges=True)
+        ),
+        str(qwen_family["alpha"]),
+        tmp_path / "overlap" / ".work",
+    )
+    texts, ahead = [deep, shallow, foreign, shallow], []
+    for text, then in zip(texts, [*texts[1:], None], strict=True):  # 9 layers, then 6; foreign: refused ahead
         seed = random_seed(text) or 0
         memory, disk = (evaluators[p].score_recipe(text, seed, "validation") for p in ("memory", "disk"))
         assert memory[0] == disk[0] and memory[1] > 0 and memory[2] > 0
+        merged = overlap._ahead
+        ahead.append(merged and (merged.key[0], merged.error is None))
+        following = then and (then, random_seed(then) or 0)
+        assert overlap.score_recipe(text, seed, "validation", then=following)[0] == disk[0]
+    assert ahead == [None, (shallow, True), (foreign, False), None]  # after the disk path, nothing ahead
     assert not any((tmp_path / "memory" / ".work").glob("candidate-*"))
     for label, text in (("deep", deep), ("foreign", foreign)):  # best models: from memory, else from disk
         seed = random_seed(text) or 0

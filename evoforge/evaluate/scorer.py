@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import fmean, stdev
@@ -370,16 +370,21 @@ class Scorer:
         split: str | None = None,
         limit: int | None = None,
         metric: Metric | None = None,
+        seeded: Callable[[], None] | None = None,
     ) -> EvalResult:
         """Evaluate the resident model on `split` (default: the fitness split), first `limit` documents of
         each task (default: the config's limit; None = all), by `metric` (default: the config's
         `fitness_metric` on the fitness split, accuracy on any other), with per-item scores and the
-        bootstrap standard errors of the domain scores and fitness."""
+        bootstrap standard errors of the domain scores and fitness. `seeded` is called once the global
+        generators are seeded: scoring draws nothing from them after, so work started there (the next
+        candidate's merge, `CandidateEvaluator`) neither changes this score nor is changed by it."""
         split = split or self.evaluation.fitness_split
         limit = limit if limit is not None else self.evaluation.limit
         metric = metric or self.metric(split)
         tasks = self.tasks(split)
         self._reseed(tasks.values())
+        if seeded is not None:
+            seeded()
         start = time.perf_counter()
         if metric == "likelihood":
             scores = self._likelihood(tasks, limit)

@@ -7,6 +7,12 @@ tokenizer merges) and every recipe with `merge_path: disk` go through the disk p
 reference) into a scratch folder that is copied into the Scorer. The best model of a generation is written
 from memory where the memory path applies (`save_merged`: the tensors mergekit's run_merge gives for its YAML
 and seed on this device, without merging twice), else through the disk path.
+
+With `overlap_merges`, `score_recipe(..., then=next)` merges the next candidate in a thread (on its own CUDA
+stream) while this one is scored, into a second model's worth of memory: the next `score_recipe` only copies
+it into the Scorer. The thread is joined before `score_recipe` returns, so a merge never runs beside anything
+but scoring (which draws nothing from the global generators DARE's masks come from, `Scorer.score`), and
+results are the same bits as one after another.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import threading
 import time
 import uuid
 from contextlib import nullcontext
@@ -61,6 +68,28 @@ class _HeldCandidate:
         self.weights.close()
 
 
+class _MergedAhead:
+    """A candidate merged while the one before it was scored: its config and tensors (an `into` factory and
+    sink for `MemoryMerger.merge`), or the error that stopped it (the candidate is then merged again in the
+    foreground, where its error is raised as it would have been)."""
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.config: PretrainedConfig | None = None
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+        self.error: Exception | None = None
+
+    def __call__(self, config: PretrainedConfig) -> _MergedAhead:
+        self.config = config
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors.append((name, tensor))
+
+    def close(self) -> None:
+        """Complete: `CandidateEvaluator` writes the tensors into the Scorer when the candidate's turn comes."""
+
+
 def to_scores(result: EvalResult) -> Scores:
     return Scores(
         metric=result.metric,
@@ -93,6 +122,18 @@ class CandidateEvaluator:
             if cfg.merge_path == "memory"
             else None
         )
+        self.overlap = bool(
+            self.memory is not None
+            and not self.memory.stream
+            and (cfg.overlap_merges if cfg.overlap_merges is not None else self.memory.device.type == "cuda")
+        )
+        """Whether `score_recipe(then=...)` merges the next candidate while scoring (module docstring)."""
+        self._side_stream = (
+            torch.cuda.Stream(self.memory.device)
+            if self.overlap and self.memory.device.type == "cuda"
+            else None
+        )
+        self._ahead: _MergedAhead | None = None
         self._held: _HeldCandidate | None = None
         """The candidate whose tensors the Scorer's model holds, exactly (written by the memory path)."""
         self._last: tuple[tuple[str, int], EvalResult] | None = None
@@ -152,17 +193,27 @@ class CandidateEvaluator:
         return True
 
     def score_recipe(
-        self, recipe: str, seed: int, split: str, metric: Metric | None = None
+        self,
+        recipe: str,
+        seed: int,
+        split: str,
+        metric: Metric | None = None,
+        then: tuple[str, int] | None = None,
     ) -> tuple[Scores, float, float]:
         """(scores, merge seconds, evaluation seconds) of one candidate recipe (by the split's metric unless
-        `metric` says). On the memory path the merge seconds include copying the weights into the Scorer; on
-        the disk path the evaluation seconds do."""
+        `metric` says). On the memory path the merge seconds include copying the weights into the Scorer (only
+        that when the candidate was merged ahead); on the disk path the evaluation seconds do. `then`: the
+        (recipe, seed) scored next, merged while this one is scored where `overlap` allows."""
         t0 = time.perf_counter()
         self._held = None
+        ahead, self._ahead = self._ahead, None
         if self.memory is not None:
             try:  # each merged tensor goes straight into the Scorer's model (on the host if the GPU is small)
                 with self.scorer.on_host() if self.memory.stream else nullcontext():
-                    self.memory.merge(recipe, seed, into=self._open_weights)
+                    if ahead and ahead.error is None and _same_candidate(ahead.key, (recipe, seed)):
+                        self._write_ahead(ahead)
+                    else:
+                        self.memory.merge(recipe, seed, into=self._open_weights)
             except NotInMemory:
                 pass
             else:
@@ -171,7 +222,7 @@ class CandidateEvaluator:
                 else:
                     self._held = None
                 t1 = time.perf_counter()
-                result = self.scorer.score(split, metric=metric)
+                result = self._score_then_merge(split, metric, then)
                 self._last = ((recipe, seed), result)
                 return to_scores(result), t1 - t0, time.perf_counter() - t1
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -184,3 +235,40 @@ class CandidateEvaluator:
             shutil.rmtree(out, ignore_errors=True)
         self._last = ((recipe, seed), result)
         return to_scores(result), t1 - t0, time.perf_counter() - t1
+
+    def _write_ahead(self, ahead: _MergedAhead) -> None:
+        sink = self._open_weights(ahead.config)
+        for name, tensor in ahead.tensors:
+            sink.write(name, tensor)
+        sink.close()
+        ahead.tensors.clear()
+        if self._side_stream is not None:  # the copies read blocks the side stream may reuse once freed
+            torch.cuda.current_stream(self.memory.device).synchronize()
+
+    def _score_then_merge(
+        self, split: str, metric: Metric | None, then: tuple[str, int] | None
+    ) -> EvalResult:
+        """The Scorer's result; with `then` (and `overlap`), that candidate merged meanwhile in a thread."""
+        if then is None or not self.overlap:
+            return self.scorer.score(split, metric=metric)
+        ahead = _MergedAhead(then)
+        thread = threading.Thread(target=self._merge_ahead, args=(ahead,), name="evoforge-merge-ahead")
+        try:
+            return self.scorer.score(split, metric=metric, seeded=thread.start)
+        finally:
+            if thread.ident is not None:
+                thread.join()
+                self._ahead = ahead
+
+    def _merge_ahead(self, ahead: _MergedAhead) -> None:
+        stream = torch.cuda.stream(self._side_stream) if self._side_stream is not None else nullcontext()
+        try:
+            with stream:
+                self.memory.merge(*ahead.key, into=ahead)
+                if self._side_stream is not None:
+                    self._side_stream.synchronize()
+        except Exception as exc:  # merged again in the foreground, where the error is the job's
+            ahead.error = exc
+            ahead.tensors.clear()
+            if isinstance(exc, torch.OutOfMemoryError):
+                self.overlap = False  # no room for a second model: one after another from now on

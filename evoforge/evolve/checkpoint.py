@@ -32,6 +32,7 @@ RESUMABLE_CHANGES: dict[str, Any] = {
     "wandb_mode": True,
     "wandb_project": True,
     "device": True,
+    "overlap_merges": True,
     "executor": True,
     "ray": True,
     "source": True,

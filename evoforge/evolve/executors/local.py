@@ -1,4 +1,5 @@
-"""The local executor: jobs one after another in this process, each when the loop asks for it."""
+"""The local executor: jobs one after another in this process, each when the loop asks for it (the next
+job's merge overlapping this one's scoring where the evaluator allows, `CandidateEvaluator.overlap`)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ if TYPE_CHECKING:
 
 class LocalExecutor:
     """Wraps one `CandidateEvaluator`-like object (anything with `score_recipe`). Jobs run lazily, in
-    order: the loop takes each result before the next job starts, as it did before executors existed."""
+    order: the loop takes each result before the next job is scored, as it did before executors existed.
+    While a job is scored, the evaluator may merge the next one (`then`); that is all that runs ahead."""
 
     def __init__(self, evaluator: CandidateEvaluator) -> None:
         self.evaluator = evaluator
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Job, Result | Exception]]:
-        for job in jobs:
+        overlap = getattr(self.evaluator, "overlap", False)
+        for job, after in zip(jobs, [*jobs[1:], None], strict=True):
+            then = {"then": (after.recipe, after.seed)} if overlap and after is not None else {}
             try:
-                result = self.evaluator.score_recipe(job.recipe, job.seed, job.split)
+                result = self.evaluator.score_recipe(job.recipe, job.seed, job.split, **then)
             except Exception as exc:  # handed to the loop, which records the failure
                 yield job, exc
             else:
