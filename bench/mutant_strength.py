@@ -10,6 +10,12 @@ accuracy, slerp-ties-frankenmerge) are scored on the fitness split by the run fi
 mutant / parent fitness, for mutants whose layer plan changed and for those whose did not. Every draw comes
 from one `random.Random(--seed)` per rate, so a rerun scores the same mutants. `--ga` makes them as the GA
 does: two of every three keep the parent's layer plan (`keep_layers`), the third may edit it.
+
+`--dfs-edit OP ...` (a `dfs` parent) asks which data-flow edit costs what: per OP (`structure.DFS_EDITS`),
+`--mutants` copies of the parent with exactly that one edit of the path and nothing else changed.
+
+    python bench/mutant_strength.py recipes/demo.yaml --parent slerp-ties-dfs --dfs-edit scale source repeat \
+        drop shift --mutants 6 --limit 10 --device cpu
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from fitness_metrics import Candidate, load, log
 
 from evoforge.config import load_config
 from evoforge.evolve.candidates import CandidateEvaluator
-from evoforge.genome import Genome, GenomeSpace, mutate, seed_genomes
+from evoforge.genome import Genome, GenomeSpace, StructureGene, mutate, seed_genomes
+from evoforge.genome.structure import DFS_EDITS, edit_dfs
 from evoforge.quiet import quiet_libraries
 from evoforge.recipe import render
 
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ga", action="store_true", help="every third mutant may edit the layer plan")
+    parser.add_argument("--dfs-edit", nargs="+", choices=DFS_EDITS, help="one edit of each kind per mutant")
     args = parser.parse_args()
     cfg = load_config(args.run_file, **({"device": args.device} if args.device else {}))
     space = GenomeSpace.from_config(cfg)
@@ -68,6 +76,9 @@ def main() -> None:
 
         base = fitness(parent)
         log(f"parent {parent.label}: {base:.4f}")
+        if args.dfs_edit:
+            one_edit(parent, space, args, fitness, base)
+            return
         print("| rate | layer plan changed | layer plan kept | all |\n|---|---|---|---|")
         for rate in args.rates:
             rng = random.Random(args.seed)
@@ -78,6 +89,21 @@ def main() -> None:
                 (changed if child.structure != parent.structure else kept).append(ratio)
                 log(f"rate {rate} mutant {i + 1}/{args.mutants}: {ratio:.3f}")
             print(f"| {rate} | {_quartiles(changed)} | {_quartiles(kept)} | {_quartiles(changed + kept)} |")
+
+
+def one_edit(parent: Genome, space: GenomeSpace, args: argparse.Namespace, fitness, base: float) -> None:
+    """Per edit kind: `--mutants` copies of a dfs parent with that one path edit (at the first rate)."""
+    if parent.structure.method != "dfs":
+        sys.exit(f"--dfs-edit needs a dfs parent, {parent.label} is {parent.structure.method}")
+    print("| edit | mutant / parent |\n|---|---|")
+    for op in args.dfs_edit:
+        rng, ratios = random.Random(args.seed), []
+        for i in range(args.mutants):
+            path = edit_dfs(list(parent.structure.path), space, rng, args.rates[0], op)
+            child = parent.model_copy(update={"structure": StructureGene(method="dfs", path=tuple(path))})
+            ratios.append(fitness(child) / base)
+            log(f"{op} mutant {i + 1}/{args.mutants}: {ratios[-1]:.3f}")
+        print(f"| {op} | {_quartiles(ratios)}: {', '.join(f'{r:.3f}' for r in ratios)} |", flush=True)
 
 
 if __name__ == "__main__":

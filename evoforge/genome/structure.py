@@ -176,11 +176,16 @@ def protected_ends(num_layers: int) -> int:
     return max(1, round(num_layers / 10))
 
 
-def _edit_dfs(path: list[Step], space: GenomeSpace, rng: random.Random, rate: float) -> list[Step]:
-    """One data-flow edit: rescale, re-source, repeat, drop or shift a step (the last three never at either
-    protected end)."""
+DFS_EDITS = ("scale", "source", "repeat", "drop", "shift")
+
+
+def edit_dfs(
+    path: list[Step], space: GenomeSpace, rng: random.Random, rate: float, op: str | None = None
+) -> list[Step]:
+    """One data-flow edit, `op` of DFS_EDITS or drawn: rescale, re-source, repeat, drop or shift a step (the
+    last three never at either protected end)."""
     i = rng.randrange(len(path))
-    op = rng.choice(("scale", "source", "repeat", "drop", "shift"))
+    op = op or rng.choice(DFS_EDITS)
     ends = protected_ends(space.num_layers)
     if op in ("repeat", "drop", "shift"):
         if len(path) <= 2 * ends:
@@ -236,7 +241,7 @@ METHODS.register(
         reference_url="https://arxiv.org/abs/2403.13187",
         scaled=True,
         seed=_dfs_seed,
-        edit=_edit_dfs,
+        edit=edit_dfs,
         slices=_dfs_slices,
     )
 )
