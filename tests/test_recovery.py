@@ -166,6 +166,16 @@ def test_the_candidate_evaluator_halves_lm_evals_batch_size_down_to_1(run_file_d
     assert evaluator.scorer.lm.batch_size == 1
 
 
+def test_out_of_memory_first_stops_merging_ahead_then_halves_the_batch(run_file_data, tmp_path):
+    from evoforge.evolve.candidates import CandidateEvaluator
+
+    cfg = EvolutionConfig(**{**run_file_data, "overlap_merges": True})
+    evaluator = CandidateEvaluator(cfg, cfg.resolve(cfg.base_models[0]), tmp_path / "work")
+    assert evaluator.overlap and evaluator.halve_batch_size()
+    assert not evaluator.overlap and evaluator.scorer.lm.batch_size == 16
+    assert evaluator.halve_batch_size() and evaluator.scorer.lm.batch_size == 8
+
+
 def test_a_transient_failure_is_recorded_and_evaluated_again_on_resume(
     run_file_data, synthetic, monkeypatch, straight, tmp_path
 ):

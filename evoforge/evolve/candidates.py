@@ -184,8 +184,12 @@ class CandidateEvaluator:
         return merge_recipe(recipe, out_dir, device=self.device, random_seed=seed, work_dir=self.work_dir)
 
     def halve_batch_size(self) -> bool:
-        """After an out-of-memory error (`evolve.failures`): score at half the batch size for the rest of
-        the run; False when it is 1 already (or not a number)."""
+        """After an out-of-memory error (`evolve.failures`): first stop merging ahead (the second model's
+        worth of memory it holds; scores are the same without it), then, at the next one, score at half
+        the batch size for the rest of the run; False when it is 1 already (or not a number)."""
+        if self.overlap:
+            self.overlap, self._ahead = False, None
+            return True
         size = getattr(self.scorer.lm, "batch_size_per_gpu", None)
         if not isinstance(size, int) or size <= 1:
             return False
