@@ -9,8 +9,8 @@ from memory where the memory path applies (`save_merged`: the tensors mergekit's
 and seed on this device, without merging twice), else through the disk path.
 
 With `overlap_merges`, `score_recipe(..., then=next)` merges the next candidate in a thread (on its own CUDA
-stream) while this one is scored, into a second model's worth of memory: the next `score_recipe` only copies
-it into the Scorer. The thread is joined before `score_recipe` returns, so a merge never runs beside anything
+stream) while this one is scored, into a second model's worth of memory, kept until its turn (a held-out
+pass may come between): its `score_recipe` then only copies it into the Scorer. The thread is joined before `score_recipe` returns, so a merge never runs beside anything
 but scoring (which draws nothing from the global generators DARE's masks come from, `Scorer.score`), and
 results are the same bits as one after another.
 """
@@ -210,11 +210,15 @@ class CandidateEvaluator:
         (recipe, seed) scored next, merged while this one is scored where `overlap` allows."""
         t0 = time.perf_counter()
         self._held = None
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead  # a candidate merged ahead waits through other calls (a held-out pass)
+        if ahead is not None and _same_candidate(ahead.key, (recipe, seed)):
+            self._ahead = None
+        else:
+            ahead = None
         if self.memory is not None:
             try:  # each merged tensor goes straight into the Scorer's model (on the host if the GPU is small)
                 with self.scorer.on_host() if self.memory.stream else nullcontext():
-                    if ahead and ahead.error is None and _same_candidate(ahead.key, (recipe, seed)):
+                    if ahead is not None and ahead.error is None:
                         self._write_ahead(ahead)
                     else:
                         self.memory.merge(recipe, seed, into=self._open_weights)
