@@ -34,12 +34,15 @@ from evoforge.quiet import quiet_libraries
 from evoforge.recipe import random_seed
 
 
-def run_candidates(root: Path) -> list[Candidate]:
-    """A run's best, its fittest (if another) and its generation-0 seeds, as recipes with the DARE seed their
-    header names."""
+def run_candidates(root: Path, only: str | None = None) -> list[Candidate]:
+    """A run's best, its fittest (if another) and its generation-0 seeds (`only`: "best" the first two,
+    "seeds" the seeds), as recipes with the DARE seed their header names."""
     run = Run.load(root)
-    chosen = [("best", run.best)] + ([("fittest", run.fittest)] if run.confirmed_other else [])
-    chosen += [("seed", e) for e in run.evaluations if e.generation == 0]
+    chosen = []
+    if only != "seeds":
+        chosen += [("best", run.best)] + ([("fittest", run.fittest)] if run.confirmed_other else [])
+    if only != "best":
+        chosen += [("seed", e) for e in run.evaluations if e.generation == 0]
     out = []
     for kind, rec in chosen:
         text = (root / rec.recipe).read_text(encoding="utf-8")
@@ -56,7 +59,7 @@ def heldout(args: argparse.Namespace) -> None:
         models = [*cfg.base_models, *([cfg.ancestor] if cfg.ancestor else [])]
         cands += [Candidate(label=f"model {m.name}", kind="model", path=cfg.resolve(m)) for m in models]
     for root in args.run_dirs:
-        cands += run_candidates(root)
+        cands += run_candidates(root, args.only)
     rows = []
     with quiet_libraries(), tempfile.TemporaryDirectory() as scratch:
         evaluator = CandidateEvaluator(cfg, cfg.resolve(cfg.base_models[0]), Path(scratch) / "work")
@@ -87,6 +90,14 @@ def _heldout_rows(root: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def _seed_rows(roots: list[Path]) -> dict[str, dict]:
+    """Seeds' held-out rows by member id, from every *.heldout.json next to the runs (runs of one run seed
+    share their seeds, so they are scored once, e.g. into seeds-RUNSEED.heldout.json)."""
+    files = {f for root in roots for f in root.parent.glob("*.heldout.json")}
+    rows = [r for f in sorted(files) for r in json.loads(f.read_text())]
+    return {r["label"].rsplit(" ", 1)[1]: r for r in rows if r["kind"] == "seed"}
+
+
 def _fittest(fittest: dict | None, best: dict | None) -> str:
     """The fittest's held-out fitness and the confirmed best minus it, where the confirmation chose another."""
     if fittest is None or best is None:
@@ -94,9 +105,28 @@ def _fittest(fittest: dict | None, best: dict | None) -> str:
     return f"{fittest['fitness']:.4f}; best − it {_diff(fittest, best)}"
 
 
+def base_rows(root: Path) -> list[dict]:
+    """The base models' held-out rows as `heldout --base-models` writes them, from what a run scored before
+    generation 0 (heldout_items.json and baselines.json): runs of one run file share them."""
+    run = Run.load(root)
+    items = run.run_dir.read_items()
+    split = run.baselines.heldout_split
+    return [
+        {
+            "label": f"model {name}",
+            "kind": "model",
+            "fitness": run.baselines.models[name][split].fitness,
+            "weights": items.weights,
+            "tasks": {t: {"items": v, "domains": items.task_domains[t]} for t, v in per_task.items()},
+        }
+        for name, per_task in items.base_models.items()
+    ]
+
+
 def summarize(args: argparse.Namespace) -> None:
     """Markdown: per run, evaluations, best-so-far fitness, and held-out paired comparisons of its best."""
-    base = [r for r in json.loads(args.base.read_text()) if r["label"] != f"model {args.ancestor}"]
+    rows = json.loads(args.base.read_text()) if args.base else base_rows(args.run_dirs[0])
+    base = [r for r in rows if r["label"] != f"model {args.ancestor}"]
     specialist = max(base, key=lambda r: r["fitness"])
     print(f"Best specialist on held-out: {specialist['label']} {specialist['fitness']:.4f}\n")
     print(
@@ -105,10 +135,7 @@ def summarize(args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     scored = {root: _heldout_rows(root) for root in args.run_dirs}
-    # Seeds by member id, from any run's file (runs of one run seed share their seeds).
-    seed_rows = {
-        r["label"].rsplit(" ", 1)[1]: r for rows in scored.values() for r in rows if r["kind"] == "seed"
-    }
+    seed_rows = _seed_rows(args.run_dirs)
     for root, rows in scored.items():
         run = Run.load(root)
         fresh = [e for e in run.evaluations if not e.cached]
@@ -143,11 +170,18 @@ def main() -> None:
     p.add_argument("run_file", type=Path)
     p.add_argument("run_dirs", type=Path, nargs="*")
     p.add_argument("--base-models", action="store_true", help="score the base models and ancestor")
+    p.add_argument(
+        "--only",
+        choices=["best", "seeds"],
+        help="a run's best (and fittest) or its seeds alone (runs of one run seed share their seeds)",
+    )
     p.add_argument("--limit", type=int, help="first N items per task (default: all; a smoke test)")
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("summarize", help="markdown table of finished runs and their held-out comparisons")
     p.add_argument("run_dirs", type=Path, nargs="+", help="run directories; RUN.heldout.json next to each")
-    p.add_argument("--base", type=Path, required=True, help="`heldout --base-models` output")
+    p.add_argument(
+        "--base", type=Path, help="`heldout --base-models` output (default: the base models the first run scored)"
+    )
     p.add_argument("--ancestor", default="smollm2", help="left out of the specialists")
     args = parser.parse_args()
     heldout(args) if args.command == "heldout" else summarize(args)

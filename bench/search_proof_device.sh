@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# recipes/demo/SEARCH.md's runs on the GPU machine, in steps that each fit one device call (run from the
+# repo root there; the machine keeps /tmp/keep while calls follow each other within its idle time):
+#   scripts/stage_trio_parts.sh smollm2           here, once: .parts/smollm2/NN, one call each (it prints them)
+#   bench/search_proof_device.sh setup            carry .whl: evoforge's wheels, the demo trio built from the
+#                                                 pieces (sha256 checked) and the committed adapters
+#   bench/search_proof_device.sh start [GENS=16] [RUN_SEEDS="7 42"] [STRATEGIES="ga cmaes random"]
+#   bench/search_proof_device.sh poll [SECONDS=240]   wait, print progress, results (no models) to $OUT
+# then here: tar -xf proof.tar; python bench/search_proof.py summarize proof/*/
+# The run file is recipes/demo.yaml with batch 64, device cuda, every item, plateau_patience 50
+# (BATCH overrides 64). The runs go from a copy of the repo (/tmp/keep/repo), so later calls' trees do
+# not change the code under them.
+set -euo pipefail
+keep=/tmp/keep; site=$keep/site; parts=$keep/smollm2-parts; proof=$keep/proof; repo=$keep/repo
+export PYTHONPATH=$repo:$site
+case ${1:?setup, start or poll} in
+setup)
+  if [ ! -e "$site/.installed" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+    touch "$site/.installed"
+  fi
+  if [ ! -d "$parts/wheels" ]; then
+    (cd "$parts" && sha256sum -c --quiet SHA256SUMS)
+    rm -rf "$parts/wheels.tmp" && mkdir "$parts/wheels.tmp"
+    cat "$parts"/wheels.tar.* | tar -xf - -C "$parts/wheels.tmp"
+    mv "$parts/wheels.tmp" "$parts/wheels"
+  fi
+  rm -rf "$repo" && mkdir -p "$repo"
+  tar -cf - --exclude=./.git --exclude=./.whl --exclude=./.parts --exclude=./.venv . | tar -xf - -C "$repo"
+  cd "$repo"
+  time python3 -m evoforge demo prepare --wheels "$parts/wheels"
+  sed "s/batch_size: 32/batch_size: ${BATCH:-64}/; s/^device: auto/device: cuda/; /^  limit: 5/d;
+       s/plateau_patience: 3/plateau_patience: 50/" recipes/demo.yaml > "$keep/gpu-demo.yaml"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  ;;
+start)
+  cd "$repo"
+  setsid nohup bench/search_proof.sh "$keep/gpu-demo.yaml" "$proof" "${2:-16}" "${3:-7 42}" \
+    "${4:-ga cmaes random}" >"$keep/proof.log" 2>&1 < /dev/null &
+  sleep 60
+  "$0" poll 0
+  ;;
+poll)
+  sleep "${2:-240}"
+  date -u +%T
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  for run in "$proof"/*/; do
+    name=$(basename "$run")
+    echo "$name: $(wc -l < "$run/generations.jsonl" 2>/dev/null || echo 0) rounds," \
+      "$(wc -l < "$run/evaluations.jsonl" 2>/dev/null || echo 0) evaluations; $(tail -c 300 "$proof/$name.log" | tr '\r' '\n' | tail -n 1)"
+  done
+  ls "$proof"
+  [ -e "$proof/DONE" ] && echo "ALL DONE"
+  if [ -n "${OUT:-}" ]; then
+    tar -cf "$OUT/proof.tar" -C "$keep" --exclude='gen_*_best_model' --exclude=confirmed_best_model \
+      --exclude=.work --exclude=checkpoints --exclude=wandb proof
+    ls -l "$OUT/proof.tar"
+  fi
+  ;;
+esac
