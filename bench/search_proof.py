@@ -180,7 +180,9 @@ def main() -> None:
     p = sub.add_parser("summarize", help="markdown table of finished runs and their held-out comparisons")
     p.add_argument("run_dirs", type=Path, nargs="+", help="run directories; RUN.heldout.json next to each")
     p.add_argument(
-        "--base", type=Path, help="`heldout --base-models` output (default: the base models the first run scored)"
+        "--base",
+        type=Path,
+        help="`heldout --base-models` output (default: the base models the first run scored)",
     )
     p.add_argument("--ancestor", default="smollm2", help="left out of the specialists")
     args = parser.parse_args()
