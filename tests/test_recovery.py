@@ -454,7 +454,15 @@ def support(*args: str, fault: str = "", delay: float = 0.0, **popen) -> subproc
         "EVOFORGE_TEST_FAULT": fault,
         "EVOFORGE_TEST_DELAY": str(delay),
     }
-    return subprocess.Popen([sys.executable, str(SUPPORT), *args], env=env, text=True, **popen)
+    # Ctrl-C reaches it as it reaches a command typed at a terminal, even where this suite was started in
+    # the background (a shell starts background jobs with SIGINT ignored, and Python keeps that).
+    return subprocess.Popen(
+        [sys.executable, str(SUPPORT), *args],
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **popen,
+    )
 
 
 @pytest.mark.slow
