@@ -19,6 +19,9 @@ setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
     touch "$site/.installed"
   fi
+  # .whl from ../shared/tools/device-wheels.sh lacks cma, gguf and peft: add them to .whl from the registry
+  python3 -c 'import cma, gguf, peft, mergekit, lm_eval' || {
+    echo "error: $site lacks a dependency (above); copy its wheel into .whl and carry it" >&2; exit 1; }
   if [ ! -d "$parts/wheels" ]; then
     (cd "$parts" && sha256sum -c --quiet SHA256SUMS)
     rm -rf "$parts/wheels.tmp" && mkdir "$parts/wheels.tmp"
