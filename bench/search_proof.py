@@ -110,6 +110,8 @@ def base_rows(root: Path) -> list[dict]:
     generation 0 (heldout_items.json and baselines.json): runs of one run file share them."""
     run = Run.load(root)
     items = run.run_dir.read_items()
+    if items is None:
+        raise SystemExit(f"error: {root}: no heldout_items.json (its base models' items); pass --base")
     split = run.baselines.heldout_split
     return [
         {
