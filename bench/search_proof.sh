@@ -13,15 +13,22 @@
 # bests would not fit the machine's disk). Progress: OUT_DIR/*.log; OUT_DIR/DONE when all is done.
 # HELDOUT_ARGS: extra arguments to `search_proof.py heldout` (e.g. --limit 5 for a smoke test).
 # RUNS: the runs by name, STRATEGY-SEED, instead of every strategy × run seed (e.g. "ga-42 cmaes-42 ga-7").
+# Started again on an OUT_DIR that holds earlier progress (e.g. brought back from a machine that went away),
+# it goes on from there: a run with a config.yaml is resumed from its latest checkpoint (the runs are
+# deterministic, so the result is the uninterrupted run's), a run with its held-out scores is left as it
+# is, and base models and seeds already scored are not scored again.
 set -u
 run_file=${1:?run file}; out=${2:?output folder}; gens=${3:-16}; run_seeds=${4:-42 7}
 strats=${5:-ga cmaes random}
 mkdir -p "$out"
 export OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 heldout() { python3 bench/search_proof.py heldout "$run_file" "$@" ${HELDOUT_ARGS:-}; }
-search() {  # search NAME STRATEGY SEED: the run, then its best's held-out scores
+search() {  # search NAME STRATEGY SEED: the run (or the rest of it), then its best's held-out scores
+  [ -s "$out/$1.heldout.json" ] && return
+  local resume=(); [ -e "$out/$1/config.yaml" ] && resume=(--resume "$out/$1")
+  rm -f "$out/$1.ended"
   python3 -m evoforge run "$run_file" --strategy "$2" --seed "$3" --gens "$gens" \
-    --wandb disabled --output-dir "$out/$1" >"$out/$1.log" 2>&1
+    --wandb disabled --output-dir "$out/$1" "${resume[@]}" >>"$out/$1.log" 2>&1
   touch "$out/$1.ended"
   heldout "$out/$1" --only best --out "$out/$1.heldout.json" >"$out/$1.heldout.log" 2>&1
 }
@@ -33,13 +40,16 @@ until [ -s "$out/$first/baselines.json" ] || [ -e "$out/$first.ended" ]; do slee
 [ -s "$out/$first/baselines.json" ] || { echo "error: $first stopped before scoring the base models" >&2; exit 1; }
 for name in "${names[@]:1}"; do
   mkdir -p "$out/$name"
-  cp "$out/$first/baselines.json" "$out/$name/"
-  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["candidates"] = {}; print(json.dumps(d))' \
-    "$out/$first/heldout_items.json" >"$out/$name/heldout_items.json"
+  if [ ! -e "$out/$name/config.yaml" ]; then  # a new run: the base models' scores, none of its own yet
+    cp "$out/$first/baselines.json" "$out/$name/"
+    python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["candidates"] = {}; print(json.dumps(d))' \
+      "$out/$first/heldout_items.json" >"$out/$name/heldout_items.json"
+  fi
   search "$name" "${name%-*}" "${name##*-}" &
 done
 for seed in $(printf '%s\n' "${names[@]##*-}" | awk '!seen[$0]++'); do
   lead=$out/$(printf '%s\n' "${names[@]}" | grep -m1 -- "-$seed\$")
+  [ -s "$out/seeds-$seed.heldout.json" ] && continue
   (  # the seeds, once round 0 of this run seed's first run is recorded
     until [ -s "$lead/generations.jsonl" ] || [ -e "$lead.ended" ]; do sleep 10; done
     heldout "$lead" --only seeds --out "$out/seeds-$seed.heldout.json" >"$out/seeds-$seed.heldout.log" 2>&1

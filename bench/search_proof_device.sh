@@ -7,13 +7,23 @@
 #   bench/search_proof_device.sh start [GENS=16] [RUN_SEEDS="7 42"] [STRATEGIES="ga cmaes random"]
 #   bench/search_proof_device.sh poll [SECONDS=240]   wait, print progress, results (no models) to $OUT
 # then here: tar -xf proof.tar; python bench/search_proof.py summarize proof/*/
+# A machine that went away (idle past its release) takes the runs with it, but not what the last poll
+# brought back (records and checkpoints): on a fresh machine, after the staging calls and `setup`,
+#   cp proof.tar .parts/proof/ and carry it: bench/search_proof_device.sh restore .parts/proof/proof.tar
+# then `start` with the same arguments resumes every run from its latest checkpoint.
 # The run file is recipes/demo.yaml with batch 64, device cuda, every item, plateau_patience 50
 # (BATCH overrides 64). The runs go from a copy of the repo (/tmp/keep/repo), so later calls' trees do
 # not change the code under them.
 set -euo pipefail
 keep=/tmp/keep; site=$keep/site; parts=$keep/smollm2-parts; proof=$keep/proof; repo=$keep/repo
 export PYTHONPATH=$repo:$site
-case ${1:?setup, start or poll} in
+bring_back() {  # records and checkpoints (no models) to $OUT, for summarize here and restore elsewhere
+  if [ -n "${OUT:-}" ] && [ -d "$proof" ]; then
+    tar -cf "$OUT/proof.tar" -C "$keep" --exclude='gen_*_best_model' --exclude=confirmed_best_model \
+      --exclude=.work --exclude=wandb proof
+  fi
+}
+case ${1:?setup, restore, start or poll} in
 setup)
   if [ ! -e "$site/.installed" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
@@ -36,15 +46,24 @@ setup)
        s/plateau_patience: 3/plateau_patience: 50/" recipes/demo.yaml > "$keep/gpu-demo.yaml"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
+restore)
+  mkdir -p "$keep" && tar -xf "${2:?proof.tar brought back by poll}" -C "$keep"
+  rm -f "$proof/DONE" && ls "$proof"
+  ;;
 start)
   cd "$repo"
+  rm -f "$proof/DONE"
   setsid nohup bench/search_proof.sh "$keep/gpu-demo.yaml" "$proof" "${2:-16}" "${3:-7 42}" \
     "${4:-ga cmaes random}" >"$keep/proof.log" 2>&1 < /dev/null &
   sleep 60
   "$0" poll 0
   ;;
 poll)
-  sleep "${2:-240}"
+  # the results go to $OUT every minute too, so a call cut short (device time spent) still brings them back
+  for ((waited = 0; waited < ${2:-240}; waited += 60)); do
+    sleep $((${2:-240} - waited < 60 ? ${2:-240} - waited : 60))
+    bring_back
+  done
   date -u +%T
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   for run in "$proof"/*/; do
@@ -54,10 +73,6 @@ poll)
   done
   ls "$proof"
   [ -e "$proof/DONE" ] && echo "ALL DONE"
-  if [ -n "${OUT:-}" ]; then
-    tar -cf "$OUT/proof.tar" -C "$keep" --exclude='gen_*_best_model' --exclude=confirmed_best_model \
-      --exclude=.work --exclude=checkpoints --exclude=wandb proof
-    ls -l "$OUT/proof.tar"
-  fi
+  bring_back
   ;;
 esac

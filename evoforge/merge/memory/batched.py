@@ -29,7 +29,8 @@ executor order to stay bit-identical to `mergekit-multi --random-seed`; `run` ke
 order), passthrough, the other methods, and on CUDA slerp and multislerp (GPU reductions are laid out by the
 tensor's shape: row sums need not equal whole-tensor sums). On CUDA, linear and TIES batch by the same
 argument (per-element steps; CUDA sorts rows of > 4,096 elements with a stable segmented sort, as it sorts
-one tensor), but stay off there (`MAX_BYTES`) until a GPU has checked and measured them.
+one tensor); checked on an H100 (`test_batched_kernels_give_mergekits_bits_on_cuda`, and the qwen2-1.5b
+bench's memory-path merges equal to mergekit's bit for bit with batching on).
 """
 
 from __future__ import annotations
@@ -55,14 +56,13 @@ ENABLED = True
 """Batch a stage's same-shaped tasks (False: every task alone, as mergekit's executor runs them; tests and
 bench/merge_bench.py's `--no-batch` compare the two)."""
 
-MAX_BYTES = {"cpu": 1 << 23}
+MAX_BYTES = {"cpu": 1 << 23, "cuda": 1 << 28}
 """Inputs of one batched call at most, by device type (counted at 4 bytes an element; the stack, masks and
 float32 intermediates come on top, a few times this); a device type not listed runs tensor by tensor. CPU:
 8 MiB, batches that stay in cache: the Python saved is per tensor, while a batch larger than the cache sends
 each elementwise pass to memory (at 2 M elements a tensor, 4 layers batched, multislerp took 1.35 s against
-~0.8 s tensor by tensor). CUDA is not listed until `test_batched_kernels_give_mergekits_bits_on_cuda` has
-passed on a GPU and the qwen2-1.5b bench has measured it (then `"cuda": 1 << 28`: a 1.5 B model's 28 q_proj of
-three bfloat16 inputs in two calls)."""
+~0.8 s tensor by tensor). CUDA: 256 MiB, a 1.5 B model's 28 q_proj of three bfloat16 inputs in two calls
+(H100, qwen2-1.5b, bench/RESULTS.md: TIES recipes 0.281 → 0.217 s and 0.641 → 0.544 s a merge, same bits)."""
 
 _CPU_ONLY = frozenset({"multislerp", "slerp"})
 _UNTIED = 1 << 16
