@@ -20,6 +20,7 @@ from eval_support import (
 )
 from evolution_support import run_config, write_mc_tasks
 from lm_eval.api.model import LM
+from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -27,7 +28,7 @@ from evoforge import EvolutionConfig, EvoMergePipeline
 from evoforge.cli import app
 from evoforge.config import EvaluationConfig
 from evoforge.evaluate import Scorer, TaskSuite
-from evoforge.evaluate.likelihood import gold_requests
+from evoforge.evaluate.likelihood import encode_gold, gold_requests, teacher_forced
 from evoforge.evolve.records import Baselines, EvaluationRecord, read_records
 from evoforge.evolve.run_dir import RunDir
 
@@ -100,6 +101,43 @@ def test_gold_likelihood_equals_a_hand_computed_forward_pass(qwen_family: dict[s
         sum(WEIGHTS[d] * v for d, v in domains.items()) / sum(WEIGHTS.values())
     )
     assert scorer.score("test").metric == "accuracy", "the held-out split is always scored by accuracy"
+
+
+@pytest.mark.parametrize("family", ["qwen_family", "llama_family"])
+def test_teacher_forced_scores_equal_lm_evals_loglikelihood(
+    family: str, tasks_dir: Path, request, monkeypatch
+):
+    """The fast path (left-padded rows, logits only where the answers are) gives lm-eval's per-item
+    log-probabilities at any batch size, for models with and without `logits_to_keep`, and truncates a row
+    longer than the model's context as lm-eval does (its last max_length + 1 tokens)."""
+    folder = request.getfixturevalue(family)["alpha"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tasks = TaskSuite.discover(tasks_dir).build("validation")
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    items = [item for items in encode_gold(reference, tasks).values() for item in items]
+    lengths = sorted({len(ctx) + len(cont) for _, ctx, cont in items})
+    assert len(items) >= 10 and len(lengths) > 3, "items of several lengths, so batches pad"
+    expected = [logprob for logprob, _ in reference._loglikelihood_tokens(items)]
+    for batch_size in (1, 3, 64):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        assert teacher_forced(lm, items) == pytest.approx(expected, rel=1e-5, abs=1e-5), batch_size
+    whole = type(model).forward  # a model whose forward takes no `logits_to_keep`: all logits, then sliced
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            model,
+            "forward",
+            lambda input_ids, attention_mask, position_ids: whole(
+                model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ),
+        )
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)
+        assert teacher_forced(lm, items) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    monkeypatch.setattr(HFLM, "max_length", property(lambda self: lengths[len(lengths) // 2] - 2))
+    short = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    truncated = [logprob for logprob, _ in short._loglikelihood_tokens(items)]
+    assert truncated != pytest.approx(expected), "the monkeypatched context truncates some rows"
+    assert teacher_forced(short, items) == pytest.approx(truncated, rel=1e-5, abs=1e-5)
 
 
 def _domain_tasks(result) -> dict[str, list[str]]:

@@ -32,7 +32,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
-from evoforge.evaluate.likelihood import item_scores
+from evoforge.evaluate.likelihood import Gold, encode_gold, item_scores
 from evoforge.evaluate.stats import bootstrap, compute_fitness, domain_means
 from evoforge.evaluate.suite import TaskError, TaskSuite
 from evoforge.models import Device, locate_model, resolve_device
@@ -198,6 +198,7 @@ class Scorer:
             self.model = model
             self.lm = self._wrap()
         self._tasks: dict[str, dict[str, Task]] = {}
+        self._gold: dict[tuple[str, int | None], dict[str, list[Gold]]] = {}
 
     @classmethod
     def from_pretrained(
@@ -345,10 +346,13 @@ class Scorer:
             )
         return scores
 
-    def _likelihood(self, tasks: dict[str, Task], limit: int | None) -> dict[str, TaskScore]:
-        """Each task's mean gold-answer probability (evaluate.likelihood), with the stderr of that mean."""
+    def _likelihood(self, split: str, limit: int | None) -> dict[str, TaskScore]:
+        """Each task's mean gold-answer probability (evaluate.likelihood), with the stderr of that mean. The
+        tokenized requests are built once per split and limit: they do not depend on the weights."""
+        if (split, limit) not in self._gold:
+            self._gold[(split, limit)] = encode_gold(self.lm, self.tasks(split), limit)
         scores: dict[str, TaskScore] = {}
-        for name, values in item_scores(self.lm, tasks, limit).items():
+        for name, values in item_scores(self.lm, self._gold[(split, limit)]).items():
             info = self.suite.tasks[name]
             scores[name] = TaskScore(
                 domains=list(info.domains),
@@ -387,7 +391,7 @@ class Scorer:
             seeded()
         start = time.perf_counter()
         if metric == "likelihood":
-            scores = self._likelihood(tasks, limit)
+            scores = self._likelihood(split, limit)
         else:
             scores = self._accuracy(tasks, limit)
         wall = time.perf_counter() - start
