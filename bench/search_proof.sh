@@ -6,8 +6,9 @@
 # The base models are scored once, by the first run, before its round 0 (baselines.json, heldout_items.json);
 # the other runs start from a copy of them (a run folder holding only these is a new run that reuses them),
 # and `search_proof.py summarize` reads them from the first run.
-# Memory: at batch 128 each process holds ~20 GB (mostly logits), so four fit one H200 and six did not;
-# at batch 64 six runs and the scoring jobs fit.
+# Memory (measured before the teacher-forced likelihood path, which keeps logits only at the answers): at
+# batch 128 each process held ~20 GB (mostly logits), so four fit one H200 and six did not; at batch 64 six
+# runs and the scoring jobs fit.
 # 16 generations = round 0's 8 seeds + 15 rounds of 8 new candidates = 128 evaluations a run (15: 120).
 # Each run keeps only its latest best-model folder (a 135 M float32 model is 0.54 GB; six runs × 16 new
 # bests would not fit the machine's disk). Progress: OUT_DIR/*.log; OUT_DIR/DONE when all is done.

@@ -356,9 +356,20 @@ EXPECTED = [
     # likelihood fitness: gold tokens counted on the boundary lm-eval's loglikelihood encodes them with
     Expect(
         "lm_eval.api.model.TemplateLM._encode_pair",
-        "evaluate/likelihood.py (item_scores)",
+        "evaluate/likelihood.py (encode_gold)",
         ("self", "context", "continuation"),
         "exact",
+    ),
+    # teacher_forced reproduces it (tested equal); item_scores calls it for other lm-eval models
+    Expect(
+        "lm_eval.models.huggingface.HFLM._loglikelihood_tokens",
+        "evaluate/likelihood.py (item_scores; teacher_forced gives its values)",
+        ("self", "requests", "disable_tqdm"),
+    ),
+    Expect(
+        "lm_eval.models.huggingface.HFLM",
+        "evaluate/likelihood.py (teacher_forced reads the model, its context length and batch size)",
+        attrs=("model", "max_length", "batch_size", "backend", "device"),
     ),
 ]
 

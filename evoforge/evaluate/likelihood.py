@@ -112,11 +112,11 @@ def item_scores(lm: TemplateLM, gold: Mapping[str, list[Gold]]) -> dict[str, lis
 def teacher_forced(lm: HFLM, items: Sequence[Gold]) -> list[float]:
     """Each item's summed gold-token log-probability, as lm-eval's `_loglikelihood_tokens` defines it (the
     last `max_length + 1` tokens of prompt + answer; the answer's tokens predicted from all before them), in
-    batches of `lm.batch_size`, longest answers first (a batch computes logits for its longest answer's
-    positions in every row)."""
+    batches of `lm.batch_size`, longest rows first as lm-eval orders them (little padding in the transformer;
+    a batch computes logits for its longest answer's positions in every row)."""
     model, width = lm.model, lm.max_length + 1
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i][2]), -len(items[i][1])))
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i][1]) - len(items[i][2]), -len(items[i][2])))
     out = [0.0] * len(items)
     for start in range(0, len(order), lm.batch_size):
         batch = order[start : start + lm.batch_size]
