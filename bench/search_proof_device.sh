@@ -64,15 +64,15 @@ poll)
     sleep $((${2:-240} - waited < 60 ? ${2:-240} - waited : 60))
     bring_back
   done
+  bring_back  # before the status lines: nothing below may cost the results
   date -u +%T
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
   for run in "$proof"/*/; do
     name=$(basename "$run")
     echo "$name: $(wc -l < "$run/generations.jsonl" 2>/dev/null || echo 0) rounds," \
       "$(wc -l < "$run/evaluations.jsonl" 2>/dev/null || echo 0) evaluations; $(tail -c 300 "$proof/$name.log" | tr '\r' '\n' | tail -n 1)"
   done
   ls "$proof"
-  [ -e "$proof/DONE" ] && echo "ALL DONE"
-  bring_back
+  if [ -e "$proof/DONE" ]; then echo "ALL DONE"; fi
   ;;
 esac
