@@ -1,6 +1,6 @@
 """Likelihood fitness, per candidate: lm-eval's `_loglikelihood_tokens` vs evoforge's `teacher_forced`, on the
-same tokenized gold items, in one process; and what building those items costs (once per run since they are
-cached, once per candidate before).
+same tokenized gold items, in one process; and what building those items and their padded batches costs
+(once per run since they are cached; lm-eval's path built and tokenized the requests per candidate).
 
     python bench/likelihood_bench.py                                  # demo ancestor, all validation items
     python bench/likelihood_bench.py --limit 10 --device cpu          # CPU: 10 items a task
@@ -74,14 +74,19 @@ def main() -> None:
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     tasks = TaskSuite.discover(run.evaluation.tasks_dir).select(run.evaluation.tasks).build("validation")
 
-    build_s, gold = timed(lambda: encode_gold(lm, tasks, args.limit), args.reps)
-    items = [item for items in gold.values() for item in items]
+    def build():  # what the Scorer builds once per split: requests, tokens, padded batches
+        gold = encode_gold(lm, tasks, args.limit)
+        gold.batches(args.batch_size, lm.max_length)
+        return gold
+
+    build_s, gold = timed(build, args.reps)
+    items, batches = gold.flat, gold.batches(args.batch_size, lm.max_length)
     print(f"{len(items)} items; lm-eval path ...", file=sys.stderr)
     lm_eval_s, expected = timed(
         lambda: [lp for lp, _ in lm._loglikelihood_tokens(items, disable_tqdm=True)], args.reps
     )
     print("teacher-forced path ...", file=sys.stderr)
-    fast_s, got = timed(lambda: teacher_forced(lm, items), args.reps)
+    fast_s, got = timed(lambda: teacher_forced(lm, items, batches), args.reps)
     diff = max(abs(a - b) for a, b in zip(expected, got, strict=True))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
@@ -92,7 +97,7 @@ def main() -> None:
         f"{torch.get_num_threads()}, batch {args.batch_size}, {len(items)} items, median of {args.reps}\n"
     )
     print("| step | s per candidate |\n|---|---|")
-    print(f"| build and tokenize the gold requests (once per run now) | {build_s:.3f} |")
+    print(f"| build, tokenize and batch the gold requests (once per run now) | {build_s:.3f} |")
     print(f"| lm-eval `_loglikelihood_tokens` | {lm_eval_s:.3f} |")
     print(f"| evoforge `teacher_forced` | {fast_s:.3f} |")
     print(

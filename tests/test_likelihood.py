@@ -115,7 +115,7 @@ def test_teacher_forced_scores_equal_lm_evals_loglikelihood(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tasks = TaskSuite.discover(tasks_dir).build("validation")
     reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-    items = [item for items in encode_gold(reference, tasks).values() for item in items]
+    items = encode_gold(reference, tasks).flat
     lengths = sorted({len(ctx) + len(cont) for _, ctx, cont in items})
     assert len(items) >= 10 and len(lengths) > 3, "items of several lengths, so batches pad"
     expected = [logprob for logprob, _ in reference._loglikelihood_tokens(items)]

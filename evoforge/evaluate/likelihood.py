@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from lm_eval.api.instance import Instance
@@ -88,39 +89,28 @@ def gold_requests(task: Task, lm: LM, limit: int | float | None = None) -> list[
     return requests
 
 
-def encode_gold(lm: LM, tasks: Mapping[str, Task], limit: int | float | None = None) -> dict[str, list[Gold]]:
-    """Task name → its items' gold requests, tokenized, in document order."""
-    if not isinstance(lm, TemplateLM):
-        raise TypeError(f"likelihood fitness needs a tokenizer-backed lm-eval model, not {type(lm).__name__}")
-    gold = {}
-    for name, task in tasks.items():
-        gold[name] = [(req.args, *lm._encode_pair(*req.args)) for req in gold_requests(task, lm, limit)]
-    return gold
+@dataclass(frozen=True)
+class ForcedBatch:
+    """The rows of one forward pass, left-padded so that their answers end together (no weights in it)."""
+
+    items: list[int]  # the items' places in the item list, in row order
+    ids: torch.Tensor  # [rows, length] prompt + answer without its last token
+    mask: torch.Tensor  # [rows, length] 1 on tokens, 0 on padding
+    positions: torch.Tensor  # [rows, length] each token's place in its own row
+    keep: int  # the batch's longest answer: logits are computed at the last `keep` positions
+    wanted: torch.Tensor  # [rows, keep] True where a row's answer is
+    targets: torch.Tensor  # [answer tokens] the gold tokens at `wanted`, row by row
+    rows_of: torch.Tensor  # [answer tokens] the row of each
 
 
-def item_scores(lm: TemplateLM, gold: Mapping[str, list[Gold]]) -> dict[str, list[float]]:
-    """Task name → per-item exp(mean log-prob of the gold tokens). All tasks' items are scored together."""
-    flat = [item for items in gold.values() for item in items]
-    if isinstance(lm, HFLM) and lm.backend == "causal" and isinstance(lm.batch_size, int):
-        sums = iter(teacher_forced(lm, flat))
-    else:
-        sums = iter(logprob for logprob, _ in lm._loglikelihood_tokens(flat))
-    return {name: [math.exp(next(sums) / len(cont)) for _, _, cont in items] for name, items in gold.items()}
-
-
-@torch.no_grad()
-def teacher_forced(lm: HFLM, items: Sequence[Gold]) -> list[float]:
-    """Each item's summed gold-token log-probability, as lm-eval's `_loglikelihood_tokens` defines it (the
-    last `max_length + 1` tokens of prompt + answer; the answer's tokens predicted from all before them), in
-    batches of `lm.batch_size`, longest rows first as lm-eval orders them (little padding in the transformer;
-    a batch computes logits for its longest answer's positions in every row)."""
-    model, width = lm.model, lm.max_length + 1
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+def forced_batches(items: Sequence[Gold], batch_size: int, max_length: int) -> list[ForcedBatch]:
+    """`items` in batches of `batch_size`, longest rows first as lm-eval orders them (little padding in the
+    transformer), each row the last `max_length + 1` tokens of prompt + answer as lm-eval truncates them."""
     order = sorted(range(len(items)), key=lambda i: (-len(items[i][1]) - len(items[i][2]), -len(items[i][2])))
-    out = [0.0] * len(items)
-    for start in range(0, len(order), lm.batch_size):
-        batch = order[start : start + lm.batch_size]
-        rows = [(items[i][1] + items[i][2])[-width:][:-1] for i in batch]
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = [(items[i][1] + items[i][2])[-(max_length + 1) :][:-1] for i in batch]
         answers = [items[i][2] for i in batch]
         length, keep = max(map(len, rows)), max(map(len, answers))
         ids = torch.zeros(len(rows), length, dtype=torch.long)
@@ -132,15 +122,72 @@ def teacher_forced(lm: HFLM, items: Sequence[Gold]) -> list[float]:
             mask[j, length - len(row) :] = 1
             targets[j, keep - len(answer) :] = torch.tensor(answer)
             wanted[j, keep - len(answer) :] = True
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        rows_of = torch.arange(len(rows))[:, None].expand_as(wanted)[wanted]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": keep} if keeps_logits else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits[:, -keep:]
-        wanted = wanted.to(lm.device)
-        picked = torch.log_softmax(logits[wanted].float(), dim=-1)  # [answer tokens, vocabulary]
-        picked = picked.gather(-1, targets.to(lm.device)[wanted][:, None])[:, 0]
-        rows_of = torch.arange(len(rows), device=lm.device)[:, None].expand_as(wanted)[wanted]
-        sums = torch.zeros(len(rows), device=lm.device).index_add_(0, rows_of, picked).tolist()
-        for i, total in zip(batch, sums, strict=True):
+        batches.append(ForcedBatch(batch, ids, mask, positions, keep, wanted, targets[wanted], rows_of))
+    return batches
+
+
+class GoldItems:
+    """A split's gold items, tokenized, and their forward-pass batches per batch size and context length:
+    none of it depends on the weights, so a run builds it once and every candidate only runs the passes."""
+
+    def __init__(self, by_task: dict[str, list[Gold]]) -> None:
+        self.by_task = by_task
+        self.flat = [item for items in by_task.values() for item in items]
+        self._batches: dict[tuple[int, int], list[ForcedBatch]] = {}
+
+    def batches(self, batch_size: int, max_length: int) -> list[ForcedBatch]:
+        if (batch_size, max_length) not in self._batches:
+            self._batches[(batch_size, max_length)] = forced_batches(self.flat, batch_size, max_length)
+        return self._batches[(batch_size, max_length)]
+
+
+def encode_gold(lm: LM, tasks: Mapping[str, Task], limit: int | float | None = None) -> GoldItems:
+    """The tasks' gold requests, tokenized, in document order."""
+    if not isinstance(lm, TemplateLM):
+        raise TypeError(f"likelihood fitness needs a tokenizer-backed lm-eval model, not {type(lm).__name__}")
+    by_task = {}
+    for name, task in tasks.items():
+        by_task[name] = [(req.args, *lm._encode_pair(*req.args)) for req in gold_requests(task, lm, limit)]
+    return GoldItems(by_task)
+
+
+def item_scores(lm: TemplateLM, gold: GoldItems) -> dict[str, list[float]]:
+    """Task name → per-item exp(mean log-prob of the gold tokens). All tasks' items are scored together."""
+    if isinstance(lm, HFLM) and lm.backend == "causal" and isinstance(lm.batch_size, int):
+        sums = iter(teacher_forced(lm, gold.flat, gold.batches(lm.batch_size, lm.max_length)))
+    else:
+        sums = iter(logprob for logprob, _ in lm._loglikelihood_tokens(gold.flat))
+    return {
+        name: [math.exp(next(sums) / len(cont)) for _, _, cont in items]
+        for name, items in gold.by_task.items()
+    }
+
+
+@torch.no_grad()
+def teacher_forced(
+    lm: HFLM, items: Sequence[Gold], batches: Sequence[ForcedBatch] | None = None
+) -> list[float]:
+    """Each item's summed gold-token log-probability, as lm-eval's `_loglikelihood_tokens` defines it (the
+    answer's tokens predicted from all before them), over `batches` (default: `forced_batches` of
+    `lm.batch_size`); logits only at the answers' positions, log-softmax in float32."""
+    if batches is None:
+        batches = forced_batches(items, lm.batch_size, lm.max_length)
+    model, device = lm.model, lm.device
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out = [0.0] * len(items)
+    for batch in batches:
+        kwargs = {"logits_to_keep": batch.keep} if keeps_logits else {}
+        logits = model(
+            input_ids=batch.ids.to(device),
+            attention_mask=batch.mask.to(device),
+            position_ids=batch.positions.to(device),
+            **kwargs,
+        ).logits[:, -batch.keep :]
+        picked = torch.log_softmax(logits[batch.wanted.to(device)].float(), dim=-1)  # [answer tokens, vocab]
+        picked = picked.gather(-1, batch.targets.to(device)[:, None])[:, 0]
+        sums = torch.zeros(len(batch.items), device=device).index_add_(0, batch.rows_of.to(device), picked)
+        for i, total in zip(batch.items, sums.tolist(), strict=True):
             out[i] = total
     return out

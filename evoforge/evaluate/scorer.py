@@ -32,7 +32,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from evoforge.config import EvaluationConfig, EvolutionConfig
 from evoforge.errors import ConfigError, IncompatibleModelsError
 from evoforge.evaluate.generation import PooledHFLM
-from evoforge.evaluate.likelihood import Gold, encode_gold, item_scores
+from evoforge.evaluate.likelihood import GoldItems, encode_gold, item_scores
 from evoforge.evaluate.stats import bootstrap, compute_fitness, domain_means
 from evoforge.evaluate.suite import TaskError, TaskSuite
 from evoforge.models import Device, locate_model, resolve_device
@@ -198,7 +198,7 @@ class Scorer:
             self.model = model
             self.lm = self._wrap()
         self._tasks: dict[str, dict[str, Task]] = {}
-        self._gold: dict[tuple[str, int | None], dict[str, list[Gold]]] = {}
+        self._gold: dict[tuple[str, int | None], GoldItems] = {}
 
     @classmethod
     def from_pretrained(
