@@ -11,16 +11,17 @@ The prompt is exactly what the generation path sends: lm-eval's own `Task.build_
 template). The gold answer is task data, joined to the prompt the way lm-eval joins a few-shot example:
 `target_delimiter + doc_to_target(doc)` (" 42" after "Answer:"; a code task sets `target_delimiter: ""`
 because its prompt ends inside the function and its target is the body). A `loglikelihood` task's own
-continuation and a `multiple_choice` task's gold choice are used as lm-eval builds them. Scoring is lm-eval's
-`LM.loglikelihood` (batched, one forward pass per request, no decoding); the gold tokens are counted on the
-same boundary it uses (`TemplateLM._encode_pair`: trailing prompt whitespace belongs to the continuation).
+continuation and a `multiple_choice` task's gold choice are used as lm-eval builds them. A score is what
+lm-eval's `LM.loglikelihood` returns (one forward pass per request, no decoding); the gold tokens are counted
+on the same boundary it uses (`TemplateLM._encode_pair`: trailing prompt whitespace belongs to the
+continuation).
 
 The requests and their tokens depend on the tasks and the tokenizer, not on the weights: `encode_gold` builds
 them once, and every candidate only runs the forward passes. On an HF causal model the passes are
 `teacher_forced`: lm-eval's `_loglikelihood_tokens` takes log-softmax over the whole vocabulary at every
-position of every row (the prompts are long, the answers short), which on the demo's 49 K vocabulary was
-most of a candidate's time; here rows are left-padded so their answers end together, the model computes
-logits only for the last positions (`logits_to_keep`), in float32. Same values as lm-eval's path (tested).
+position of every row (the prompts are long, the answers short): with the demo's 49 K vocabulary, 46 % of a
+1-layer model's time (bench/RESULTS.md); here rows are left-padded so their answers end together, the model
+computes logits only for the last positions (`logits_to_keep`), in float32. lm-eval's values (tested).
 """
 
 from __future__ import annotations
