@@ -80,13 +80,13 @@ def main() -> None:
         return gold
 
     build_s, gold = timed(build, args.reps)
-    items, batches = gold.flat, gold.batches(args.batch_size, lm.max_length)
+    items = gold.flat
     print(f"{len(items)} items; lm-eval path ...", file=sys.stderr)
     lm_eval_s, expected = timed(
         lambda: [lp for lp, _ in lm._loglikelihood_tokens(items, disable_tqdm=True)], args.reps
     )
     print("teacher-forced path ...", file=sys.stderr)
-    fast_s, got = timed(lambda: teacher_forced(lm, items, batches), args.reps)
+    fast_s, got = timed(lambda: teacher_forced(lm, gold), args.reps)
     diff = max(abs(a - b) for a, b in zip(expected, got, strict=True))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(

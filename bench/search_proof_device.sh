@@ -60,8 +60,9 @@ start)
   ;;
 poll)
   # the results go to $OUT every minute too, so a call cut short (device time spent) still brings them back
-  for ((waited = 0; waited < ${2:-240}; waited += 60)); do
-    sleep $((${2:-240} - waited < 60 ? ${2:-240} - waited : 60))
+  total=${2:-240}
+  for ((waited = 0; waited < total; waited += 60)); do
+    sleep $((total - waited < 60 ? total - waited : 60))
     bring_back
   done
   bring_back  # before the status lines: nothing below may cost the results

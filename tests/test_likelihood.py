@@ -115,13 +115,14 @@ def test_teacher_forced_scores_equal_lm_evals_loglikelihood(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tasks = TaskSuite.discover(tasks_dir).build("validation")
     reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-    items = encode_gold(reference, tasks).flat
+    gold = encode_gold(reference, tasks)
+    items = gold.flat
     lengths = sorted({len(ctx) + len(cont) for _, ctx, cont in items})
     assert len(items) >= 10 and len(lengths) > 3, "items of several lengths, so batches pad"
     expected = [logprob for logprob, _ in reference._loglikelihood_tokens(items)]
     for batch_size in (1, 3, 64):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        assert teacher_forced(lm, items) == pytest.approx(expected, rel=1e-5, abs=1e-5), batch_size
+        assert teacher_forced(lm, gold) == pytest.approx(expected, rel=1e-5, abs=1e-5), batch_size
     whole = type(model).forward  # a model whose forward takes no `logits_to_keep`: all logits, then sliced
     with monkeypatch.context() as patch:
         patch.setattr(
@@ -132,12 +133,12 @@ def test_teacher_forced_scores_equal_lm_evals_loglikelihood(
             ),
         )
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)
-        assert teacher_forced(lm, items) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert teacher_forced(lm, gold) == pytest.approx(expected, rel=1e-5, abs=1e-5)
     monkeypatch.setattr(HFLM, "max_length", property(lambda self: lengths[len(lengths) // 2] - 2))
     short = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
     truncated = [logprob for logprob, _ in short._loglikelihood_tokens(items)]
     assert truncated != pytest.approx(expected), "the monkeypatched context truncates some rows"
-    assert teacher_forced(short, items) == pytest.approx(truncated, rel=1e-5, abs=1e-5)
+    assert teacher_forced(short, gold) == pytest.approx(truncated, rel=1e-5, abs=1e-5)
 
 
 def _domain_tasks(result) -> dict[str, list[str]]:

@@ -157,7 +157,7 @@ def encode_gold(lm: LM, tasks: Mapping[str, Task], limit: int | float | None = N
 def item_scores(lm: TemplateLM, gold: GoldItems) -> dict[str, list[float]]:
     """Task name → per-item exp(mean log-prob of the gold tokens). All tasks' items are scored together."""
     if isinstance(lm, HFLM) and lm.backend == "causal" and isinstance(lm.batch_size, int):
-        sums = iter(teacher_forced(lm, gold.flat, gold.batches(lm.batch_size, lm.max_length)))
+        sums = iter(teacher_forced(lm, gold))
     else:
         sums = iter(logprob for logprob, _ in lm._loglikelihood_tokens(gold.flat))
     return {
@@ -167,18 +167,14 @@ def item_scores(lm: TemplateLM, gold: GoldItems) -> dict[str, list[float]]:
 
 
 @torch.no_grad()
-def teacher_forced(
-    lm: HFLM, items: Sequence[Gold], batches: Sequence[ForcedBatch] | None = None
-) -> list[float]:
-    """Each item's summed gold-token log-probability, as lm-eval's `_loglikelihood_tokens` defines it (the
-    answer's tokens predicted from all before them), over `batches` (default: `forced_batches` of
-    `lm.batch_size`); logits only at the answers' positions, log-softmax in float32."""
-    if batches is None:
-        batches = forced_batches(items, lm.batch_size, lm.max_length)
+def teacher_forced(lm: HFLM, gold: GoldItems) -> list[float]:
+    """The summed gold-token log-probability of each item of `gold.flat`, as lm-eval's `_loglikelihood_tokens`
+    defines it (the answer's tokens predicted from all before them), over `gold`'s batches for `lm`'s batch
+    size and context; logits only at the answers' positions, log-softmax in float32."""
     model, device = lm.model, lm.device
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    out = [0.0] * len(items)
-    for batch in batches:
+    out = [0.0] * len(gold.flat)
+    for batch in gold.batches(lm.batch_size, lm.max_length):
         kwargs = {"logits_to_keep": batch.keep} if keeps_logits else {}
         logits = model(
             input_ids=batch.ids.to(device),
