@@ -27,6 +27,7 @@ def _load(path: Path, name: str) -> ModuleType:
     return module
 
 
+sys.path.insert(0, str(ROOT / "scripts"))  # build_tasks.py imports its sibling task_* modules
 build_tasks = _load(ROOT / "scripts" / "build_tasks.py", "build_tasks")
 tasklib = build_tasks.tasklib
 
