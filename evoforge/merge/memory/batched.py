@@ -56,12 +56,13 @@ ENABLED = True
 """Batch a stage's same-shaped tasks (False: every task alone, as mergekit's executor runs them; tests and
 bench/merge_bench.py's `--no-batch` compare the two)."""
 
-MAX_BYTES = {"cpu": 1 << 23, "cuda": 1 << 28}
+MAX_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
 """Inputs of one batched call at most, by device type (counted at 4 bytes an element; the stack, masks and
 float32 intermediates come on top, a few times this); a device type not listed runs tensor by tensor. CPU:
-8 MiB, batches that stay in cache: the Python saved is per tensor, while a batch larger than the cache sends
+2 MiB, batches that stay in cache: the Python saved is per tensor, while a batch larger than the cache sends
 each elementwise pass to memory (at 2 M elements a tensor, 4 layers batched, multislerp took 1.35 s against
-~0.8 s tensor by tensor). CUDA: 256 MiB, a 1.5 B model's 28 q_proj of three bfloat16 inputs in two calls
+~0.8 s tensor by tensor; with 8 MiB, mid-8's merges of 32-131 K-element tensors took 7 % longer than with
+2 MiB, tiny-28's the same: bench/RESULTS.md "CPU A"). CUDA: 256 MiB, a 1.5 B model's 28 q_proj of three bfloat16 inputs in two calls
 (H100, qwen2-1.5b, bench/RESULTS.md: TIES recipes 0.281 → 0.217 s and 0.641 → 0.544 s a merge, same bits)."""
 
 _CPU_ONLY = frozenset({"multislerp", "slerp"})
