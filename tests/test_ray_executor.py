@@ -25,7 +25,7 @@ from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES, ExecutorLos
 from evoforge.evolve.strategies.random import RandomSearch
 from evoforge.pipeline import EvoMergePipeline
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'evoforge[ray]')")
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
 pytestmark = pytest.mark.slow
 
 RUN = {"population_size": 5, "mutation_rate": 0.3, "max_generations": 2, "wandb_mode": "disabled"}

@@ -114,7 +114,7 @@ def run(
         typer.Option(help="local (this process) or ray (actors on the RAY_ADDRESS cluster, or a local one)."),
     ] = None,
 ) -> None:
-    """Evolve merges of the run file's base models; Ctrl-C stops after a safe point (resume with --resume)."""
+    """Evolve merges of the run file's base models; Ctrl-C stops at once (resume with --resume)."""
     resumed = resumed_run(resume)
     if run_file is None:
         if resumed is None:

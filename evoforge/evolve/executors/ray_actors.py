@@ -92,7 +92,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError("executor: ray needs the ray extra (pip install 'evoforge[ray]')") from None
+        raise ConfigError("executor: ray needs the ray extra: pip install 'ray==2.60.*'") from None
     return ray
 
 
