@@ -9,6 +9,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -136,9 +137,12 @@ def section_loops(
         evaluator.score_model(space.paths[0], cfg.evaluation.fitness_split)  # warm-up: tasks, wrapper
         log(f"loop {merge_path}: set up in {clock.seconds:.1f} s; one generation ...")
         log(f"before the generation: {cuda_residue()}")
+        before = Counter(evaluator.memory.placements) if evaluator.memory else Counter()
         with clock():
             results[merge_path] = one_generation(cfg, space, evaluator)
         results[merge_path]["peak"] = clock.peak
+        if evaluator.memory:
+            results[merge_path]["placed"] = evaluator.memory.placements - before
         del evaluator
         free_memory()
         shutil.rmtree(work / f"loop-{merge_path}", ignore_errors=True)
@@ -167,6 +171,8 @@ def section_loops(
     for merge_path, r in results.items():
         for error in r["errors"]:
             print(f"- {merge_path} loop, failed: {error}")
+        if capped and "placed" in r:
+            print(f"- {merge_path} loop, merge tasks off the card (host / chunked): {off_card(r['placed'])}")
     if "memory" in per and "disk" in per:
         (dm, de, dw), (mm, me, mw) = per["disk"], per["memory"]
         print(
@@ -179,6 +185,16 @@ def section_loops(
         if "memory" in per and other in per:
             same = [a[3] for a in results["memory"]["all"]] == [b[3] for b in results[other]["all"]]
             print(f"same fitness for every candidate on the memory and {other} loops: {same}", flush=True)
+
+
+def off_card(placed: Counter[tuple[str, str]]) -> str:
+    """`MemoryMerger.placements` counts as "host / chunked", each with its methods: "0 / 3 (ties 2, dare_ties 1)"."""
+    parts = []
+    for where in ("host", "chunked"):
+        methods = {m: n for (w, m), n in sorted(placed.items()) if w == where}
+        detail = ", ".join(f"{m} {n}" for m, n in methods.items())
+        parts.append(str(sum(methods.values())) + (f" ({detail})" if detail else ""))
+    return " / ".join(parts)
 
 
 class Compare:
@@ -218,28 +234,30 @@ def section_capped(
         print(f"residents streamed from pinned host memory: {merger.stream}\n")
         if kept:
             print(
-                "| recipe | merge s | merge peak GiB | same tensors as uncapped | merge + load s | eval s | fitness |\n"
-                "|---|---|---|---|---|---|---|"
+                "| recipe | merge s | merge peak GiB | same tensors as uncapped | tasks off the card: host / chunked "
+                "| merge + load s | eval s | fitness |\n|---|---|---|---|---|---|---|---|"
             )
             for label, expected in kept.items():
                 text, clock, compare = recipes[label], Clock(torch.device("cuda")), Compare(expected)
                 log(f"capped, before {label}: {cuda_residue()}")
                 try:
+                    before = Counter(merger.placements)
                     with evaluator.scorer.on_host(), clock():  # as score_recipe merges when streaming
                         merger.merge(text, random_seed(text), into=lambda _config, c=compare: c)
+                    placed = merger.placements - before
                     scores, merge_s, eval_s = evaluator.score_recipe(
                         text, random_seed(text) or 0, cfg.evaluation.fitness_split
                     )
                 except torch.OutOfMemoryError as error:
                     print(
-                        f"| {label} | out of memory: {oom(error)} | | | | | |",
+                        f"| {label} | out of memory: {oom(error)} | | | | | | |",
                         flush=True,
                     )
                     free_memory()
                     continue
                 print(
-                    f"| {label} | {clock.seconds:.3f} | {gib(clock.peak)} | {compare.same} | {merge_s:.3f} | {eval_s:.3f} | "
-                    f"{scores.fitness:.4f} |",
+                    f"| {label} | {clock.seconds:.3f} | {gib(clock.peak)} | {compare.same} | {off_card(placed)} | "
+                    f"{merge_s:.3f} | {eval_s:.3f} | {scores.fitness:.4f} |",
                     flush=True,
                 )
             print(

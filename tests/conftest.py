@@ -12,6 +12,8 @@ from evolution_support import write_mc_tasks
 from evoforge.merge.memory import MemoryMerger
 from evoforge.tiny import make_family
 
+pytest.register_assert_rewrite("cli_errors_support", "recovery_runs_support")  # their asserts, explained
+
 
 @pytest.fixture(scope="session")
 def qwen_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

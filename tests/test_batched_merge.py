@@ -9,12 +9,12 @@ import immutables
 import pytest
 import torch
 from evolution_support import space_of
+from memory_merge_support import candidates
 from mergekit import merge_methods
 from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.merge_methods.base import ParameterScope
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-from test_memory_merge import candidates
 
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.memory import batched

@@ -176,12 +176,17 @@ def test_streamed_tasks_too_big_for_the_card_merge_in_chunks(qwen_family, merger
     monkeypatch.setattr(merger, "runs_on_host", lambda method_name, input_bytes: True)
     monkeypatch.setattr(merger, "task_budget", 2**40)
     monkeypatch.setattr(merger, "chunk", 1000)
+    before = Counter(merger.placements)
     ties, dare = (merger.merge(text, random_seed(text))[0] for text in texts)
     assert ties.keys() == expected[0].keys() and all(torch.equal(ties[k], expected[0][k]) for k in ties)
     assert dare.keys() == expected[1].keys()
     for name, tensor in dare.items():
         torch.testing.assert_close(tensor, expected[1][name])
     assert on_host.keys() == {"linear", "multislerp"} and chunks.keys() == {"ties", "dare_ties"}
+    placed = merger.placements - before  # tasks off the card, as the bench reports them
+    assert {m for w, m in placed if w == "chunked"} == chunks.keys()
+    assert {m for w, m in placed if w == "host"} == on_host.keys()
+    assert all(placed["host", m] == n for m, n in on_host.items())
     assert chunks["ties"] > sum(name.startswith("model.layers.0.") for name in ties)  # several per tensor
 
 

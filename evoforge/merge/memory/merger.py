@@ -11,6 +11,7 @@ as the disk path validates it, its stages are planned (`plan`) with mergekit rea
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
@@ -92,6 +93,10 @@ class MemoryMerger:
         """Streaming: device bytes a merge task's estimated working set may take (see `runs_on_host`)."""
         self.chunk = chunked.CHUNK
         """Elements per chunk of a task merged in chunks (`merges_in_chunks`)."""
+        self.placements: Counter[tuple[str, str]] = Counter()
+        """(where, method) of every merge task so far that did not run whole on the merge device: "chunked"
+        (on the card in chunks) or "host" (by the rule of `runs_on_host`, or after running out of device
+        memory); cumulative, so a caller compares two snapshots (how many tasks a capped run left the card)."""
         self._loaders = {path: InMemoryLoader(r.tensors) for path, r in self.models.items()}
         self.planner = StagePlanner(self.options, self.models.keys())
 

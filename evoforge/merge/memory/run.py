@@ -262,14 +262,17 @@ class _Run:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         try:
             with self._generator(path) if random else nullcontext():
-                method = nullcontext()
+                method, chunks = nullcontext(), False
                 if self.merger.runs_on_host(task.method_name, size):
                     if not self.merger.merges_in_chunks(task.method_name, size, len(tensors)):
                         return self._on_host(task, tensors)
-                    method = chunked.in_chunks(task.method_name, self.merger.chunk)
+                    method, chunks = chunked.in_chunks(task.method_name, self.merger.chunk), True
                 try:
                     with method:
-                        return task.execute(tensors=tensors)
+                        result = task.execute(tensors=tensors)
+                    if chunks:
+                        self.merger.placements["chunked", task.method_name] += 1
+                    return result
                 except torch.OutOfMemoryError:
                     if random or not self.merger.stream:
                         raise
@@ -281,6 +284,7 @@ class _Run:
             raise
 
     def _on_host(self, task: ExecuteMergeMethodTask, tensors: dict[ModelReference, torch.Tensor]) -> Any:
+        self.merger.placements["host", task.method_name] += 1
         host = {ref: tensor.cpu() for ref, tensor in tensors.items()}
         tensors.clear()  # the caller's references to the device copies go too
         return task.execute(tensors=host).to(self.merger.device)

@@ -1,8 +1,9 @@
-"""The memory merge path gives the disk path's tensors: seeds, mutants, ancestors, DFS depth changes, DARE."""
+"""The memory merge path gives the disk path's tensors: seeds, mutants, ancestors, DFS depth changes, DARE;
+where it computes them (card or host, by reference, only what the final path uses) and what it refuses or
+fails on as the disk path does."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -11,7 +12,8 @@ import mergekit.merge
 import pytest
 import torch
 import yaml
-from evolution_support import NAMES, TASKS, run_config, space_of, write_mc_tasks
+from evolution_support import NAMES, TASKS, space_of, write_mc_tasks
+from memory_merge_support import candidates, deep_dfs
 from mergekit.architecture import get_architecture_info
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.scripts.multimerge import load_config
@@ -19,47 +21,16 @@ from mergekit_support import plan_in_memory
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from evoforge.config import EvolutionConfig, MergeOperators
+from evoforge.config import MergeOperators
 from evoforge.errors import ConfigError
 from evoforge.evaluate.scorer import Scorer, load_model
-from evoforge.evolve.candidates import CandidateEvaluator
-from evoforge.genome import Genome, GenomeSpace, Step, StructureGene, mutate, seed_genomes
+from evoforge.genome import Step, StructureGene, seed_genomes
 from evoforge.merge import mergekit_fixes
 from evoforge.merge.disk import merge_options, merge_recipe, validate_recipe
 from evoforge.merge.memory import STAGE_DIR, InMemoryLoader, MemoryMerger, NotInMemory, models_in_memory
-from evoforge.merge.memory import run as memory_module
-from evoforge.merge.save import save_merged
 from evoforge.recipe import random_seed, render
 
 BOOKKEEPING = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
-
-
-def deep_dfs(seed: Genome) -> Genome:
-    """A DARE genome whose DFS path is 9 layers deep (6 in the base models), repeats layers, mixes all
-    sources and scales o_proj/down_proj."""
-    path = (
-        Step(source="crossover", layer=0),
-        Step(source="interp", layer=1, scale=1.3),
-        Step(source="alpha", layer=1, scale=0.7),
-        Step(source="crossover", layer=2),
-        Step(source="crossover", layer=2, scale=0.8),
-        Step(source="beta", layer=3),
-        Step(source="crossover", layer=4, scale=1.1),
-        Step(source="gamma", layer=5),
-        Step(source="crossover", layer=5, scale=0.9),
-    )
-    crossover = seed.crossover.model_copy(update={"method": "dare"})
-    return Genome(interp=seed.interp, crossover=crossover, structure=StructureGene(method="dfs", path=path))
-
-
-def candidates(space: GenomeSpace, with_seeds: bool, mutants: int) -> dict[str, Genome]:
-    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
-    rng = random.Random(11)
-    out = dict(seeds) if with_seeds else {}
-    for i in range(mutants):
-        out[f"mutant{i}"] = mutate(rng.choice(list(seeds.values())), space, rng, 0.4)
-    out["deep-dfs"] = deep_dfs(seeds["slerp-dare-dfs"])
-    return out
 
 
 def assert_same_model(memory: tuple[dict, object], disk: Path) -> None:
@@ -264,20 +235,20 @@ def test_streamed_tasks_too_big_for_the_card_run_on_the_host(qwen_family, merger
     seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
     texts = [render(seeds[label], space) for label in ("linear-ties-frankenmerge", "slerp-dare-dfs")]
     expected = [merger.merge(text, random_seed(text))[0] for text in texts]
-    on_host = Counter()
-    host = memory_module._Run._on_host
-
-    def counted(self, task, tensors):
-        on_host[task.method_name] += 1
-        return host(self, task, tensors)
-
-    monkeypatch.setattr(memory_module._Run, "_on_host", counted)
+    before = Counter(merger.placements)
     monkeypatch.setattr(merger, "stream", True)
     monkeypatch.setattr(merger, "task_budget", 1)  # every task "too big": all merged through the host path
     for text, want in zip(texts, expected):
         state = merger.merge(text, random_seed(text))[0]
         assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
-    assert on_host.keys() == {"linear", "ties", "multislerp", "dare_ties"}  # passthrough: by reference
+    placed = merger.placements - before  # counted as the bench reports them
+    assert {where for where, _ in placed} == {"host"}
+    assert {method for _, method in placed} == {
+        "linear",
+        "ties",
+        "multislerp",
+        "dare_ties",
+    }  # passthrough: by reference
 
 
 def test_unscaled_passthrough_is_assembled_by_reference(qwen_family, mergers):
@@ -366,124 +337,3 @@ def test_gpu_memory_path_equals_gpu_disk_path_resident_or_streamed(llama_family,
         assert_same_model(ours, disk)
         again, _ = streamed.merge(text, seed)
         assert all(torch.equal(again[name], ours[0][name]) for name in ours[0])
-
-
-@pytest.mark.slow
-def test_memory_loop_scores_candidates_as_the_disk_loop_does(
-    qwen_family, unrelated_qwen_family, tmp_path, monkeypatch
-):
-    tasks = write_mc_tasks(tmp_path / "tasks", items=4)
-    evaluators = {
-        path: CandidateEvaluator(
-            EvolutionConfig.model_validate(run_config(qwen_family, tasks, tmp_path / path, merge_path=path)),
-            str(qwen_family["alpha"]),
-            tmp_path / path / ".work",
-        )
-        for path in ("memory", "disk")
-    }
-    assert evaluators["disk"].memory is None
-    space = space_of(qwen_family, ancestor=True)  # run_config declares the ancestor
-    genomes = candidates(space, with_seeds=True, mutants=0)
-    a, unrelated = qwen_family["alpha"], unrelated_qwen_family["alpha"]
-    foreign = (  # not over the run's models: the memory path hands it to the disk path
-        f"merge_method: linear\nbase_model: {a}\ndtype: float32\nmodels:\n"
-        f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n  - {{model: {unrelated}, parameters: {{weight: 0.5}}}}\n"
-    )
-    with pytest.raises(NotInMemory):
-        evaluators["memory"].memory.merge(foreign)
-    deep, shallow = (render(genomes[k], space) for k in ("deep-dfs", "linear-ties-frankenmerge"))
-    overlap = CandidateEvaluator(  # each next candidate merged while one is scored (ahead, in a thread)
-        EvolutionConfig.model_validate(
-            run_config(qwen_family, tasks, tmp_path / "overlap", merge_path="memory", overlap_merges=True)
-        ),
-        str(qwen_family["alpha"]),
-        tmp_path / "overlap" / ".work",
-    )
-    texts, ahead = [deep, shallow, foreign, shallow], []
-    for text, then in zip(texts, [*texts[1:], None], strict=True):  # 9 layers, then 6; foreign: refused ahead
-        seed = random_seed(text) or 0
-        memory, disk = (evaluators[p].score_recipe(text, seed, "validation") for p in ("memory", "disk"))
-        assert memory[0] == disk[0] and memory[1] > 0 and memory[2] > 0
-        merged = overlap._ahead
-        ahead.append(merged and (merged.key[0], merged.error is None))
-        following = then and (then, random_seed(then) or 0)
-        assert overlap.score_recipe(text, seed, "validation", then=following)[0] == disk[0]
-        if text == deep:  # the held-out pass of a new best comes between: the one merged ahead waits
-            overlap.result(text, seed, "test")
-    assert ahead == [None, (shallow, True), (foreign, False), None]  # after the disk path, nothing ahead
-    assert not any((tmp_path / "memory" / ".work").glob("candidate-*"))
-    for label, text in (("deep", deep), ("foreign", foreign)):  # best models: from memory, else from disk
-        seed = random_seed(text) or 0
-        saved = {
-            p: read_folder(evaluators[p].merge(text, seed, tmp_path / f"{p}-{label}"))[0] for p in evaluators
-        }
-        assert saved["memory"].keys() == saved["disk"].keys()
-        assert all(torch.equal(saved["memory"][k], t) for k, t in saved["disk"].items())
-    # a candidate just scored (the loop's held-out pass of a new best) is saved from the Scorer's weights
-    memory = evaluators["memory"]
-    memory.score_recipe(deep, random_seed(deep) or 0, "validation")
-    with monkeypatch.context() as patch:
-        patch.setattr(memory.memory, "merge", lambda *a, **k: pytest.fail("merged again"))
-        again = memory.merge("# best of generation 0\n" + deep, random_seed(deep) or 0, tmp_path / "again")
-    (expected, _), (got, files) = read_folder(tmp_path / "disk-deep"), read_folder(again)
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], t) for k, t in expected.items())
-    assert files["mergekit_config.yml"].startswith(b"# best of generation 0")
-    memory.score_recipe(shallow, random_seed(shallow) or 0, "validation")
-    merges = Counter()
-    with monkeypatch.context() as patch:
-        merge = memory.memory.merge
-        patch.setattr(memory.memory, "merge", lambda *a, **k: merges.update(["merge"]) or merge(*a, **k))
-        memory.merge(deep, random_seed(deep) or 0, tmp_path / "again")
-    assert merges["merge"] == 1
-
-
-def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
-    """A model folder's tensors (every shard) and its other files' bytes."""
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in folder.glob("*.safetensors"):
-        tensors.update(load_file(shard))
-    files = {f.name: f.read_bytes() for f in folder.iterdir() if f.suffix != ".safetensors"}
-    return tensors, files
-
-
-def test_a_candidate_saved_from_memory_is_the_disk_paths_folder(qwen_family, mergers, tmp_path):
-    """`CandidateEvaluator.merge` (the run's best models) writes from memory what `merge_recipe` writes: the
-    same tensors, config.json, tokenizer and generation config, the recipe as mergekit_config.yml."""
-    space = space_of(qwen_family, False)
-    seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)
-    for label, genome in {
-        "deep": deep_dfs(seeds["slerp-dare-dfs"]),
-        "ties": seeds["linear-ties-frankenmerge"],
-    }.items():
-        text = render(genome, space)
-        seed = random_seed(text)
-        disk = merge_recipe(text, tmp_path / f"disk-{label}", device="cpu", random_seed=seed)
-        saved = save_merged(mergers["qwen"], text, tmp_path / f"memory-{label}", random_seed=seed)
-        (expected, expected_files), (got, got_files) = read_folder(disk), read_folder(saved)
-        assert got.keys() == expected.keys()
-        for name, tensor in expected.items():
-            torch.testing.assert_close(got[name], tensor, rtol=1.3e-6, atol=1e-6, msg=f"{label}: {name}")
-        del expected_files["README.md"]  # mergekit's card of the final stage; evoforge writes its own
-        assert got_files == expected_files
-        assert {"config.json", "tokenizer.json", "generation_config.json"} <= got_files.keys()
-        assert got_files["mergekit_config.yml"] == text.encode()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "disk-deep",
-        "disk-ties",
-        "memory-deep",
-        "memory-ties",
-    ]  # no staging folder left
-
-
-def test_saving_what_the_memory_path_refuses_leaves_nothing(qwen_family, mergers, tmp_path):
-    a, b = qwen_family["alpha"], qwen_family["beta"]
-    text = (
-        f"merge_method: linear\nbase_model: {a}\ntokenizer_source: base\nmodels:\n"
-        f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n  - {{model: {b}, parameters: {{weight: 0.5}}}}\n"
-    )
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "config.json").write_text("{}")
-    with pytest.raises(NotInMemory, match="tokenizer"):
-        save_merged(mergers["qwen"], text, tmp_path / "out")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]  # the old folder untouched
