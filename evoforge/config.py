@@ -104,11 +104,12 @@ class EvaluationConfig(Strict):
 
 
 class SearchConfig(Strict):
-    """How candidates are proposed (`evoforge.evolve.strategies`): `ga` (default), `cmaes` or `random`.
+    """How candidates are proposed (`evoforge.evolve.strategies`): `ga` (default), `ga-async`, `cmaes` or
+    `random`.
 
     A round (one of `max_generations`) evaluates `population_size` new genomes with every strategy, after a
-    round 0 of the 8 seeds: ga's 2 elites ride along cached; cmaes and random sample the continuous genes
-    of the best seed."""
+    round 0 of the 8 seeds: ga's 2 elites ride along cached (ga-async: bred one round late, for several
+    workers); cmaes and random sample the continuous genes of the best seed."""
 
     strategy: str = "ga"
     sigma0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2

@@ -175,4 +175,4 @@ def test_without_the_ray_extra_the_core_runs_and_executor_ray_is_one_line(qwen_f
     path = write_run(tmp_path, base_models=models, output_dir=str(tmp_path / "out"))
     result = CliRunner().invoke(app, ["run", str(path), "--executor", "ray"])
     assert result.exit_code == 2, result.output
-    assert result.stderr == "error: executor: ray needs the ray extra (pip install 'evoforge[ray]')\n"
+    assert result.stderr == "error: executor: ray needs the ray extra: pip install 'ray==2.60.*'\n"

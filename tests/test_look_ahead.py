@@ -1,6 +1,6 @@
-"""Look-ahead (issue 17): with random search, the next round's jobs start while the current round's slowest
-candidate is still running, yet records, checkpoints, best and resume are those of the local executor; ga
-and cmaes never ask ahead. A thread-pool executor stands in for Ray's actors (jobs start as soon as they are
+"""Look-ahead (issue 17): with random search and ga-async, the next round's jobs start while the current
+round's slowest candidate is still running, yet records, checkpoints, best and resume are those of the
+local executor; ga and cmaes never ask ahead. A thread-pool executor stands in for Ray's actors (jobs start as soon as they are
 handed over, finish in any order)."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.executors import Job, Result
 from evoforge.evolve.loop import Cancelled, Evolution, Hooks
 from evoforge.evolve.run_dir import RunDir
+from evoforge.evolve.strategies import STRATEGIES
 from evoforge.evolve.strategies.random import RandomSearch
 
 SLOW_S = 0.3
@@ -102,6 +103,9 @@ def files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+ASKS_AHEAD = ("random", "ga-async")
+"""Strategies whose next round, from round 2 on, does not depend on the current round's results."""
+
 PLATEAU = {"plateau_patience": 1, "plateau_threshold": 10.0}
 """Stops after generation 1: a round asked ahead is dropped."""
 
@@ -111,13 +115,13 @@ PLATEAU = {"plateau_patience": 1, "plateau_threshold": 10.0}
     [*((name, {}) for name in NAMES), ("random", PLATEAU)],
     ids=[*NAMES, "random-plateau"],
 )
-def test_random_search_starts_the_next_round_before_the_slowest_and_records_what_local_does(
+def test_asking_ahead_starts_the_next_round_before_the_slowest_and_records_what_local_does(
     strategy, extra, tmp_path, monkeypatch
 ):
-    """The reference: the local executor, random search never asked ahead (the rounds strictly in turn)."""
+    """The reference: the local executor, never asked ahead (the rounds strictly in turn)."""
     local = config(strategy, max_generations=4, output_dir=str(tmp_path / "local"), **extra)
     with monkeypatch.context() as patch:
-        patch.setattr(RandomSearch, "asks_ahead", lambda self: False)
+        patch.setattr(STRATEGIES[strategy], "asks_ahead", lambda self: False, raising=False)
         run(local, SyntheticEvaluator(), resume=False)
     pooled = config(strategy, max_generations=4, output_dir=str(tmp_path / "pool"), **extra)
     pool = Pool(SyntheticEvaluator())
@@ -127,12 +131,12 @@ def test_random_search_starts_the_next_round_before_the_slowest_and_records_what
         pool.close()
     assert run_files(tmp_path / "pool") == run_files(tmp_path / "local")
     assert files(tmp_path / "pool") == files(tmp_path / "local")
-    if strategy != "random":
+    if strategy not in ASKS_AHEAD:
         assert len(pool.batches) == 4 and pool.waited_for_every_round()
     elif extra:  # generation 1 asked generation 2 ahead, then the plateau stopped the run: it was withdrawn
         assert len(pool.batches) == 3 and all(f.cancelled() or f.done() for f in pool.batches[2].futures)
         assert not (tmp_path / "pool" / "candidates" / "gen_2").exists()
-    else:  # round 0 decides random search's box; rounds 1 and 2 ask the next one ahead, round 3 is the last
+    else:  # round 1 needs round 0's results; rounds 1 and 2 ask the next one ahead, round 3 is the last
         assert len(pool.batches) == 4
         assert pool.started_before_slowest_ended(1) and not pool.started_before_slowest_ended(0)
 

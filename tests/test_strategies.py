@@ -23,13 +23,15 @@ from evoforge.evolve import strategies
 from evoforge.evolve.loop import Evolution, Hooks
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, Scores, parent_ratios, read_records
 from evoforge.evolve.run_dir import RunDir
+from evoforge.evolve.strategies import Proposal
+from evoforge.evolve.strategies.base import asks_ahead
 from evoforge.evolve.strategies.continuous import Box
 from evoforge.genome import Genome, GenomeSpace, mutate, seed_genomes, structure
 from evoforge.genome.structure import edit_count
 from evoforge.recipe import parse
 
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
-NAMES = ("ga", "cmaes", "random")
+NAMES = ("ga", "ga-async", "cmaes", "random")
 
 
 def config(strategy: str, **extra) -> EvolutionConfig:
@@ -68,10 +70,10 @@ def test_registry_refuses_a_second_strategy_of_the_same_name():
     assert set(NAMES) <= set(strategies.STRATEGIES)
 
 
-def test_cmaes_and_ga_beat_random_search_on_a_synthetic_objective():
+def test_cmaes_and_the_gas_beat_random_search_on_a_synthetic_objective():
     seeds = range(3)
     results = {name: fmean(best_after(name, 10, s) for s in seeds) for name in NAMES}
-    assert results["cmaes"] > results["random"] and results["ga"] > results["random"], results
+    assert all(results[name] > results["random"] for name in ("cmaes", "ga", "ga-async")), results
     assert results["cmaes"] > best_after("random", 1, 0)  # better than the best seed
 
 
@@ -259,6 +261,31 @@ def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_run(strategy, t
     rounds = {g: [r for r in records if r.generation == g and r.split == "validation"] for g in range(4)}
     assert all(sum(not r.cached for r in rounds[g]) == 8 for g in rounds)  # 8 evaluations a round
     assert all(len(r.parent_fitness) == len(r.parents) for r in records if r.split == "validation")
+
+
+def test_ga_async_asks_the_same_whether_or_not_the_latest_round_was_told():
+    """Round r is bred from rounds 0 … r − 2 only: asked ahead (before round r − 1 is told, as the runner asks
+    it for several workers) or after, the same proposals; its elites are the best of those rounds."""
+
+    def rounds(ahead: bool) -> list[list[Proposal]]:
+        s = strategies.make(config("ga-async"), SPACE, random.Random(3))
+        asked = [s.ask()]
+        s.tell([(p, objective(p.genome)) for p in asked[0]])
+        asked.append(s.ask())
+        for r in range(2, 6):
+            if ahead:
+                assert asks_ahead(s)
+                asked.append(s.ask())
+            s.tell([(p, objective(p.genome)) for p in asked[r - 1]])
+            if not ahead:
+                asked.append(s.ask())
+        return asked
+
+    ahead, in_turn = rounds(True), rounds(False)
+    assert ahead == in_turn
+    seen = [(p.genome.hash, objective(p.genome)) for r in ahead[:3] for p in r]  # what round 4 may see
+    best = sorted(dict(seen).items(), key=lambda hf: -hf[1])[:2]
+    assert [(p.genome.hash, p.operator) for p in ahead[4][:2]] == [(h, "elite") for h, _ in best]
 
 
 def test_elites_are_recorded_cached_and_mutants_near_their_parents(tmp_path):

@@ -108,7 +108,9 @@ def run(
     merge_path: Annotated[
         MergePath | None, typer.Option("--merge-path", help="memory (fast) or disk.")
     ] = None,
-    strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes or random.")
+    ] = None,
     executor: Annotated[
         ExecutorName | None,
         typer.Option(help="local (this process) or ray (actors on the RAY_ADDRESS cluster, or a local one)."),
@@ -145,7 +147,9 @@ def evo(
     device: Annotated[Device | None, typer.Option()] = None,
     resume: Annotated[Path | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run file (YAML or JSON).")] = None,
-    strategy: Annotated[str | None, typer.Option(help="search.strategy: ga, cmaes or random.")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes or random.")
+    ] = None,
 ) -> None:
     """The seed document's `forge evo`: the same run as `evoforge run`."""
     resumed = resumed_run(resume)
