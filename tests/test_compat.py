@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from evoforge import demo
 from evoforge.errors import IncompatibleModelsError
 from evoforge.merge.compat import (
     MAX_RELATIVE_DELTA,
@@ -44,6 +45,19 @@ def test_related_family_passes_without_warnings(qwen_family, llama_family):
     assert check_compatibility(_children(qwen_family)) == []
     assert check_compatibility(_children(qwen_family), ancestor=str(qwen_family["ancestor"])) == []
     assert check_compatibility(_children(llama_family), ancestor=str(llama_family["ancestor"])) == []
+
+
+def test_real_lora_fine_tunes_pass_without_warnings():
+    """The demo's specialists (LoRA fine-tunes of SmolLM2-135M-Instruct, as `evoforge demo prepare` builds them
+    in the user's cache): real related checkpoints are not mistaken for unrelated ones."""
+    cache = demo.default_cache_dir()
+    folders = {name: cache / f"smollm2-{name}" for name in ("code", "math", "multilingual")}
+    ancestor = cache / "smollm2-135m-instruct"
+    if not all((f / "config.json").exists() for f in (*folders.values(), ancestor)):
+        pytest.skip(f"the demo trio is not prepared in {cache} (evoforge demo prepare)")
+    models = {name: str(folder) for name, folder in folders.items()}
+    assert check_compatibility(models) == []
+    assert check_compatibility(models, ancestor=str(ancestor)) == []
 
 
 def test_unrelated_models_get_a_kinship_warning(qwen_family, unrelated_qwen_family):
