@@ -62,8 +62,9 @@ float32 intermediates come on top, a few times this); a device type not listed r
 2 MiB, batches that stay in cache: the Python saved is per tensor, while a batch larger than the cache sends
 each elementwise pass to memory (at 2 M elements a tensor, 4 layers batched, multislerp took 1.35 s against
 ~0.8 s tensor by tensor; with 8 MiB, mid-8's merges of 32-131 K-element tensors took 7 % longer than with
-2 MiB, tiny-28's the same: bench/RESULTS.md "CPU A"). CUDA: 256 MiB, a 1.5 B model's 28 q_proj of three bfloat16 inputs in two calls
-(H100, qwen2-1.5b, bench/RESULTS.md: TIES recipes 0.281 → 0.217 s and 0.641 → 0.544 s a merge, same bits)."""
+2 MiB, tiny-28's the same: bench/RESULTS.md "CPU A"). CUDA: 256 MiB, a 1.5 B model's 28 q_proj of three
+bfloat16 inputs in two calls (H100, qwen2-1.5b, bench/RESULTS.md: TIES recipes 0.281 → 0.217 s and 0.641 →
+0.544 s a merge, same bits)."""
 
 _CPU_ONLY = frozenset({"multislerp", "slerp"})
 _UNTIED = 1 << 16
