@@ -34,16 +34,24 @@ def assert_same_bits(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tens
         assert ours[name].dtype == tensor.dtype and torch.equal(bits(ours[name]), bits(tensor)), (label, name)
 
 
+class Sizes(list):
+    """The size of each batched call `batched.execute` makes (more than one task merged at once), and the
+    methods that made them."""
+
+    methods: set[str]
+
+
 @pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of each batched call `batched.execute` makes (more than one task merged at once)."""
-    sizes: list[int] = []
+def batches(monkeypatch: pytest.MonkeyPatch) -> Sizes:
+    sizes = Sizes()
+    sizes.methods = set()
     merge = batched._merge
 
-    def counted(method, calls):
+    def counted(method, calls, masks=None):
         if len(calls) > 1:
             sizes.append(len(calls))
-        return merge(method, calls)
+            sizes.methods.add(method.spec.name)
+        return merge(method, calls, masks)
 
     monkeypatch.setattr(batched, "_merge", counted)
     return sizes
@@ -61,13 +69,14 @@ def merged_both_ways(merger, text: str, monkeypatch: pytest.MonkeyPatch) -> tupl
 @pytest.mark.parametrize(("arch", "ancestor"), [("qwen", False), ("llama", True)])
 def test_batched_recipes_give_the_per_tensor_bits(request, mergers, monkeypatch, batches, arch, ancestor):
     """Seeds (linear/multislerp interp, TIES/DARE crossover, DFS/frankenmerge), mutants and a deep DFS
-    path: batching on and off give the same tensors, and the linear, multislerp and TIES stages did batch."""
+    path: batching on and off give the same tensors (DARE: the same masks), and every stage did batch."""
     family = request.getfixturevalue(f"{arch}_family")
     space = space_of(family, ancestor)
     for label, genome in candidates(space, with_seeds=True, mutants=3).items():
         together, alone = merged_both_ways(mergers[arch], render(genome, space), monkeypatch)
         assert_same_bits(together, alone, label)
     assert max(batches) >= 6 and len(batches) > 50  # same-shaped tensors of all 6 layers, at least
+    assert {"linear", "multislerp", "ties", "dare_ties"} <= batches.methods, batches.methods
 
 
 def test_per_layer_parameters_batch_as_resolved(qwen_family, mergers, monkeypatch, batches):

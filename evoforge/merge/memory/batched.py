@@ -71,6 +71,8 @@ _UNTIED = 1 << 16
 """Rows of at most this many elements try `kthvalue` before the sort (`_largest`). Deltas are multiples of
 the weights' rounding step, so large tensors tie at the k-th magnitude: at 2 M float32 elements (TIES, hidden
 1024) all 18 batches had tied rows, and the try cost a fifth of the sort; at 8 K elements rows are untied."""
+_EPS = 1e-7
+"""`sparsify.rescaled_masked_tensor`'s default: a norm below it is not rescaled."""
 _GRAIN = 32768
 """torch's `at::internal::GRAIN_SIZE`: a reduction to one value over fewer elements runs on one thread."""
 
@@ -88,6 +90,17 @@ def batchable(method_name: str, device: torch.device) -> bool:
     )
 
 
+def draws_in_batches(method_name: str, device: torch.device) -> bool:
+    """Whether a random stage's tasks of `method_name` (DARE: `sparsify.bernoulli`) are merged in batches
+    (`execute` with `used`): on the CPU; on CUDA not yet checked against mergekit's bits."""
+    method = merge_methods.get(method_name)
+    return (
+        device.type == "cpu"
+        and isinstance(method, GeneralizedTaskArithmeticMerge)
+        and method.sparsification_method is SparsificationMethod.random
+    )
+
+
 def options(task: ExecuteMergeMethodTask) -> Hashable | None:
     """What tasks merged in one call must share besides inputs and shapes: the method, input models, dtypes
     and the shared parameters a batch cannot vary per row. None: this task runs alone."""
@@ -97,7 +110,8 @@ def options(task: ExecuteMergeMethodTask) -> Hashable | None:
         for p in method.spec.parameters
         if p.scope == ParameterScope.SHARED and not p.batch_tensor
     )
-    if getattr(method, "sparsification_method", None) is not None and task.parameters.get("rescale"):
+    magnitude = getattr(method, "sparsification_method", None) is SparsificationMethod.magnitude
+    if magnitude and task.parameters.get("rescale"):
         return None
     return (task.method_name, task.model_order, task.base_model, task.dtype, task.out_dtype, shared)
 
@@ -139,10 +153,16 @@ def _recorded(method: Any, calls: list[_Call | None]) -> Iterator[None]:
 
 
 def execute(
-    tasks: Sequence[ExecuteMergeMethodTask], tensors: Sequence[dict[ModelReference, torch.Tensor]]
+    tasks: Sequence[ExecuteMergeMethodTask],
+    tensors: Sequence[dict[ModelReference, torch.Tensor]],
+    used: Sequence[bool] | None = None,
 ) -> list[torch.Tensor | None]:
     """`[task.execute(tensors=t) for task, t in zip(tasks, tensors)]`, the merges of tasks with alike inputs
-    done in one call per method (the tasks share `options`)."""
+    done in one call per method (the tasks share `options`).
+
+    A method that draws masks (`draws_in_batches`: DARE) draws them here first, for every task in task order
+    and each task's models in mergekit's order, as mergekit's executor draws them task after task (`_masks`);
+    then only the `used` tasks are merged, with those masks (the others are None: they ran for their draws)."""
     method = merge_methods.get(tasks[0].method_name)
     results: list[Any] = []
     calls: list[_Call | None] = []
@@ -150,12 +170,16 @@ def execute(
         for task, inputs in zip(tasks, tensors):
             calls.append(None)
             results.append(task.execute(tensors=inputs))
+    drawn = used is not None
+    masks = [_masks(call) if call is not None else [] for call in calls] if drawn else []
     batches: dict[Hashable, list[int]] = {}
     for index, call in enumerate(calls):
-        if call is not None:
+        if call is not None and (used is None or used[index]):
             batches.setdefault(call.signature(), []).append(index)
+        elif drawn and call is not None:
+            results[index] = None
     for indices in batches.values():
-        merged = _merge(method, [calls[i] for i in indices])
+        merged = _merge(method, [calls[i] for i in indices], [masks[i] for i in indices] if drawn else None)
         if len(indices) > 1:
             merged = _own(merged)
         for index, tensor in zip(indices, merged):
@@ -163,8 +187,11 @@ def execute(
     return results
 
 
-def _merge(method: Any, calls: list[_Call]) -> Sequence[torch.Tensor]:
-    """The recorded calls' results: one call of the method's batch kernel (alone: mergekit's own call)."""
+def _merge(
+    method: Any, calls: list[_Call], masks: list[list[torch.Tensor | None]] | None = None
+) -> Sequence[torch.Tensor]:
+    """The recorded calls' results: one call of the method's batch kernel (alone: mergekit's own call, except
+    with drawn `masks`, which mergekit's call would draw again)."""
     first = calls[0]
     groups = [call.group for call in calls]
     parameters = [call.parameters for call in calls]
@@ -176,7 +203,7 @@ def _merge(method: Any, calls: list[_Call]) -> Sequence[torch.Tensor]:
             for g, p in zip(groups, parameters)
         ]
 
-    if (
+    if masks is None and (
         len(calls) == 1
         or numel == 0
         or (isinstance(method, BatchedMergeMethod) and not _rows_alike(method, numel))
@@ -192,7 +219,7 @@ def _merge(method: Any, calls: list[_Call]) -> Sequence[torch.Tensor]:
     shape = aligned[0].entries[0].tensor.shape
     with torch.autocast(device_type=aligned[0].entries[0].tensor.device.type, enabled=False):
         if isinstance(method, GeneralizedTaskArithmeticMerge):
-            merged = _task_arithmetic(method, aligned, parameters)
+            merged = _task_arithmetic(method, aligned, parameters, masks)
         else:
             merged = _multislerp(aligned, parameters)
     del aligned
@@ -239,8 +266,10 @@ def _task_arithmetic(
     method: GeneralizedTaskArithmeticMerge,
     groups: Sequence[TensorGroup],
     parameters: Sequence[dict[str, Any]],
+    masks: Sequence[list[torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
-    """mergekit's `GeneralizedTaskArithmeticMerge.merge_group` over rows (magnitude sparsification or none)."""
+    """mergekit's `GeneralizedTaskArithmeticMerge.merge_group` over rows: magnitude sparsification, none, or
+    DARE's with the `masks` drawn for each group's non-base inputs."""
     first = groups[0]
     base_index = next(i for i, e in enumerate(first.entries) if e.is_base)
     others = [i for i in range(len(first.entries)) if i != base_index]
@@ -248,7 +277,9 @@ def _task_arithmetic(
     deltas = base.new_empty((len(others), *base.shape))
     for row, index in enumerate(others):
         delta = _rows(groups, index) - base
-        if method.sparsification_method is not None:
+        if masks is not None:
+            delta = _dropped(delta, [m[row] for m in masks], bool(parameters[0]["rescale"]))
+        elif method.sparsification_method is not None:
             densities = [p["density"][g.entries[index].id] for g, p in zip(groups, parameters)]
             delta = _magnitude(delta, densities)
         deltas[row] = delta
@@ -259,6 +290,46 @@ def _task_arithmetic(
         device=deltas.device,
     ).unsqueeze(-1)
     return chunked.combine(method, deltas, weights, base, parameters[0])
+
+
+def _masks(call: _Call) -> list[torch.Tensor | None]:
+    """The masks mergekit's DARE draws for one task, in its order: for each non-base input, `sparsify.bernoulli`'s
+    draw over the delta's shape and work dtype (none where the density is ≥ 1), flattened."""
+    dtype = call.dtype or promoted_dtype(call.group)
+    out: list[torch.Tensor | None] = []
+    for entry in call.group.non_base:
+        density = call.parameters["density"][entry.id]
+        if density >= 1:
+            out.append(None)
+            continue
+        tensor = entry.tensor
+        work = dtype if tensor.device.type != "cpu" or dtype == torch.bfloat16 else torch.float32
+        out.append(
+            torch.bernoulli(torch.full(tensor.shape, density, dtype=work, device=tensor.device)).reshape(-1)
+        )
+    return out
+
+
+def _dropped(delta: torch.Tensor, masks: Sequence[torch.Tensor | None], rescale: bool) -> torch.Tensor:
+    """mergekit's `sparsify.bernoulli` of each row with its drawn mask (None: kept whole); with `rescale`, each
+    row scaled by its l1 norm before over after the drop, each sum over one row as mergekit sums one tensor
+    (`rescaled_masked_tensor`)."""
+    rows = [i for i, mask in enumerate(masks) if mask is not None]
+    if not rows:
+        return delta
+    work = delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 else torch.float32
+    part = delta[rows].to(work)
+    masked = part * torch.stack([masks[i] for i in rows])
+    if rescale:
+        for j in range(len(rows)):
+            before, after = part[j].abs().sum(), masked[j].abs().sum()
+            if not (before < _EPS or after < _EPS):
+                masked[j] = masked[j] * (before / after)
+    if len(rows) == len(masks):
+        return masked.to(delta.dtype)
+    delta = delta.clone()
+    delta[rows] = masked.to(delta.dtype)
+    return delta
 
 
 def _magnitude(delta: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:

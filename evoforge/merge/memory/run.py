@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,8 @@ class _Run:
         self.ready: dict[tuple[str | None, str], torch.Tensor | None] = {}
         """Outputs merged in a batch before they were asked for."""
         self.shapes: dict[tuple[str, str], tuple[int, ...] | None] = {}
+        self.drawn: set[tuple[str, str]] = set()
+        """Unused tasks of a random stage whose masks a batch has drawn already (`_draw_batch`)."""
 
     def _count_inputs(self, entry: _Entry) -> None:
         for inp in entry.inputs:
@@ -113,10 +115,14 @@ class _Run:
                 self.values[source] = self._execute(path, stage, source[1])
             while source not in self.values:
                 name = order[self.position[path]]
-                self.position[path] += 1
                 key = (path, name)
+                if key not in self.ready and key not in self.drawn:
+                    self._draw_batch(path, stage, order[self.position[path] :])
+                self.position[path] += 1
                 if key not in self.counted:  # unused: only its draws matter
-                    self._draw(path, stage, name)
+                    if key not in self.drawn:
+                        self._draw(path, stage, name)
+                    self.drawn.discard(key)
                     continue
                 tensor = self._execute(path, stage, name)
                 if self.uses[key]:
@@ -152,11 +158,57 @@ class _Run:
         return tensor
 
     def _draw(self, path: str, stage: _StagePlan, name: str) -> None:
+        self._run_task(path, stage.task(name), self._draw_inputs(stage, name), random=True)
+
+    def _draw_inputs(self, stage: _StagePlan, name: str) -> dict[ModelReference, torch.Tensor]:
+        """An unused task's inputs: the residents it reads, zeros for the stage tensors (its masks depend only
+        on shapes, dtypes and densities)."""
         residents, zeros = stage.skeleton.draws[name]
         tensors = {inp.ref: self._load(inp) for inp in residents}
         shape = next(iter(tensors.values())).shape
         tensors.update({ref: torch.zeros(shape, dtype=d, device=self.merger.device) for ref, d in zeros})
-        self._run_task(path, stage.task(name), tensors, random=True)
+        return tensors
+
+    def _draw_batch(self, path: str, stage: _StagePlan, names: Sequence[str]) -> None:
+        """The next tasks of a random stage in its executor order, as many as batch together
+        (`batched.draws_in_batches`, one `options`, at most `batched.MAX_BYTES` of inputs), merged in one
+        `batched.execute`: every task's masks drawn in that order, the used tasks' outputs kept in `ready`,
+        the unused ones marked `drawn`. Fewer than two: nothing (they run one by one)."""
+        if not self.batching:
+            return
+        entries, device = stage.skeleton.entries, self.merger.device
+        batch: list[str] = []
+        first, size = None, 0
+        budget = batched.MAX_BYTES.get(device.type, 0)
+        for name in names:
+            task = stage.task(name)
+            if not batched.draws_in_batches(task.method_name, device):
+                break
+            options = batched.options(task)
+            shapes = [self._shape(inp) for inp in entries[name].inputs]
+            size += 4 * sum(math.prod(shape) for shape in shapes if shape is not None)
+            if options is None or (batch and (options != first or size > budget)):
+                break
+            first = options
+            batch.append(name)
+        if len(batch) < 2:
+            return
+        used = [(path, n) in self.counted for n in batch]
+        inputs = [
+            {inp.ref: t for inp in entries[n].inputs if (t := self._load(inp)) is not None}
+            if use
+            else self._draw_inputs(stage, n)
+            for n, use in zip(batch, used)
+        ]
+        with self._generator(path):
+            results = batched.execute([stage.task(n) for n in batch], inputs, used)
+        del inputs
+        for n, use, result in zip(batch, used, results):
+            if use:
+                dtype = entries[n].save_dtype
+                self.ready[path, n] = result.to(dtype) if result is not None and dtype is not None else result
+            else:
+                self.drawn.add((path, n))
 
     def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
         """One output tensor of a stage (`path` None: the final document), with those merged in the same
