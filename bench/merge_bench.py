@@ -10,7 +10,9 @@ Sections
   A. Merge latency per recipe: disk (`merge_recipe`: mergekit run_merge per stage, to a folder), planner
      (mergekit's MergePlanner + Executor in memory per stage, the `plan_in_memory` workaround; base models
      read by mergekit's loaders, stage outputs kept in memory), memory (`MemoryMerger.merge`, residents
-     loaded once). Each path's result is fingerprinted (exact, bitwise) and compared. On CUDA: the peak GPU
+     loaded once; a recipe's first merge plans its stage structures, "again" merges it a second time, as
+     most of a run's candidates are merged: cmaes/random samples and two mutants in three keep their
+     parent's structures). Each path's result is fingerprinted (exact, bitwise) and compared. On CUDA: the peak GPU
      memory each call adds above what was allocated when it started (`max_memory_allocated`).
   B. One generation of the real loop (`Evolution.run_generation`, population = the 8 seeds, best model
      written as `evoforge run` writes it: from memory on the memory path, `evoforge.merge.save`, through

@@ -213,3 +213,73 @@ def test_batched_kernels_give_mergekits_bits_on_cuda():
             together = batched.execute(tasks, tensors)
         for row, (ours, theirs) in enumerate(zip(together, alone)):
             assert torch.equal(bits(ours), bits(theirs)), (label, row)
+
+
+def dare_tasks(rows: int, rescale: bool) -> list[ExecuteMergeMethodTask]:
+    """DARE tasks, one a row, densities 0, 1 and between per input, per-row weights."""
+    rng = random.Random(5)
+    return [
+        task(
+            "dare_ties",
+            (BASE, A, B, C),
+            BASE,
+            {"rescale": rescale, "normalize": True, "lambda": 1.5},
+            {
+                m: {
+                    "weight": rng.uniform(0.1, 1.0),
+                    "density": rng.choice([0.0, 1.0, rng.uniform(0.05, 0.95)]),
+                }
+                for m in (A, B, C)
+            },
+        )
+        for _ in range(rows)
+    ]
+
+
+def dare_both_ways(tasks, tensors, used) -> tuple[list, list, bool]:
+    """mergekit's tasks one by one (the unused ones too: they draw) and `batched.execute`, from one seed:
+    both results, and whether both left the generator in the same state."""
+    with mergekit_fixes.applied():
+        torch.manual_seed(11)
+        alone = [t.execute(tensors=dict(x)) for t, x in zip(tasks, tensors)]
+        after_alone = torch.get_rng_state()
+        torch.manual_seed(11)
+        together = batched.execute(tasks, tensors, used)
+        same_state = torch.equal(torch.get_rng_state(), after_alone)
+    return together, alone, same_state
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rescale", [True, False])
+def test_batched_dare_draws_mergekits_masks(threads, dtype, rescale):
+    """DARE batched: every task's masks drawn in mergekit's order (the unused tasks' too), the used rows
+    merged with them, the l1 rescale summed row by row over 49,152 elements (split over 2 threads as one
+    tensor's sum is): each used row has the bits of mergekit's task run alone, and the generator ends where
+    mergekit's leaves it."""
+    rows, shape = 6, (96, 512)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tasks, tensors = dare_tasks(rows, rescale), inputs(rows, shape, dtype, seed=7)
+        used = [True, False, True, True, False, True]
+        together, alone, same_state = dare_both_ways(tasks, tensors, used)
+        assert same_state
+        for row, (ours, theirs) in enumerate(zip(together, alone)):
+            if used[row]:
+                assert ours.dtype == theirs.dtype and torch.equal(bits(ours), bits(theirs)), row
+            else:
+                assert ours is None, row
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_dare_draws_mergekits_masks_on_cuda():
+    """The same on CUDA (Philox draws, CUDA reductions): the check `draws_in_batches` waits for before it
+    lets DARE stages batch on a GPU."""
+    tasks = dare_tasks(6, rescale=True)
+    tensors = [{r: t.cuda() for r, t in x.items()} for x in inputs(6, (96, 512), torch.bfloat16, 7)]
+    together, alone, _ = dare_both_ways(tasks, tensors, [True] * 6)
+    for row, (ours, theirs) in enumerate(zip(together, alone)):
+        assert torch.equal(bits(ours), bits(theirs)), row

@@ -7,8 +7,9 @@ tensor the final path does not use costs nothing. A stage that draws random numb
 mergekit seeds torch at the start of each stage and draws masks in its executor's task order, so such a stage
 runs its tasks in exactly that order (from mergekit's own scheduler) under its own saved generator state, up
 to the last tensor used; a task nothing uses only draws (DARE's masks depend on shapes, dtypes and densities,
-not values, so the stage tensors it would read are replaced by zeros). An unscaled passthrough slice is
-assembled by reference (the output tensor *is* the input tensor).
+not values, so the stage tensors it would read are replaced by zeros). Where `batched` can draw them (DARE on
+the CPU), consecutive tasks in that order are merged in one call (`_draw_batch`), their masks drawn in the
+same order. An unscaled passthrough slice is assembled by reference (the output tensor *is* the input tensor).
 """
 
 from __future__ import annotations
