@@ -308,11 +308,16 @@ def _masks(call: _Call) -> list[torch.Tensor | None]:
             out.append(None)
             continue
         tensor = entry.tensor
-        work = dtype if tensor.device.type != "cpu" or dtype == torch.bfloat16 else torch.float32
+        work = _bernoulli_dtype(dtype, tensor.device)
         out.append(
             torch.bernoulli(torch.full(tensor.shape, density, dtype=work, device=tensor.device)).reshape(-1)
         )
     return out
+
+
+def _bernoulli_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`sparsify.bernoulli`'s work dtype: the delta's, except float32 for other than bfloat16 on the CPU."""
+    return dtype if device.type != "cpu" or dtype == torch.bfloat16 else torch.float32
 
 
 def _dropped(delta: torch.Tensor, masks: Sequence[torch.Tensor | None], rescale: bool) -> torch.Tensor:
@@ -322,8 +327,7 @@ def _dropped(delta: torch.Tensor, masks: Sequence[torch.Tensor | None], rescale:
     rows = [i for i, mask in enumerate(masks) if mask is not None]
     if not rows:
         return delta
-    work = delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 else torch.float32
-    part = delta[rows].to(work)
+    part = delta[rows].to(_bernoulli_dtype(delta.dtype, delta.device))
     masked = part * torch.stack([masks[i] for i in rows])
     if rescale:
         for j in range(len(rows)):

@@ -179,7 +179,7 @@ class _Run:
             return
         entries, device = stage.skeleton.entries, self.merger.device
         batch: list[str] = []
-        first, size = None, 0
+        shared, size = None, 0
         budget = batched.MAX_BYTES.get(device.type, 0)
         for name in names:
             task = stage.task(name)
@@ -188,28 +188,13 @@ class _Run:
             options = batched.options(task)
             shapes = [self._shape(inp) for inp in entries[name].inputs]
             size += 4 * sum(math.prod(shape) for shape in shapes if shape is not None)
-            if options is None or (batch and (options != first or size > budget)):
+            if options is None or (batch and (options != shared or size > budget)):
                 break
-            first = options
+            shared = options
             batch.append(name)
         if len(batch) < 2:
             return
-        used = [(path, n) in self.counted for n in batch]
-        inputs = [
-            {inp.ref: t for inp in entries[n].inputs if (t := self._load(inp)) is not None}
-            if use
-            else self._draw_inputs(stage, n)
-            for n, use in zip(batch, used)
-        ]
-        with self._generator(path):
-            results = batched.execute([stage.task(n) for n in batch], inputs, used)
-        del inputs
-        for n, use, result in zip(batch, used, results):
-            if use:
-                dtype = entries[n].save_dtype
-                self.ready[path, n] = result.to(dtype) if result is not None and dtype is not None else result
-            else:
-                self.drawn.add((path, n))
+        self._merge_batch(path, stage, batch, [(path, n) in self.counted for n in batch])
 
     def _execute(self, path: str | None, stage: _StagePlan, name: str) -> torch.Tensor | None:
         """One output tensor of a stage (`path` None: the final document), with those merged in the same
@@ -220,11 +205,7 @@ class _Run:
         if batch:
             return self._execute_batch(path, stage, batch, name)
         entry, task = stage.skeleton.entries[name], stage.task(name)
-        tensors = {}
-        for inp in entry.inputs:
-            tensor = self._load(inp)
-            if tensor is not None:
-                tensors[inp.ref] = tensor
+        tensors = self._inputs(entry)
         if task.method_name == "passthrough" and len(tensors) == 1 and task.dtype is task.out_dtype is None:
             (ref,) = tensors
             if task.input_parameters[ref]["scale"] in (None, 1.0):  # x * 1.0 == x: keep the reference
@@ -279,20 +260,34 @@ class _Run:
     def _execute_batch(
         self, path: str | None, stage: _StagePlan, names: list[str], name: str
     ) -> torch.Tensor | None:
-        """The outputs `names` of a stage merged in one call (`batched.execute`); `name`'s is returned, the
-        others wait in `ready`."""
-        entries = stage.skeleton.entries
+        """The outputs `names` of a stage merged in one call; `name`'s is returned, the others wait in `ready`."""
         for n in names:
             del self.batches[path][n]
-        inputs = [
-            {inp.ref: t for inp in entries[n].inputs if (t := self._load(inp)) is not None} for n in names
-        ]
-        results = batched.execute([stage.task(n) for n in names], inputs)
+        self._merge_batch(path, stage, names)
+        return self.ready.pop((path, name))
+
+    def _merge_batch(
+        self, path: str | None, stage: _StagePlan, names: list[str], used: list[bool] | None = None
+    ) -> None:
+        """Outputs `names` of a stage merged in one `batched.execute`, each kept in `ready` in its save dtype.
+        With `used` (a random stage, under its generators): the unused ones only draw, on `_draw_inputs`, and
+        are marked `drawn`."""
+        entries = stage.skeleton.entries
+        use = used or [True] * len(names)
+        inputs = [self._inputs(entries[n]) if u else self._draw_inputs(stage, n) for n, u in zip(names, use)]
+        with self._generator(path) if used is not None else nullcontext():
+            results = batched.execute([stage.task(n) for n in names], inputs, used)
         del inputs
-        for n, result in zip(names, results):
+        for n, u, result in zip(names, use, results):
+            if not u:
+                self.drawn.add((path, n))
+                continue
             dtype = entries[n].save_dtype
             self.ready[path, n] = result.to(dtype) if result is not None and dtype is not None else result
-        return self.ready.pop((path, name))
+
+    def _inputs(self, entry: _Entry) -> dict[ModelReference, torch.Tensor]:
+        """A task's inputs as mergekit's LoadTensor gives them, those that exist."""
+        return {inp.ref: t for inp in entry.inputs if (t := self._load(inp)) is not None}
 
     def _run_task(
         self,
