@@ -276,8 +276,8 @@ def test_batched_dare_draws_mergekits_masks(threads, dtype, rescale):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_dare_draws_mergekits_masks_on_cuda():
-    """The same on CUDA (Philox draws, CUDA reductions): the check `draws_in_batches` waits for before it
-    lets DARE stages batch on a GPU."""
+    """The same on CUDA (Philox draws, CUDA reductions): what lets `draws_in_batches` batch DARE stages on a
+    GPU (passed on an H100, 2026-12-06)."""
     tasks = dare_tasks(6, rescale=True)
     tensors = [{r: t.cuda() for r, t in x.items()} for x in inputs(6, (96, 512), torch.bfloat16, 7)]
     together, alone, _ = dare_both_ways(tasks, tensors, [True] * 6)

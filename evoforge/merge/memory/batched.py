@@ -19,19 +19,20 @@ options (shared non-numeric parameters), dtypes and shapes run as one:
   argsort: torch sorts each row of a [tensors, elements] view exactly as it sorts that tensor alone, so the
   same k elements are kept, ties included (mergekit's CPU float32 conversion kept). Not with `rescale`
   (its l1 norms are whole-tensor sums, which torch splits over threads differently from row sums).
-- `dare_ties` and other DARE methods (CPU only; `execute` with `used`, from `run`'s random stages): mergekit
+- `dare_ties` and other DARE methods (CPU and CUDA; `execute` with `used`, from `run`'s random stages): mergekit
   draws each task's masks inside its merge, task after task in its executor's order, so every task's masks
   are drawn first, in that order, each with the shape, dtype and density mergekit's `sparsify.bernoulli`
   uses (`_masks`; a task nothing uses draws only); then the used tasks' arithmetic runs over the stack
-  (`_dropped`: its l1 rescale sums one row at a time, each as mergekit sums that one tensor). On CUDA not
-  yet checked (`test_batched_dare_draws_mergekits_masks_on_cuda` is ready).
+  (`_dropped`: its l1 rescale sums one row at a time, each as mergekit sums that one tensor). On CUDA the
+  same bits too (`test_batched_dare_draws_mergekits_masks_on_cuda`, H100, 2026-12-06; bench/RESULTS.md "GPU
+  A2": tiny-28's DARE recipes 0.32-0.56 → 0.12-0.38 s a first merge).
 - `multislerp` (`_multislerp`, CPU only): norms, dots and means per row; the cosine and sine of each
   tensor's tangent norm over a column of rows (torch's vectorised and scalar `cos`/`sin` agree: tested with
   40 rows). Tensors no input changes keep the base, as `mergekit_fixes.zero_safe_multislerp` has it.
 
 Equality: the same bits as the per-tensor path (tests/test_batched_merge.py, any thread count on the CPU).
-Everything else runs per tensor: DELLA and the other sparsifications, passthrough, the other methods, DARE
-on CUDA, and on CUDA slerp and multislerp (GPU reductions are laid out by the
+Everything else runs per tensor: DELLA and the other sparsifications, passthrough, the other methods, and
+on CUDA slerp and multislerp (GPU reductions are laid out by the
 tensor's shape: row sums need not equal whole-tensor sums). On CUDA, linear and TIES batch by the same
 argument (per-element steps; CUDA sorts rows of > 4,096 elements with a stable segmented sort, as it sorts
 one tensor); checked on an H100 (`test_batched_kernels_give_mergekits_bits_on_cuda`, and the qwen2-1.5b
@@ -97,10 +98,10 @@ def batchable(method_name: str, device: torch.device) -> bool:
 
 def draws_in_batches(method_name: str, device: torch.device) -> bool:
     """Whether a random stage's tasks of `method_name` (DARE: `sparsify.bernoulli`) are merged in batches
-    (`execute` with `used`): on the CPU; on CUDA not yet checked against mergekit's bits."""
+    (`execute` with `used`): on the CPU and on CUDA, where each draws mergekit's bits (tested on both)."""
     method = merge_methods.get(method_name)
     return (
-        device.type == "cpu"
+        device.type in ("cpu", "cuda")
         and isinstance(method, GeneralizedTaskArithmeticMerge)
         and method.sparsification_method is SparsificationMethod.random
     )
