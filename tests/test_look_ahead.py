@@ -1,4 +1,4 @@
-"""Look-ahead (issue 17): with random search and ga-async, the next round's jobs start while the current
+"""Look-ahead (issue 17): with random search, ga-async and cmaes-async, the next round's jobs start while the current
 round's slowest candidate is still running, yet records, checkpoints, best and resume are those of the
 local executor; ga and cmaes never ask ahead. A thread-pool executor stands in for Ray's actors (jobs start as soon as they are
 handed over, finish in any order)."""
@@ -103,7 +103,7 @@ def files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-ASKS_AHEAD = ("random", "ga-async")
+ASKS_AHEAD = ("random", "ga-async", "cmaes-async")
 """Strategies whose next round, from round 2 on, does not depend on the current round's results."""
 
 PLATEAU = {"plateau_patience": 1, "plateau_threshold": 10.0}

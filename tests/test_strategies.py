@@ -31,7 +31,7 @@ from evoforge.genome.structure import edit_count
 from evoforge.recipe import parse
 
 SPACE = GenomeSpace(models=("alpha", "beta", "gamma"), paths=("/m/a", "/m/b", "/m/c"), num_layers=6)
-NAMES = ("ga", "ga-async", "cmaes", "random")
+NAMES = ("ga", "ga-async", "cmaes", "cmaes-async", "random")
 
 
 def config(strategy: str, **extra) -> EvolutionConfig:
@@ -73,7 +73,7 @@ def test_registry_refuses_a_second_strategy_of_the_same_name():
 def test_cmaes_and_the_gas_beat_random_search_on_a_synthetic_objective():
     seeds = range(3)
     results = {name: fmean(best_after(name, 10, s) for s in seeds) for name in NAMES}
-    assert all(results[name] > results["random"] for name in ("cmaes", "ga", "ga-async")), results
+    assert all(results[name] > results["random"] for name in ("cmaes", "cmaes-async", "ga", "ga-async")), results
     assert results["cmaes"] > best_after("random", 1, 0)  # better than the best seed
 
 
@@ -263,12 +263,13 @@ def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_run(strategy, t
     assert all(len(r.parent_fitness) == len(r.parents) for r in records if r.split == "validation")
 
 
-def test_ga_async_asks_the_same_whether_or_not_the_latest_round_was_told():
-    """Round r is bred from rounds 0 … r − 2 only: asked ahead (before round r − 1 is told, as the runner asks
-    it for several workers) or after, the same proposals; its elites are the best of those rounds."""
+@pytest.mark.parametrize("strategy", ["ga-async", "cmaes-async"])
+def test_async_strategies_ask_the_same_whether_or_not_the_latest_round_was_told(strategy):
+    """Round r is made from rounds 0 … r − 2 only: asked ahead (before round r − 1 is told, as the runner asks
+    it for several workers) or after, the same proposals; ga-async's elites are the best of those rounds."""
 
     def rounds(ahead: bool) -> list[list[Proposal]]:
-        s = strategies.make(config("ga-async"), SPACE, random.Random(3))
+        s = strategies.make(config(strategy), SPACE, random.Random(3))
         asked = [s.ask()]
         s.tell([(p, objective(p.genome)) for p in asked[0]])
         asked.append(s.ask())
@@ -283,6 +284,10 @@ def test_ga_async_asks_the_same_whether_or_not_the_latest_round_was_told():
 
     ahead, in_turn = rounds(True), rounds(False)
     assert ahead == in_turn
+    if strategy == "cmaes-async":  # every round new points of the incumbent's space
+        assert all(p.operator == "cmaes" for r in ahead[1:] for p in r)
+        assert len({p.genome.hash for r in ahead[1:] for p in r}) == 5 * 8
+        return
     seen = [(p.genome.hash, objective(p.genome)) for r in ahead[:3] for p in r]  # what round 4 may see
     best = sorted(dict(seen).items(), key=lambda hf: -hf[1])[:2]
     assert [(p.genome.hash, p.operator) for p in ahead[4][:2]] == [(h, "elite") for h, _ in best]

@@ -7,9 +7,9 @@ bound in 2.5σ) inside the bounds [0, 1]^d (pycma's BoundTransform keeps every s
 asks `population_size` (default 8) points and tells their fitness, negated (pycma minimises; a failed
 candidate counts 0). The `CMAEvolutionStrategy` (pickled, base64) and the numpy RNG state pycma samples from
 are the strategy's checkpoint state: pycma draws from numpy's global RNG, which is swapped in for each call
-and out again, so a resumed run samples exactly what the uninterrupted one did. Both are saved as they were
-before the round's ask, and loading asks again: pycma files asked points under Python's per-process salted
-`hash`, so a pickle of the strategy after an ask cannot be told in another process.
+and out again (`SeededES`), so a resumed run samples exactly what the uninterrupted one did. Both are saved
+as they were before the round's ask, and loading asks again: pycma files asked points under Python's
+per-process salted `hash`, so a pickle of the strategy after an ask cannot be told in another process.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from evoforge.genome import Genome, GenomeSpace
 if TYPE_CHECKING:
     from evoforge.config import EvolutionConfig
 
+Point = list[float]
+
 
 def _dump(obj: Any) -> str:
     return base64.b64encode(pickle.dumps(obj)).decode("ascii")
@@ -45,22 +47,34 @@ def _randn(*shape: int) -> np.ndarray:
     return np.random.standard_normal(shape)
 
 
-@register
-class CMAES:
-    name: ClassVar[str] = "cmaes"
+class SeededES:
+    """A pycma ES in [0, 1]^d that samples from its own numpy RNG state, leaving numpy's global one as it was.
 
-    def __init__(self, cfg: EvolutionConfig, space: GenomeSpace, rng: random.Random) -> None:
-        self.cfg, self.space, self.rng = cfg, space, rng
-        self.box: Box | None = None
-        self.es: cma.CMAEvolutionStrategy | None = None
-        self.numpy_state: tuple | None = None
-        self.asked: list[list[float]] = []
-        self.before_ask: tuple[str | None, str | None] = (None, None)
-        """The pickled strategy and numpy state before the last ask: what a checkpoint holds."""
+    Fitness is maximised (told negated; a failed candidate counts 0)."""
+
+    def __init__(self, es: cma.CMAEvolutionStrategy, numpy_state: tuple | None) -> None:
+        self.es, self.numpy_state = es, numpy_state
+
+    @classmethod
+    def start(cls, box: Box, cfg: EvolutionConfig, seed: int) -> SeededES:
+        """At the incumbent, step `search.sigma0`, `population_size` points a round; pycma seeds numpy."""
+        options = {
+            "popsize": cfg.population_size,
+            "bounds": [0.0, 1.0],
+            "seed": seed,
+            "randn": _randn,
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+        }
+        out = cls.__new__(cls)
+        out.numpy_state = None
+        with out._numpy():
+            out.es = cma.CMAEvolutionStrategy(box.encode(box.incumbent), cfg.search.sigma0, options)
+        return out
 
     @contextmanager
     def _numpy(self) -> Iterator[None]:
-        """Run pycma on this strategy's numpy RNG state, leaving the global one as it was."""
         outer = np.random.get_state()
         if self.numpy_state is not None:
             np.random.set_state(self.numpy_state)
@@ -70,51 +84,59 @@ class CMAES:
             self.numpy_state = np.random.get_state()
             np.random.set_state(outer)
 
+    def ask(self) -> list[Point]:
+        with self._numpy():
+            points = self.es.ask()
+        return [[float(v) for v in x] for x in points]
+
+    def tell(self, points: Sequence[Point], fitness: Sequence[float | None], check_points: bool | None) -> None:
+        """`check_points=True`: pycma clips each step that is long for the current distribution (points asked
+        before an earlier tell); None: only points it did not ask."""
+        with self._numpy():
+            self.es.tell([np.array(x) for x in points], [-(f or 0.0) for f in fitness], check_points=check_points)
+
+    def dumps(self) -> tuple[str, str | None]:
+        return _dump(self.es), _dump(self.numpy_state) if self.numpy_state is not None else None
+
+    @classmethod
+    def loads(cls, es: str, numpy_state: str | None) -> SeededES:
+        return cls(_load(es), _load(numpy_state) if numpy_state is not None else None)
+
+
+def proposals(box: Box, points: Sequence[Point], operator: str = "cmaes") -> list[Proposal]:
+    return [Proposal(genome=box.decode(x), operator=operator, parents=[box.incumbent.hash]) for x in points]
+
+
+@register
+class CMAES:
+    name: ClassVar[str] = "cmaes"
+
+    def __init__(self, cfg: EvolutionConfig, space: GenomeSpace, rng: random.Random) -> None:
+        self.cfg, self.space, self.rng = cfg, space, rng
+        self.box: Box | None = None
+        self.es: SeededES | None = None
+        self.asked: list[Point] = []
+        self.before_ask: tuple[str | None, str | None] = (None, None)
+        """The pickled strategy and numpy state before the last ask: what a checkpoint holds."""
+
     def ask(self) -> list[Proposal]:
         if self.box is None or self.es is None:
             return seed_proposals(self.cfg, self.space)
-        self.before_ask = (_dump(self.es), _dump(self.numpy_state))
-        self._ask()
-        parent = [self.box.incumbent.hash]
-        return [Proposal(genome=self.box.decode(x), operator="cmaes", parents=parent) for x in self.asked]
-
-    def _ask(self) -> None:
-        assert self.es is not None
-        with self._numpy():
-            points = self.es.ask()
-        self.asked = [[float(v) for v in x] for x in points]
+        self.before_ask = self.es.dumps()
+        self.asked = self.es.ask()
+        return proposals(self.box, self.asked)
 
     def tell(self, results: Sequence[Result]) -> None:
         if self.es is None:
             self.box = Box(ranked(results)[0][0].genome)
-            options = {
-                "popsize": self.cfg.population_size,
-                "bounds": [0.0, 1.0],
-                "seed": self.rng.randrange(1, 2**31),
-                "randn": _randn,
-                "verbose": -9,
-                "verb_log": 0,
-                "verb_disp": 0,
-            }
-            with self._numpy():
-                self.es = cma.CMAEvolutionStrategy(
-                    self.box.encode(self.box.incumbent), self.cfg.search.sigma0, options
-                )
+            self.es = SeededES.start(self.box, self.cfg, self.rng.randrange(1, 2**31))
             return
-        with self._numpy():
-            self.es.tell([np.array(x) for x in self.asked], [-(f or 0.0) for _, f in results])
+        self.es.tell(self.asked, [f for _, f in results], check_points=None)
         self.asked = []
 
     def state_dict(self) -> dict:
         """Before round 1's ask (the ES was just made): the ES as it is; later: as it was before the ask."""
-        es, numpy_state = (
-            self.before_ask
-            if self.asked
-            else (
-                _dump(self.es) if self.es is not None else None,
-                _dump(self.numpy_state) if self.numpy_state is not None else None,
-            )
-        )
+        es, numpy_state = self.before_ask if self.asked else self.es.dumps() if self.es else (None, None)
         return {
             "incumbent": self.box.incumbent.model_dump(mode="json") if self.box else None,
             "es": es,
@@ -125,11 +147,11 @@ class CMAES:
     def load_state_dict(self, state: dict) -> None:
         inc = state["incumbent"]
         self.box = Box(Genome.model_validate(inc)) if inc is not None else None
-        self.es = _load(state["es"]) if state["es"] is not None else None
-        self.numpy_state = _load(state["numpy"]) if state["numpy"] is not None else None
+        self.es = SeededES.loads(state["es"], state["numpy"]) if state["es"] is not None else None
         self.asked = []
         if state["asked"]:
+            assert self.es is not None
             self.before_ask = (state["es"], state["numpy"])
-            self._ask()  # the same points, filed under this process's hashes
+            self.asked = self.es.ask()  # the same points, filed under this process's hashes
             if self.asked != state["asked"]:
                 raise ValueError("cmaes: the checkpoint's strategy does not ask its recorded points again")
