@@ -77,6 +77,22 @@ def test_cmaes_and_the_gas_beat_random_search_on_a_synthetic_objective():
     assert results["cmaes"] > best_after("random", 1, 0)  # better than the best seed
 
 
+@pytest.mark.parametrize("strategy", ["cmaes", "cmaes-async"])
+def test_cmaes_samples_from_the_run_seed_whatever_numpy_holds(strategy):
+    """Once every run seed sampled the same points: pycma ignores its `seed` option with a custom sampler, and
+    numpy's global state was the same in every run (lm-eval seeds it). Run seeds 7 and 42 were one run."""
+    import numpy as np
+
+    def first_round(seed: int, numpy_seed: int) -> list[str]:
+        np.random.seed(numpy_seed)
+        s = strategies.make(config(strategy), SPACE, random.Random(seed))
+        s.tell([(p, objective(p.genome)) for p in s.ask()])
+        return [p.genome.hash for p in s.ask()]
+
+    assert first_round(7, 1234) == first_round(7, 0)
+    assert set(first_round(7, 1234)).isdisjoint(first_round(42, 1234))
+
+
 def test_every_strategy_starts_with_the_seeds_and_then_asks_population_size_new_genomes():
     for name in NAMES:
         s = strategies.make(config(name), SPACE, random.Random(0))

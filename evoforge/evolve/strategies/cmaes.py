@@ -57,18 +57,19 @@ class SeededES:
 
     @classmethod
     def start(cls, box: Box, cfg: EvolutionConfig, seed: int) -> SeededES:
-        """At the incumbent, step `search.sigma0`, `population_size` points a round; pycma seeds numpy."""
+        """At the incumbent, step `search.sigma0`, `population_size` points a round, sampling from a numpy
+        RNG seeded with `seed`. (pycma's own `seed` option is ignored with a custom `randn`: it sampled from
+        whatever numpy's global state was, the same for every run seed once lm-eval had seeded it.)"""
         options = {
             "popsize": cfg.population_size,
             "bounds": [0.0, 1.0],
-            "seed": seed,
             "randn": _randn,
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,
         }
         out = cls.__new__(cls)
-        out.numpy_state = None
+        out.numpy_state = np.random.RandomState(seed).get_state()
         with out._numpy():
             out.es = cma.CMAEvolutionStrategy(box.encode(box.incumbent), cfg.search.sigma0, options)
         return out
