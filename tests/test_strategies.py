@@ -73,7 +73,9 @@ def test_registry_refuses_a_second_strategy_of_the_same_name():
 def test_cmaes_and_the_gas_beat_random_search_on_a_synthetic_objective():
     seeds = range(3)
     results = {name: fmean(best_after(name, 10, s) for s in seeds) for name in NAMES}
-    assert all(results[name] > results["random"] for name in ("cmaes", "cmaes-async", "ga", "ga-async")), results
+    assert all(results[name] > results["random"] for name in ("cmaes", "cmaes-async", "ga", "ga-async")), (
+        results
+    )
     assert results["cmaes"] > best_after("random", 1, 0)  # better than the best seed
 
 

@@ -90,11 +90,15 @@ class SeededES:
             points = self.es.ask()
         return [[float(v) for v in x] for x in points]
 
-    def tell(self, points: Sequence[Point], fitness: Sequence[float | None], check_points: bool | None) -> None:
+    def tell(
+        self, points: Sequence[Point], fitness: Sequence[float | None], check_points: bool | None
+    ) -> None:
         """`check_points=True`: pycma clips each step that is long for the current distribution (points asked
         before an earlier tell); None: only points it did not ask."""
         with self._numpy():
-            self.es.tell([np.array(x) for x in points], [-(f or 0.0) for f in fitness], check_points=check_points)
+            self.es.tell(
+                [np.array(x) for x in points], [-(f or 0.0) for f in fitness], check_points=check_points
+            )
 
     def dumps(self) -> tuple[str, str | None]:
         return _dump(self.es), _dump(self.numpy_state) if self.numpy_state is not None else None
