@@ -104,16 +104,16 @@ class EvaluationConfig(Strict):
 
 
 class SearchConfig(Strict):
-    """How candidates are proposed (`evoforge.evolve.strategies`): `ga` (default), `ga-async`, `cmaes` or
-    `random`.
+    """How candidates are proposed (`evoforge.evolve.strategies`): `ga` (default), `ga-async`, `cmaes`,
+    `cmaes-async` or `random`.
 
     A round (one of `max_generations`) evaluates `population_size` new genomes with every strategy, after a
     round 0 of the 8 seeds: ga's 2 elites ride along cached (ga-async: bred one round late, for several
-    workers); cmaes and random sample the continuous genes of the best seed."""
+    workers); cmaes, cmaes-async (sampled one round late) and random sample the continuous genes of the best seed."""
 
     strategy: str = "ga"
     sigma0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
-    """cmaes: initial step size, as a fraction of each parameter's range."""
+    """cmaes and cmaes-async: initial step size, as a fraction of each parameter's range."""
 
     @field_validator("strategy")
     @classmethod

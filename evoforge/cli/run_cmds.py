@@ -109,7 +109,7 @@ def run(
         MergePath | None, typer.Option("--merge-path", help="memory (fast) or disk.")
     ] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes or random.")
+        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes, cmaes-async or random.")
     ] = None,
     executor: Annotated[
         ExecutorName | None,
@@ -148,7 +148,7 @@ def evo(
     resume: Annotated[Path | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run file (YAML or JSON).")] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes or random.")
+        str | None, typer.Option(help="search.strategy: ga, ga-async, cmaes, cmaes-async or random.")
     ] = None,
 ) -> None:
     """The seed document's `forge evo`: the same run as `evoforge run`."""
