@@ -22,7 +22,7 @@ from evoforge.cli import app
 from evoforge.config import EvolutionConfig
 from evoforge.evolve.executors import Job, WorkerDied
 from evoforge.evolve.executors.ray_actors import OBJECT_STORE_BYTES, ExecutorLost, RayExecutor
-from evoforge.evolve.strategies.random import RandomSearch
+from evoforge.evolve.strategies import STRATEGIES
 from evoforge.pipeline import EvoMergePipeline
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
@@ -214,15 +214,16 @@ def test_rounds_open_together_share_the_actors_and_a_call_meanwhile_waits_for_a_
         executor.close()
 
 
-def test_random_search_asked_ahead_on_ray_gives_the_local_executors_run(
-    cluster, diverse_family, mc_tasks, tmp_path, monkeypatch
+@pytest.mark.parametrize("strategy", ["random", "cmaes-async"])
+def test_a_search_asked_ahead_on_ray_gives_the_local_executors_run(
+    strategy, cluster, diverse_family, mc_tasks, tmp_path, monkeypatch
 ):
-    """Random search asks each round ahead: new bests' held-out scores and saves run while the next round's
-    jobs hold the actors, and the run is still the local one."""
-    keys = {**RUN, "max_generations": 3, "search": {"strategy": "random"}}
+    """Random search and cmaes-async ask each round ahead: new bests' held-out scores and saves run while the
+    next round's jobs hold the actors, and the run is still the local one."""
+    keys = {**RUN, "max_generations": 3, "search": {"strategy": strategy}}
     local = tmp_path / "local"
     with monkeypatch.context() as patch:  # the reference: rounds strictly in turn
-        patch.setattr(RandomSearch, "asks_ahead", lambda self: False)
+        patch.setattr(STRATEGIES[strategy], "asks_ahead", lambda self: False)
         EvoMergePipeline(EvolutionConfig(**run_config(diverse_family, mc_tasks, local, **keys))).run()
     open_before: list[int] = []  # batches of calls open when each new one was made
     calls = RayExecutor.calls
