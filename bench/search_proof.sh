@@ -3,9 +3,10 @@
 # scores of its best (bench/search_proof.py); the seeds of each run seed once (runs of one run seed share
 # their 8 seeds), as soon as its first run has finished round 0.
 #   bench/search_proof.sh RUN_FILE OUT_DIR [GENERATIONS=16] [RUN_SEEDS="42 7"] [STRATEGIES="ga cmaes random"]
-# The base models are scored once, by the first run, before its round 0 (baselines.json, heldout_items.json);
-# the other runs start from a copy of them (a run folder holding only these is a new run that reuses them),
-# and `search_proof.py summarize` reads them from the first run.
+# The base models are scored once, by the first run, before its round 0 (baselines.json, heldout_items.json),
+# unless OUT_DIR holds a run that scored them already (an earlier start); the other runs start from a copy
+# of them (a run folder holding only these is a new run that reuses them), and `search_proof.py summarize`
+# reads them from the first run.
 # Memory (measured before the teacher-forced likelihood path, which keeps logits only at the answers): at
 # batch 128 each process held ~20 GB (mostly logits), so four fit one H200 and six did not; at batch 64 six
 # runs and the scoring jobs fit.
@@ -33,19 +34,24 @@ search() {  # search NAME STRATEGY SEED: the run (or the rest of it), then its b
   touch "$out/$1.ended"
   heldout "$out/$1" --only best --out "$out/$1.heldout.json" >"$out/$1.heldout.log" 2>&1
 }
+new_run() {  # new_run FROM NAME: a new run NAME starts from FROM's base-model scores (none of its own yet)
+  [ -e "$out/$2/config.yaml" ] && return
+  mkdir -p "$out/$2"
+  cp "$out/$1/baselines.json" "$out/$2/"
+  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["candidates"] = {}; print(json.dumps(d))' \
+    "$out/$1/heldout_items.json" >"$out/$2/heldout_items.json"
+}
 names=(); for seed in $run_seeds; do for strategy in $strats; do names+=("$strategy-$seed"); done; done
 [ -n "${RUNS:-}" ] && read -r -a names <<<"$RUNS"
 first=${names[0]}
+# OUT_DIR may hold other runs already (an earlier start): the first run reuses their base-model scores
+donor=$(ls -d "$out"/*/baselines.json 2>/dev/null | grep -v "^$out/$first/" | head -n 1 || true)
+[ -n "$donor" ] && [ ! -s "$out/$first/baselines.json" ] && new_run "$(basename "$(dirname "$donor")")" "$first"
 search "$first" "${first%-*}" "${first##*-}" &
 until [ -s "$out/$first/baselines.json" ] || [ -e "$out/$first.ended" ]; do sleep 5; done
 [ -s "$out/$first/baselines.json" ] || { echo "error: $first stopped before scoring the base models" >&2; exit 1; }
 for name in "${names[@]:1}"; do
-  mkdir -p "$out/$name"
-  if [ ! -e "$out/$name/config.yaml" ]; then  # a new run: the base models' scores, none of its own yet
-    cp "$out/$first/baselines.json" "$out/$name/"
-    python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["candidates"] = {}; print(json.dumps(d))' \
-      "$out/$first/heldout_items.json" >"$out/$name/heldout_items.json"
-  fi
+  new_run "$first" "$name"
   search "$name" "${name%-*}" "${name##*-}" &
 done
 for seed in $(printf '%s\n' "${names[@]##*-}" | awk '!seen[$0]++'); do
