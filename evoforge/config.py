@@ -109,7 +109,8 @@ class SearchConfig(Strict):
 
     A round (one of `max_generations`) evaluates `population_size` new genomes with every strategy, after a
     round 0 of the 8 seeds: ga's 2 elites ride along cached (ga-async: bred one round late, for several
-    workers); cmaes, cmaes-async (sampled one round late) and random sample the continuous genes of the best seed."""
+    workers); cmaes, cmaes-async (sampled one round late) and random sample the continuous genes of the best
+    seed."""
 
     strategy: str = "ga"
     sigma0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2

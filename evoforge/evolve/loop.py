@@ -10,13 +10,13 @@ built from, even if the file is edited meanwhile. Failures: `evolve.failures`; a
 written is recorded and retried (at the next new best, at the end of the run, on resume), never fatal.
 `Evolution.cancel` stops a run before its next candidate (the Python API's Ctrl-C and task cancellation).
 
-Look-ahead: with a strategy that `asks_ahead` (random, ga-async, cmaes-async), the next round is asked for as soon
-as the current one is handed to the executor, and its jobs queue behind the current ones, so a worker done
-with this round starts on the next instead of waiting for this round's slowest candidate. Records,
-checkpoints, hooks and new-best saves still follow round by round in candidate order, and since the strategy
-would have asked the same after `tell`, the state at each round boundary is the uninterrupted run's. A round
-asked ahead that is not run (the last round, a plateau, a stop) is dropped: never recorded, its recipes
-removed, its queued jobs withdrawn.
+Look-ahead: with a strategy that `asks_ahead` (random, ga-async, cmaes-async), the next round is asked for
+as soon as the current one is handed to the executor, and its jobs queue behind the current ones, so a
+worker done with this round starts on the next instead of waiting for this round's slowest candidate.
+Records, checkpoints, hooks and new-best saves still follow round by round in candidate order, and since the
+strategy would have asked the same after `tell`, the state at each round boundary is the uninterrupted
+run's. A round asked ahead that is not run (the last round, a plateau, a stop) is dropped: never recorded,
+its recipes removed, its queued jobs withdrawn.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Search strategies (`search.strategy` in the run file): ga (default), ga-async, cmaes, cmaes-async, random; see `base.py`."""
+"""Search strategies (`search.strategy` in the run file): ga (default), ga-async, cmaes, cmaes-async, random;
+see `base.py`."""
 
 from evoforge.evolve.strategies import cmaes, cmaes_async, ga, ga_async, random
 from evoforge.evolve.strategies.base import STRATEGIES, Proposal, Result, SearchStrategy, make, register

@@ -8,9 +8,9 @@ uninterrupted run would have. A new strategy is one file in this folder: a class
 `SearchStrategy`, decorated with `@register`, imported in `strategies/__init__.py`.
 
 A strategy whose next round does not depend on the current round's results (random search after round 0,
-ga-async and cmaes-async after round 1) says so with `asks_ahead`: the runner then asks for the next round while the current
-one is still being scored, so workers that are done take its candidates instead of waiting for the round's
-slowest.
+ga-async and cmaes-async after round 1) says so with `asks_ahead`: the runner then asks for the next round
+while the current one is still being scored, so workers that are done take its candidates instead of
+waiting for the round's slowest.
 """
 
 from __future__ import annotations

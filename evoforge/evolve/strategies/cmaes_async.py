@@ -10,7 +10,7 @@ as it does for points it did not sample), the usual guard of delayed-update CMA-
 
 What ask returns depends only on the seed and the rounds it may see, never on whether the latest round has
 been told: a round told early waits, untold to pycma, until the ask that may see it. The checkpoint is
-therefore data, not a pickle: the incumbent, pycma's seed and the told fitness; loading replays the asks and
+therefore data, not a pickle: the incumbent, the sampler's seed and the told fitness; loading replays the asks and
 tells in their fixed order (milliseconds) and checks that it asks the recorded last round again.
 """
 
@@ -37,7 +37,7 @@ class AsynchronousCMAES:
         self.cfg, self.space, self.rng = cfg, space, rng
         self.box: Box | None = None
         self.seed: int | None = None
-        """pycma's seed, drawn from the run's RNG when round 0 is told."""
+        """The sampler's seed (`SeededES.start`), drawn from the run's RNG when round 0 is told."""
         self.asked = 0
         self.fitness: list[list[float | None]] = []
         """Rounds 1, 2, …'s fitness as told, in the order their points were asked."""
