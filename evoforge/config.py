@@ -101,6 +101,11 @@ class EvaluationConfig(Strict):
     and the best seed are scored on the fitness split by accuracy, and the most accurate is the run's best
     (`evolve.confirm`). Likelihood ranks candidates well overall but not among the top, where a search climbs
     it (recipes/demo/SEARCH.md). 0: the fittest is the best. Ignored with accuracy fitness."""
+    heldout_each_best: bool = True
+    """Score each new best on the held-out split as it is found (its model card, the report's held-out
+    column, W&B). False: only the run's final best is, when the run ends, and its model is written again with
+    those scores (`confirmed_best_model/`): on the demo the new bests' held-out passes took 22-41 % of a run's
+    round time (recipes/demo/SEARCH.md), and no held-out score is seen before the search has ended."""
 
 
 class SearchConfig(Strict):

@@ -331,7 +331,8 @@ class EvoMergePipeline:
             None: the confirmed best)."""
             evaluator.merge(recipe, candidate.seed, folder)
             (folder / "evoforge_recipe.yaml").write_text(recipe, encoding="utf-8")
-            comparisons = self._heldout_comparisons(evaluator, candidate, recipe)
+            # without held-out scores (`heldout_each_best: false`, or a failed pass) nothing to compare
+            comparisons = self._heldout_comparisons(evaluator, candidate, recipe) if held else []
             card = model_card(run_dir, cfg, candidate, fit, held, recipe, comparisons)
             (folder / "README.md").write_text(card, encoding="utf-8")
             tracker.log_best_model(gen, folder, {"id": candidate.id, "fitness": fit.fitness})

@@ -13,7 +13,7 @@ from evoforge import EvolutionConfig, EvoMergePipeline
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.confirm import choose, confirm, pool
 from evoforge.evolve.loop import Cancelled
-from evoforge.evolve.records import Confirmed, Scores
+from evoforge.evolve.records import Confirmed, EvaluationRecord, Scores, read_records
 from evoforge.evolve.run_dir import Run, RunDir
 
 
@@ -126,3 +126,38 @@ def test_an_accuracy_run_is_not_confirmed(qwen_family, tmp_path: Path) -> None:
         update={"evaluation": cfg.evaluation.model_copy(update={"fitness_metric": "accuracy"})}
     )
     assert confirm(cfg, RunDir(tmp_path / "none"), None, lambda *a: None, threading.Event()) is None
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "likelihood"])
+def test_without_heldout_each_best_only_the_runs_best_is_scored_on_the_heldout_split_at_the_end(
+    metric, qwen_family, tmp_path: Path
+) -> None:
+    """The same run with the held-out pass of each new best (the default) and without it: the same best, the
+    same held-out scores and paired interval; without it nothing is scored on the held-out split before the
+    search has ended, and the best's model is written at the end with its held-out scores."""
+    runs = {}
+    for each in (True, False):
+        evaluation = {"fitness_metric": metric, "confirm_top": 2, "heldout_each_best": each}
+        cfg = _config(qwen_family, tmp_path / str(each), max_generations=2, evaluation=evaluation)
+        runs[each] = (EvoMergePipeline(cfg).run(), Run.load(cfg.run_dir()))
+    (on, run_on), (off, run_off) = runs[True], runs[False]
+    assert off.id == on.id and off.heldout_fitness is not None
+    assert off.heldout_fitness == on.heldout_fitness and off.heldout_domain_scores == on.heldout_domain_scores
+    assert off.heldout_gain_interval == on.heldout_gain_interval is not None
+    records = read_records(run_off.run_dir.evaluations, EvaluationRecord)
+    assert {r.split for r in records} == {"validation"}
+    assert all(g.best_heldout is None for g in run_off.generations)
+    assert any(r.split == "test" for r in read_records(run_on.run_dir.evaluations, EvaluationRecord))
+    assert off.model_path == str(run_off.run_dir.confirmed_model)
+    card = (run_off.run_dir.confirmed_model / "README.md").read_text()
+    assert "not scored" not in card and "Best vs best base model" in card
+    assert (
+        "not scored"
+        in (run_off.run_dir.root / run_off.fittest_generation.best_model / "README.md").read_text()
+    )
+    assert run_off.confirmation.top == (2 if metric == "likelihood" else 0)
+    # a resumed run that has nothing new to do scores and writes nothing again
+    written = (run_off.run_dir.confirmed_model / "README.md").stat().st_mtime_ns
+    cfg = _config(qwen_family, tmp_path / "False", max_generations=2, evaluation=evaluation)
+    assert EvoMergePipeline(cfg, resume=run_off.run_dir.root).run() == off
+    assert (run_off.run_dir.confirmed_model / "README.md").stat().st_mtime_ns == written

@@ -10,6 +10,11 @@ accurate is the run's best, the fitter on ties. Only that one is then scored on 
 model is written to `confirmed_best_model/` (the fittest's gen_<N>_best_model is there already). Each score is
 saved as it comes (`confirmation.json`): a stopped confirmation resumes where it was, and a run resumed for more
 generations is confirmed again, reusing the candidates it already scored.
+
+With `evaluation.heldout_each_best: false` no best was scored on the held-out split during the run: the run's
+best (chosen as above, or the fittest where nothing is confirmed: accuracy fitness, `confirm_top: 0`) is
+scored on it here and written to `confirmed_best_model/` with those scores, fittest or not (`confirmation.json`
+with `top: 0` and no candidates where nothing was confirmed).
 """
 
 from __future__ import annotations
@@ -57,20 +62,26 @@ def confirm(
     report: Callable[[str], None] = lambda line: None,
 ) -> Confirmation | None:
     """Confirm the finished run's best (module docstring); None where the run is not confirmed (accuracy
-    fitness, `confirm_top: 0`). A candidate that fails is recorded with its error and cannot be chosen."""
+    fitness, `confirm_top: 0`) and its best was scored on the held-out split during the run. A candidate
+    that fails is recorded with its error and cannot be chosen."""
     ev = cfg.evaluation
-    if ev.fitness_metric == "accuracy" or ev.confirm_top == 0:
+    top = ev.confirm_top if ev.fitness_metric == "likelihood" else 0
+    if top == 0 and ev.heldout_each_best:
         return None
     run = Run.load(run_dir.root)
     old = run_dir.read_confirmation()
-    if old and old.chosen and (old.generations, old.top) == (len(run.generations), ev.confirm_top):
-        if old.model or not _written_separately(old, run):
+    if old and old.chosen and (old.generations, old.top) == (len(run.generations), top):
+        if old.model or not (_written_separately(old, run) or not ev.heldout_each_best):
             return old
     known = {c.genome_hash: c for c in old.candidates if c.scores is not None} if old else {}
-    done = Confirmation(
-        split=ev.fitness_split, top=ev.confirm_top, generations=len(run.generations), candidates=[]
-    )
-    for rec in pool(run, ev.confirm_top):
+    done = Confirmation(split=ev.fitness_split, top=top, generations=len(run.generations), candidates=[])
+    if top == 0:  # nothing to confirm: the fittest is the best, scored on the held-out split now
+        done.chosen = run.fittest.id
+        report(f"scoring the run's best, {done.chosen}, on {ev.heldout_split}")
+        _score_heldout(cfg, run_dir, executor, run, done, write_model)
+        run_dir.write_confirmation(done)
+        return done
+    for rec in pool(run, top):
         if cancel.is_set():
             raise Cancelled(f"confirmation stopped before {rec.id}")
         if rec.genome_hash in known:
@@ -89,7 +100,7 @@ def confirm(
         )
         return done
     done.chosen = best.id
-    if best.genome_hash != run.fittest.genome_hash:
+    if best.genome_hash != run.fittest.genome_hash or not ev.heldout_each_best:
         _score_heldout(cfg, run_dir, executor, run, done, write_model)
     run_dir.write_confirmation(done)
     report(
@@ -129,8 +140,9 @@ def _score_heldout(
     done: Confirmation,
     write_model: WriteModel,
 ) -> None:
-    """The chosen candidate (not the fittest) on the held-out split, its per-item scores kept for the paired
-    comparisons, and its model written; a failure of either is recorded, and `--resume` tries again."""
+    """The chosen candidate (not the fittest, or any with `heldout_each_best: false`) on the held-out split,
+    its per-item scores kept for the paired comparisons, and its model written; a failure of either is
+    recorded, and `--resume` tries again."""
     rec = next(e for e in run.evaluations if e.id == done.chosen)
     try:
         text, seed = _recipe(run_dir, rec)

@@ -303,8 +303,9 @@ class Evolution:
         previous_best = state.best_history[-1] if state.best_history else float("-inf")
         if best_outcome.scores and best_outcome.fitness > previous_best:
             state.best_id, state.best_hash = best_member.id, best_member.genome.hash
-            heldout, _ = self.evaluate(state, gen, best_member, self.cfg.evaluation.heldout_split)
-            record.best_heldout = heldout.scores
+            if self.cfg.evaluation.heldout_each_best:  # else the run's final best only (`evolve.confirm`)
+                heldout, _ = self.evaluate(state, gen, best_member, self.cfg.evaluation.heldout_split)
+                record.best_heldout = heldout.scores
             self.save_unsaved(state)
             best = UnsavedBest(
                 generation=gen, member=best_member, recipe=self.recipe(gen, best_member), error=""

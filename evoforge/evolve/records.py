@@ -118,7 +118,8 @@ class Confirmed(BaseModel):
 class Confirmation(BaseModel):
     """A run whose fitness is likelihood (a proxy, cheaper than accuracy) ends by scoring its `top` fittest
     distinct candidates and its best seed on the fitness split by accuracy, the metric of the held-out claim;
-    the most accurate of them is the run's best (`evolve.confirm`, `run_dir.Run.best`)."""
+    the most accurate of them is the run's best (`evolve.confirm`, `run_dir.Run.best`). With
+    `heldout_each_best: false` and nothing to confirm: `top` 0, no candidates, the fittest chosen."""
 
     model_config = ConfigDict(extra="forbid")
     split: str
@@ -131,9 +132,9 @@ class Confirmation(BaseModel):
     """The chosen candidate's id, once every candidate is scored."""
     heldout: Scores | None = None
     """The chosen candidate on the held-out split, when it is not the fittest (whose generation record has
-    its held-out scores)."""
+    its held-out scores) or with `heldout_each_best: false`."""
     model: str | None = None
-    """confirmed_best_model, once written, when the chosen candidate is not the fittest (whose model is its
+    """confirmed_best_model, once written, in the same cases (else the best's model is the fittest's
     gen_<N>_best_model)."""
     model_error: str | None = None
     """Why that model could not be written; `--resume` tries again."""

@@ -307,7 +307,7 @@ def _comparisons(run: Run) -> list[str]:
 def _confirmation(run: Run) -> list[str]:
     """How a likelihood run's best was chosen (`evolve.confirm`): each candidate's fitness and accuracy."""
     conf = run.confirmation
-    if conf is None:
+    if conf is None or conf.top == 0:  # top 0: only the held-out pass at the end (`heldout_each_best`)
         return []
     lines = [
         f"- Chosen by accuracy on {conf.split} among the {conf.top} fittest and the best seed "
