@@ -156,8 +156,10 @@ def test_without_heldout_each_best_only_the_runs_best_is_scored_on_the_heldout_s
         in (run_off.run_dir.root / run_off.fittest_generation.best_model / "README.md").read_text()
     )
     assert run_off.confirmation.top == (2 if metric == "likelihood" else 0)
-    # a resumed run that has nothing new to do scores and writes nothing again
+    # a resumed run that has nothing new to do scores and writes nothing again, whichever the key now says
     written = (run_off.run_dir.confirmed_model / "README.md").stat().st_mtime_ns
-    cfg = _config(qwen_family, tmp_path / "False", max_generations=2, evaluation=evaluation)
-    assert EvoMergePipeline(cfg, resume=run_off.run_dir.root).run() == off
+    for each in (False, True):
+        again = {**evaluation, "heldout_each_best": each}
+        cfg = _config(qwen_family, tmp_path / "False", max_generations=2, evaluation=again)
+        assert EvoMergePipeline(cfg, resume=run_off.run_dir.root).run() == off
     assert (run_off.run_dir.confirmed_model / "README.md").stat().st_mtime_ns == written

@@ -36,7 +36,7 @@ RESUMABLE_CHANGES: dict[str, Any] = {
     "executor": True,
     "ray": True,
     "source": True,
-    "evaluation": {"confirm_top"},
+    "evaluation": {"confirm_top", "heldout_each_best"},
 }
 """Config keys a resumed run may change (a `model_dump` exclude); any other change makes the checkpoint belong to
 another run."""

@@ -11,9 +11,9 @@ model is written to `confirmed_best_model/` (the fittest's gen_<N>_best_model is
 saved as it comes (`confirmation.json`): a stopped confirmation resumes where it was, and a run resumed for more
 generations is confirmed again, reusing the candidates it already scored.
 
-With `evaluation.heldout_each_best: false` no best was scored on the held-out split during the run: the run's
-best (chosen as above, or the fittest where nothing is confirmed: accuracy fitness, `confirm_top: 0`) is
-scored on it here and written to `confirmed_best_model/` with those scores, fittest or not (`confirmation.json`
+With `evaluation.heldout_each_best: false` no best was scored on the held-out split during the run (nor where
+the fittest's pass failed, or ran while it was false before a resume): the run's best (chosen as above, or the
+fittest where nothing is confirmed: accuracy fitness, `confirm_top: 0`) is scored on it here and written to `confirmed_best_model/` with those scores, fittest or not (`confirmation.json`
 with `top: 0` and no candidates where nothing was confirmed).
 """
 
@@ -66,12 +66,17 @@ def confirm(
     that fails is recorded with its error and cannot be chosen."""
     ev = cfg.evaluation
     top = ev.confirm_top if ev.fitness_metric == "likelihood" else 0
-    if top == 0 and ev.heldout_each_best:
+    if top == 0 and ev.heldout_each_best and not run_dir.generations.is_file():
         return None
     run = Run.load(run_dir.root)
+    # the best is scored on the held-out split here unless the loop scored the fittest (a resume may switch
+    # `heldout_each_best`, and a failed pass is tried again)
+    at_end = not ev.heldout_each_best or run.fittest_generation.best_heldout is None
+    if top == 0 and not at_end:
+        return None
     old = run_dir.read_confirmation()
     if old and old.chosen and (old.generations, old.top) == (len(run.generations), top):
-        if old.model or not (_written_separately(old, run) or not ev.heldout_each_best):
+        if old.model or not (_written_separately(old, run) or at_end):
             return old
     known = {c.genome_hash: c for c in old.candidates if c.scores is not None} if old else {}
     done = Confirmation(split=ev.fitness_split, top=top, generations=len(run.generations), candidates=[])
@@ -100,7 +105,7 @@ def confirm(
         )
         return done
     done.chosen = best.id
-    if best.genome_hash != run.fittest.genome_hash or not ev.heldout_each_best:
+    if best.genome_hash != run.fittest.genome_hash or at_end:
         _score_heldout(cfg, run_dir, executor, run, done, write_model)
     run_dir.write_confirmation(done)
     report(
