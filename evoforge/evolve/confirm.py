@@ -13,8 +13,9 @@ generations is confirmed again, reusing the candidates it already scored.
 
 With `evaluation.heldout_each_best: false` no best was scored on the held-out split during the run (nor where
 the fittest's pass failed, or ran while it was false before a resume): the run's best (chosen as above, or the
-fittest where nothing is confirmed: accuracy fitness, `confirm_top: 0`) is scored on it here and written to `confirmed_best_model/` with those scores, fittest or not (`confirmation.json`
-with `top: 0` and no candidates where nothing was confirmed).
+fittest where nothing is confirmed: accuracy fitness, `confirm_top: 0`) is scored on it here and written to
+`confirmed_best_model/` with those scores, fittest or not (`confirmation.json` with `top: 0` and no
+candidates where nothing was confirmed).
 """
 
 from __future__ import annotations

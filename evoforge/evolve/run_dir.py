@@ -398,23 +398,20 @@ class Run:
         return self.best.genome_hash != self.fittest.genome_hash
 
     @property
-    def scored_at_end(self) -> bool:
-        """Whether the best was scored on the held-out split and written by the run's end (`evolve.confirm`):
-        when it is not the fittest, or with `heldout_each_best: false`."""
-        conf = self.confirmation
-        return conf is not None and (self.confirmed_other or conf.top == 0 or conf.heldout is not None)
-
-    @property
     def best_heldout(self) -> Scores | None:
-        if self.scored_at_end:
-            return self.confirmation.heldout
+        """The confirmation's held-out scores where it chose another than the fittest or scored the best at
+        the run's end (`heldout_each_best: false`), else the fittest's generation record's."""
+        conf = self.confirmation
+        if conf is not None and (self.confirmed_other or conf.heldout is not None):
+            return conf.heldout
         return self.fittest_generation.best_heldout
 
     @property
     def best_model(self) -> tuple[str | None, str | None]:
         """(the best's model folder relative to the run directory, or None and why it is not written)."""
-        if self.scored_at_end:
-            return self.confirmation.model, self.confirmation.model_error
+        conf = self.confirmation
+        if conf is not None and (self.confirmed_other or conf.model is not None):
+            return conf.model, conf.model_error
         return self.fittest_generation.best_model, self.fittest_generation.best_model_error
 
     def by_hash(self) -> dict[str, EvaluationRecord]:
