@@ -52,7 +52,7 @@ class SeededES:
 
     Fitness is maximised (told negated; a failed candidate counts 0)."""
 
-    def __init__(self, es: cma.CMAEvolutionStrategy, numpy_state: tuple | None) -> None:
+    def __init__(self, es: cma.CMAEvolutionStrategy, numpy_state: tuple) -> None:
         self.es, self.numpy_state = es, numpy_state
 
     @classmethod
@@ -77,8 +77,7 @@ class SeededES:
     @contextmanager
     def _numpy(self) -> Iterator[None]:
         outer = np.random.get_state()
-        if self.numpy_state is not None:
-            np.random.set_state(self.numpy_state)
+        np.random.set_state(self.numpy_state)
         try:
             yield
         finally:
@@ -100,16 +99,17 @@ class SeededES:
                 [np.array(x) for x in points], [-(f or 0.0) for f in fitness], check_points=check_points
             )
 
-    def dumps(self) -> tuple[str, str | None]:
-        return _dump(self.es), _dump(self.numpy_state) if self.numpy_state is not None else None
+    def dumps(self) -> tuple[str, str]:
+        return _dump(self.es), _dump(self.numpy_state)
 
     @classmethod
-    def loads(cls, es: str, numpy_state: str | None) -> SeededES:
-        return cls(_load(es), _load(numpy_state) if numpy_state is not None else None)
+    def loads(cls, es: str, numpy_state: str) -> SeededES:
+        return cls(_load(es), _load(numpy_state))
 
 
-def proposals(box: Box, points: Sequence[Point], operator: str = "cmaes") -> list[Proposal]:
-    return [Proposal(genome=box.decode(x), operator=operator, parents=[box.incumbent.hash]) for x in points]
+def proposals(box: Box, points: Sequence[Point]) -> list[Proposal]:
+    """CMA-ES points as genomes of the incumbent's space, the incumbent their parent."""
+    return [Proposal(genome=box.decode(x), operator="cmaes", parents=[box.incumbent.hash]) for x in points]
 
 
 @register
