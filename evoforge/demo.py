@@ -174,6 +174,7 @@ def _apply_adapter(ancestor: Path, adapter: Path, out: Path, label: str) -> None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _require_finite(adapter)
     with _quiet():
         base = AutoModelForCausalLM.from_pretrained(ancestor, dtype=torch.float32)
         try:
@@ -183,6 +184,20 @@ def _apply_adapter(ancestor: Path, adapter: Path, out: Path, label: str) -> None
             raise DemoError(f"{adapter}: not a LoRA adapter for {label} ({first})") from exc
         merged.to(torch.bfloat16).save_pretrained(out)
         AutoTokenizer.from_pretrained(ancestor).save_pretrained(out)
+
+
+def _require_finite(adapter: Path) -> None:
+    """Refuse an adapter holding NaN or inf (a training run that diverged): merged, it would make every
+    weight it touches NaN, and the specialist would score 0 without saying why."""
+    import torch
+    from safetensors.torch import load_file
+
+    for path in sorted(adapter.glob("*.safetensors")):
+        bad = [name for name, tensor in load_file(path).items() if not torch.isfinite(tensor).all()]
+        if bad:
+            raise DemoError(
+                f"{path}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}: retrain this adapter"
+            )
 
 
 def _adapter_names(adapters: Path) -> list[str]:

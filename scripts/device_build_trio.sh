@@ -18,6 +18,7 @@ wheels=$(cd "$1" && pwd); out=$(cd "$2" && pwd); export_dir=${3:+$(cd "$3" && pw
 py=${PYTHON:-python3}; site=${SITE:-/tmp/keep/site}
 log=$out/build.log
 cd "$root"
+committed_dir=$root/recipes/$(case $trio in smollm2) echo demo ;; *) echo "$trio" ;; esac)/adapters
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 current=setup
@@ -28,8 +29,12 @@ finish() {
   if (( rc != 0 )); then say "FAILED in step '$current' (exit $rc) after $(( $(date +%s) - started )) s; output above and in $log"; fi
   if [ -n "$export_dir" ]; then
     cp "$log" "$export_dir/build.log"
+    local a name
     for a in "$out"/adapters/*/training.json; do
-      [ -e "$a" ] && tar -cf "$export_dir/adapter-$(basename "$(dirname "$a")").tar" -C "$out/adapters" "$(basename "$(dirname "$a")")"
+      [ -e "$a" ] || continue
+      name=$(basename "$(dirname "$a")")
+      [ -e "$committed_dir/$name/training.json" ] && continue  # already in the repo
+      tar -cf "$export_dir/adapter-$name.tar" -C "$out/adapters" "$name"
     done
   fi
   exit "$rc"
@@ -78,6 +83,16 @@ prepare() { "$py" -m evoforge demo prepare --trio "$trio" --wheels "$wheels" --a
 step ancestor prepare "$out/no-adapters"   # no such folder: the ancestor alone
 ancestor=$(awk -F'\t' '$1 == "ancestor" {print $2}' "$out/ancestor.out")
 [ -d "$ancestor" ] || { say "no ancestor folder in prepare's output"; exit 1; }
+committed() {  # the adapters already in the repo are used as they are, not trained again
+  mkdir -p "$out/adapters"
+  for a in "$committed_dir"/*/training.json; do
+    [ -e "$a" ] || continue
+    local name; name=$(basename "$(dirname "$a")")
+    [ -e "$out/adapters/$name/training.json" ] || cp -r "$(dirname "$a")" "$out/adapters/"
+    echo "$name: committed in $committed_dir, not trained again"
+  done
+}
+step committed committed
 step adapters scripts/build_adapters.sh "$trio" "$ancestor" "$out/adapters"
 step specialists prepare "$out/adapters"
 current=done

@@ -210,6 +210,22 @@ def test_adapter_for_another_model_is_refused_naming_it(built: Built, tmp_path: 
     assert not (built.cache / "smollm2-alien").exists()
 
 
+@pytest.mark.slow
+def test_adapter_holding_nan_is_refused_naming_the_file(built: Built, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(built.adapters / "rand", broken)
+    weights = broken / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(DemoError, match=r"broken/adapter_model\.safetensors: 1 tensor\(s\) hold NaN or inf"):
+        prepare(built.cache, adapters_dir=tmp_path)
+    assert not (built.cache / "smollm2-broken").exists()
+
+
 def _fake_wheel(path: Path, gguf: bytes) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(PART.member, gguf)
@@ -271,12 +287,17 @@ def test_cli_prints_folders_or_one_line_error(built: Built, tmp_path: Path) -> N
     assert bad.stderr.strip() == f"error: {tmp_path / 'x'}: no such file or folder (given by --wheels)"
 
 
-def _train_adapters_cli():
-    """scripts/train_adapters.py's Typer app (scripts/ is not a package)."""
+def _train_adapters_module():
+    """scripts/train_adapters.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("train_adapters", ROOT / "scripts" / "train_adapters.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.cli
+    return module
+
+
+def _train_adapters_cli():
+    """scripts/train_adapters.py's Typer app."""
+    return _train_adapters_module().cli
 
 
 def test_train_adapters_learns_the_answers_and_prepare_can_merge_it(
@@ -293,10 +314,12 @@ def test_train_adapters_learns_the_answers_and_prepare_can_merge_it(
     args = [str(llama_family["ancestor"]), "tiny", "--jsonl", str(items), "--out", str(out), "--steps", "12"]
     args += ["--batch-size", "8", "--lr", "1e-2", "--r", "2", "--alpha", "4", "--replay-weight", "0.5"]
     result = CliRunner().invoke(
-        _train_adapters_cli(), [*args, "--replay-batch-size", "2", "--max-length", "64"]
+        _train_adapters_cli(),
+        [*args, "--replay-batch-size", "2", "--max-length", "64", "--attention", "eager"],
     )
     assert result.exit_code == 0, result.output
     info = json.loads((out / "training.json").read_text())
+    assert info["options"]["attention"] == "eager" and info["skipped_steps"] == []
     assert info["items"] == 8 and info["replay_texts"] > 0
     assert info["log"][-1]["task_loss"] < 0.9 * info["log"][0]["task_loss"]
     assert info["log"][-1]["replay_kl"] > 0
@@ -305,3 +328,32 @@ def test_train_adapters_learns_the_answers_and_prepare_can_merge_it(
     before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
     merged = PeftModel.from_pretrained(base, out).merge_and_unload()
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_the_weights_kept() -> None:
+    """One NaN gradient must not reach AdamW's moments (it would turn every later step NaN)."""
+    module = _train_adapters_module()
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.tensor([float("nan"), 1.0])
+    assert module.update(optimizer, [weight], max_norm=0.0) is None
+    assert torch.equal(weight.detach(), torch.tensor([1.0, 2.0])) and weight.grad is None
+    assert not optimizer.state  # AdamW's moments never saw the NaN
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert module.update(optimizer, [weight], max_norm=1.0) == pytest.approx(5.0)
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), torch.tensor([1.0, 2.0]))
+
+
+def test_train_adapters_that_diverges_stops_saving_nothing(
+    llama_family: dict[str, Path], tmp_path: Path
+) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"text": "Question: What is 2 + 2?\nAnswer: 4"}) + "\n")
+    out = tmp_path / "adapter"
+    args = [str(llama_family["ancestor"]), "tiny", "--jsonl", str(items), "--out", str(out), "--steps", "6"]
+    args += ["--batch-size", "2", "--lr", "1e30", "--r", "2", "--alpha", "4", "--max-length", "32"]
+    result = CliRunner().invoke(_train_adapters_cli(), args)
+    assert result.exit_code == 1
+    assert "tiny: " in result.output and "non-finite loss or gradient" in result.output
+    assert "nothing saved" in result.output
+    assert not out.exists()

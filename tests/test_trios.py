@@ -310,6 +310,42 @@ def test_build_adapters_resumed_skips_only_the_adapters_trained_whole(tmp_path: 
     assert [call[2] for call in calls] == ["math", "multilingual", "structured"]
 
 
+def test_build_adapters_with_jobs_trains_side_by_side_and_names_the_one_that_failed(tmp_path: Path) -> None:
+    """JOBS=2 on one card: every adapter still trained once; a failed one fails the build, named."""
+    out = tmp_path / "out"
+    result, calls = _build_adapters(tmp_path, "qwen2-1.5b", "/anc", str(out), JOBS="2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(call[2] for call in calls) == ["math", "multilingual", "structured"]
+    assert f"structured: training in the background (log {out}/train-structured.log)" in result.stdout
+    failing = tmp_path / "failing-python"
+    failing.write_text('#!/bin/sh\ncase "$*" in *" structured "*) exit 3;; esac\n')
+    failing.chmod(0o755)
+    result, _ = _build_adapters(tmp_path, "qwen2-1.5b", "/anc", str(out), JOBS="2", PYTHON=str(failing))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: training failed: structured (logs above)"
+    # RETRY_ARGS: the failed one is trained once more with them (here it then succeeds)
+    failing.write_text(
+        '#!/bin/sh\ncase "$*" in *" structured "*"--dtype float32"*) exit 0;; *" structured "*) exit 3;; esac\n'
+    )
+    for jobs in ("1", "2"):
+        result, _ = _build_adapters(
+            tmp_path,
+            "qwen2-1.5b",
+            "/anc",
+            str(out),
+            JOBS=jobs,
+            PYTHON=str(failing),
+            RETRY_ARGS="--dtype float32",
+        )
+        assert result.returncode == 0, result.stderr
+        assert (
+            "failed (exit 3); once more with --dtype float32"
+            in result.stdout + (out / "train-structured.log").read_text()
+        )
+    result, _ = _build_adapters(tmp_path, "qwen2-1.5b", "/anc", str(out), JOBS="two")
+    assert result.returncode == 2 and "JOBS=two is not a positive number" in result.stderr
+
+
 def test_build_adapters_trains_only_the_named_specialists_and_refuses_an_unknown_trio(tmp_path: Path) -> None:
     result, calls = _build_adapters(tmp_path, "smollm2", "/anc", str(tmp_path / "out"), "code")
     assert result.returncode == 0, result.stderr
@@ -338,6 +374,26 @@ def test_prepared_qwen_ancestor_has_the_seeds_shape_and_answers() -> None:
     enc = tokenizer("Question: What is 37 + 48?\nAnswer:", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)  # Qwen2 writes a number digit by digit
     assert tokenizer.decode(out[0, enc["input_ids"].shape[1] :]) == " 85\n"
+
+
+@pytest.mark.slow
+def test_prepared_qwen_specialists_pass_the_kinship_check_far_from_its_thresholds() -> None:
+    """Real 1.5 B LoRA deltas (compat.py's thresholds were set on tiny random families): each prepared specialist
+    is kin of the ancestor by a wide margin, and different from it."""
+    from evoforge.merge import compat
+
+    cache = demo.default_cache_dir()
+    ancestor = cache / QWEN2_1_5B.ancestor_name
+    specialists = sorted(p for p in cache.glob(f"{QWEN2_1_5B.prefix}-*") if (p / "config.json").is_file())
+    if not (ancestor / "config.json").is_file() or not specialists:
+        pytest.skip(f"no prepared {QWEN2_1_5B.label} specialist in {cache}")
+    models = {p.name: str(p) for p in specialists}
+    assert compat.check_compatibility(models, ancestor=str(ancestor)) == []
+    names = compat._sample_names(compat.tensor_shapes(ancestor))
+    base = compat._read(ancestor, names)
+    for folder in specialists:
+        delta = compat.relative_delta(compat._read(folder, names), base)
+        assert 0 < delta < compat.MAX_RELATIVE_DELTA / 10, folder.name
 
 
 def _stage(repo: Path, cache: Path) -> subprocess.CompletedProcess:
