@@ -94,12 +94,13 @@ poll)
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
   [ -e "$build/build.log" ] && grep -a '^\[' "$build/build.log" | tail -n 2
   tail -c 300 "$keep/proof.log" 2>/dev/null | tr '\r' '\n' | tail -n 1
-  for run in "$proof"/*/; do
+  for run in "$proof"/*/; do  # none before the build has finished
+    [ -d "$run" ] || continue
     name=$(basename "$run")
     echo "$name: $(wc -l < "$run/generations.jsonl" 2>/dev/null || echo 0) rounds," \
       "$(wc -l < "$run/evaluations.jsonl" 2>/dev/null || echo 0) evaluations; $(tail -c 300 "$proof/$name.log" | tr '\r' '\n' | tail -n 1)"
   done
-  ls "$proof"
+  ls "$proof" 2>/dev/null || echo "no runs yet"
   if [ -e "$proof/DONE" ]; then echo "ALL DONE"; fi
   ;;
 esac
