@@ -3,6 +3,7 @@
 # the other decodes)? Runs RUN_FILE for GENS generations with the Ray executor, 1 actor holding the whole card,
 # then 2 actors holding half each (gpus_per_actor 0.5), same run seed; prints each generation's wall time.
 #   bench/ray_share.sh RUN_FILE OUT_DIR [GENS=2]      e.g. recipes/qwen2-1.5b.yaml on one H200
+# Without the real trio built there: RUN_FILE from bench/random_trio.py (random Qwen2-1.5B-shaped models).
 # Generation 0 includes the actors' start (base models loaded once per actor); later generations are the
 # steady state. The two runs' records must agree (same seeds, same scores): checked at the end.
 # On a GPU machine without network (the device; its image lacks ray and some of what ray needs), the ray
