@@ -11,6 +11,7 @@ process of that uid (or of its test process's) is left, zombies included.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -31,4 +32,14 @@ def processes_of(uid: int) -> list[int]:
         uids = next(line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:"))
         if str(uid) in uids:
             pids.append(int(name))
+    return pids
+
+
+def left_behind(*uids: int, grace_s: float = 5.0) -> list[int]:
+    """Pids of processes of `uids` still there after up to `grace_s`: when the sandbox's init dies the
+    kernel kills and reaps the rest of its pid namespace, but not at once (a fork bomb's processes on a
+    loaded 2-core machine: 4 still listed right after the run returned, 2026-12-06)."""
+    deadline = time.monotonic() + grace_s
+    while (pids := [pid for uid in uids for pid in processes_of(uid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return pids

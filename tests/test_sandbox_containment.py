@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sandbox_support import SHOW_UID, needs_root, processes_of
+from sandbox_support import SHOW_UID, left_behind, needs_root
 
 from evoforge.evaluate import sandbox, seccomp
 from evoforge.evaluate.sandbox import SandboxResult, run_python
@@ -32,7 +32,7 @@ def run(body: str, **kwargs: float) -> tuple[SandboxResult, int]:
 
 def assert_contained(result: SandboxResult, uid: int) -> None:
     assert result.returncode != 0
-    assert processes_of(uid) == processes_of(uid + sandbox._UID_SPAN) == []
+    assert left_behind(uid, uid + sandbox._UID_SPAN) == []
 
 
 def test_infinite_loop_is_killed_at_the_timeout() -> None:
@@ -73,7 +73,7 @@ def test_grandchild_holding_the_pipes_is_killed_when_main_ends() -> None:
         "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)\nprint('done')"
     )
     assert result.stdout.endswith("done\n") and result.duration_s < 2.0
-    assert processes_of(uid) == []
+    assert left_behind(uid) == []
 
 
 def test_program_dies_with_a_killed_caller(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from sandbox_support import SHOW_UID, needs_root, processes_of
+from sandbox_support import SHOW_UID, left_behind, needs_root
 
 from evoforge.evaluate import sandbox
 from evoforge.evaluate.sandbox import SandboxError, SandboxResult, run_many, run_python
@@ -142,7 +142,7 @@ def test_many_programs_end_as_each_does_alone() -> None:
     ]
     uids = [int(r.stdout.split("\n", 1)[0]) for r in concurrent if r.stdout]
     assert len(uids) == len(set(uids)) == len(ENDINGS) - 1  # all but the syntax error printed one
-    assert all(processes_of(uid) == [] for uid in uids)
+    assert left_behind(*uids) == []
 
 
 def test_runs_overlap() -> None:
