@@ -8,7 +8,9 @@ Coordinates, per layer group (G columns of a mergekit gradient; G = 1 is global)
 - crossover density in [0.05, 1] where the method takes one (below 0.05 TIES/DARE keep too few entries to
   carry a task; 1 keeps all);
 - λ in [0.5, 2]: the merged task vector's scale; above 1 is the extrapolation Sakana's evolved merges used
-  (weights summing to ~2), below 0.5 the task vectors all but vanish.
+  (weights summing to ~2), below 0.5 the task vectors all but vanish. One real 1.5 B LoRA vector alone peaks
+  on its domain at scale 1 and is below its ancestor by 3 (recipes/qwen2-1.5b/README.md): 2 is room for a
+  normalised merge, not for one vector.
 Methods, structure and the crossover's random seed stay the incumbent's. Each coordinate is scaled to its
 range, so one step size means the same fraction of every range.
 """
