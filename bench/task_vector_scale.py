@@ -18,19 +18,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from merge_bench_latency import load_folder
 
 from evoforge.config import EvaluationConfig
 from evoforge.evaluate.scorer import Scorer
 from evoforge.quiet import quiet_libraries
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """A model folder's safetensors, as stored (bf16 stays bf16: two of them fit beside the scored model)."""
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def main() -> None:
@@ -48,7 +40,8 @@ def main() -> None:
     evaluation = EvaluationConfig(fitness_metric="likelihood", limit=args.limit, batch_size=args.batch_size)
     with quiet_libraries():
         scorer = Scorer.from_pretrained(args.ancestor, args.device, args.dtype, evaluation=evaluation)
-        base, tuned = tensors(args.ancestor), tensors(args.specialist)
+        # as stored (bf16 stays bf16: both fit beside the scored model)
+        base, tuned = (load_folder(f, torch.device("cpu")) for f in (args.ancestor, args.specialist))
         if base.keys() != tuned.keys() or any(base[k].shape != tuned[k].shape for k in base):
             raise SystemExit(f"error: {args.specialist}: not the ancestor's tensors (names or shapes differ)")
         rows = []
