@@ -1,4 +1,5 @@
-"""The committed search records (bench/records) reproduce recipes/demo/SEARCH.md's figures."""
+"""The committed search records (bench/records) reproduce the figures of recipes/demo/SEARCH.md and
+recipes/qwen2-1.5b/README.md."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ROOT / "bench" / "records" / "search-demo-2026-12-06.tar.gz"
+RECORDS = ROOT / "bench" / "records"
 
 
 def _search_proof(cwd: Path, *args: str) -> str:
@@ -22,9 +23,13 @@ def _search_proof(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
+def _extract(name: str, into: Path) -> None:
+    with tarfile.open(RECORDS / name) as tar:
+        tar.extractall(into, filter="data")
+
+
 def test_records_reproduce_the_search_table_and_the_calibration(tmp_path: Path) -> None:
-    with tarfile.open(RECORDS) as tar:
-        tar.extractall(tmp_path, filter="data")
+    _extract("search-demo-2026-12-06.tar.gz", tmp_path)
     table = _search_proof(tmp_path, "summarize", "proof/ga-42", "proof/cmaes-7")
     assert "Best specialist on held-out: model multilingual 0.2054" in table
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
@@ -36,3 +41,24 @@ def test_records_reproduce_the_search_table_and_the_calibration(tmp_path: Path) 
     held_out = calibration.split("test (accuracy, held out)")[1]
     assert "| seed slerp-ties-frankenmerge | 0.490 | 0.260 | 0.083 | **0.400** | 0.3083 |" in held_out
     assert "| model multilingual | 0.270 | 0.057 | **0.100** | 0.395 | 0.2054 |" in held_out
+
+
+def test_qwen_records_reproduce_the_readme_run_table_and_calibration(tmp_path: Path) -> None:
+    _extract("search-qwen2-1.5b-2026-12-06.tar.gz", tmp_path)
+    readme = (ROOT / "recipes" / "qwen2-1.5b" / "README.md").read_text()
+    table = _search_proof(tmp_path, "summarize", "proof/ga-42", "proof/ga-7", "proof/random-7")
+    assert "Best specialist on held-out: model multilingual 0.7546" in table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0.7729 | +0.0017 [-0.0092, +0.0117] | +0.0004 [-0.0108, +0.0108] |" in rows["ga-42"]
+    assert "| 0.7688 | -0.0025 [-0.0146, +0.0092] | -0.0038 [-0.0163, +0.0083] |" in rows["ga-7"]
+    assert "| 152 | 0.7987 → 0.8033 |" in rows["random-7"]
+    assert "| 0.7729 | +0.0017 [−0.0092, +0.0117] | +0.0004 [−0.0108, +0.0108] |" in readme
+    calibration = _search_proof(tmp_path, "calibration", "proof/ga-42")
+    validation, held_out = calibration.split("test (accuracy, held out)")
+    for row in (
+        "| model structured | 0.713 | 0.691 | 0.620 | 0.996 | 0.7547 |",
+        "| model qwen2.5-coder | 0.710 | 0.585 | 0.367 | 0.883 | 0.6363 |",
+    ):
+        assert row in validation and row in readme
+    row = "| model multilingual | 0.745 | 0.640 | 0.633 | **1.000** | 0.7546 |"
+    assert row in held_out and row in readme

@@ -27,8 +27,9 @@ from evoforge.models import locate_model
 # norm). Real fine-tunes (the demo's three LoRA specialists of SmolLM2-135M-Instruct, merged, on the same 6
 # sampled matrices; 2026-12-05): relative delta 0.0021-0.0042, pairwise cosine 0.99995, their task vectors
 # nearly orthogonal (cosine 0.05-0.07): deeper in the related cluster than the tiny children. At the seed's
-# scale (Qwen2.5-Coder-1.5B-Instruct and its math LoRA specialist, r=4, 300 steps; 2026-12-06): relative
-# delta 0.0101, cosine 1.000. Independently trained real models of one shape are not available offline; the
+# scale (Qwen2.5-Coder-1.5B-Instruct and its three LoRA specialists, r=4, 200-300 steps; 2026-12-06):
+# relative delta 0.0063-0.0101, pairwise cosine 0.99993-0.99996, task vectors nearly orthogonal (cosine
+# 0.11-0.16). Independently trained real models of one shape are not available offline; the
 # nearest proxy, each sampled matrix of that ancestor against the same-named matrix 14 layers away (trained,
 # same shape, no shared initialisation), gives relative delta 1.31 and cosine 0.002, the unrelated cluster.
 # Both thresholds sit halfway, far from either (tests/test_trios.py checks prepared 1.5 B specialists).
