@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evoforge.config import EvolutionConfig
 from evoforge.errors import EvoforgeError
-from evoforge.evaluate.stats import paired_difference
+from evoforge.evaluate.stats import Interval, paired_difference
 from evoforge.evolve import checkpoint as ckpt
 from evoforge.evolve.checkpoint import Member, Outcome, State
 from evoforge.evolve.loop import Cancelled
@@ -71,6 +71,13 @@ class BestCandidate(BaseModel):
     heldout_gain_interval: tuple[float, float] | None = None
     """95 % paired bootstrap interval of the held-out fitness minus the best base model's, when the run kept
     both models' held-out items."""
+    best_seed: str | None = None
+    """The fittest seed's id: what the search had to beat to have found anything the seeds did not give."""
+    best_is_seed: bool = False
+    """The best candidate is that seed's genome (the search found nothing fitter)."""
+    seed_gain: Interval | None = None
+    """Held-out fitness minus the best seed's, with its 95 % paired interval, when both have held-out items
+    (None too where the best is that seed)."""
 
 
 def model_card(
@@ -392,15 +399,19 @@ class EvoMergePipeline:
         base = run.best_base(fit_split)
         if base is None:
             raise EvoforgeError(f"{self.run_dir.baselines}: no base model scored on {fit_split!r}")
-        items, interval = run.run_dir.read_items(), None
-        if items and top.genome_hash in items.candidates and base[0] in items.base_models:
+        items, interval, seed, seed_gain = run.run_dir.read_items(), None, run.best_seed, None
+        best_items = items.candidates.get(top.genome_hash) if items else None
+        if items and best_items and base[0] in items.base_models:
             gain = paired_difference(
-                items.base_models[base[0]],
-                items.candidates[top.genome_hash],
-                items.task_domains,
-                items.weights,
+                items.base_models[base[0]], best_items, items.task_domains, items.weights
             ).fitness
             interval = (gain.low, gain.high)
+        if items and best_items and seed and seed.genome_hash != top.genome_hash:
+            seed_items = items.candidates.get(seed.genome_hash)
+            if seed_items:
+                seed_gain = paired_difference(
+                    seed_items, best_items, items.task_domains, items.weights
+                ).fitness
         return BestCandidate(
             id=top.id,
             label=top.label,
@@ -422,4 +433,7 @@ class EvoMergePipeline:
             if run.confirmation
             else None,
             heldout_gain_interval=interval,
+            best_seed=seed.id if seed else None,
+            best_is_seed=seed is not None and seed.genome_hash == top.genome_hash,
+            seed_gain=seed_gain,
         )

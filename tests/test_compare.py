@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from evoforge.cli import app
 from evoforge.cli.recipe_cmds import seed_recipes
 from evoforge.config import EvolutionConfig
-from evoforge.evaluate.stats import bootstrap
+from evoforge.evaluate.stats import bootstrap, paired_difference
 from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.records import EvaluationRecord, ItemScores, Scores, read_records
+from evoforge.evolve.run_dir import best_seed
 from evoforge.merge.disk import merge_recipe
 from evoforge.pipeline import EvoMergePipeline
 from evoforge.recipe import random_seed
@@ -155,8 +156,8 @@ def test_a_run_keeps_held_out_items_and_prints_intervals(
     """Base models, every new best and the best seed get held-out item vectors that reproduce their
     recorded held-out scores; the report and the model card pair them; every record carries its SE."""
     run = tmp_path / "run"
-    data = run_config(
-        diverse_family, mc_tasks, run, max_generations=2, population_size=5, wandb_mode="disabled"
+    data = run_config(  # 4 generations: the best is no longer a seed, so the seed comparison is computed
+        diverse_family, mc_tasks, run, max_generations=4, population_size=5, wandb_mode="disabled"
     )
     best = EvoMergePipeline(EvolutionConfig(**data)).run()
     low, high = best.heldout_gain_interval
@@ -167,6 +168,10 @@ def test_a_run_keeps_held_out_items_and_prints_intervals(
     records = list(read_records(run / "evaluations.jsonl", EvaluationRecord))
     held = {r.genome_hash: r for r in records if r.split == "test"}
     assert held and set(held) <= set(items.candidates)
+    seed = best_seed(records, "validation")  # the printed "vs best seed" is the card's paired difference
+    assert best.best_seed == seed.id and seed.genome_hash != best.genome_hash and not best.best_is_seed
+    pair = [items.candidates[h] for h in (seed.genome_hash, best.genome_hash)]
+    assert best.seed_gain == paired_difference(*pair, items.task_domains, items.weights).fitness
     scored = [(v, held[h].scores) for h, v in items.candidates.items() if h in held]
     scored += [(items.base_models[m], Scores(**s["test"])) for m, s in baselines["models"].items()]
     for vectors, scores in scored:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from pydantic import ValidationError
@@ -14,6 +14,9 @@ from evoforge.errors import ConfigError
 from evoforge.evolve.run_dir import RunDir
 from evoforge.models import Device, check_run_models, check_run_output
 from evoforge.resources import recipes_dir
+
+if TYPE_CHECKING:  # the pipeline (torch, mergekit) is imported when a run starts, not with the CLI
+    from evoforge.pipeline import BestCandidate
 
 WandbMode = Literal["offline", "online", "disabled"]
 MergePath = Literal["memory", "disk"]
@@ -57,6 +60,39 @@ def resumed_run(resume: Path | None) -> RunDir | None:
     return RunDir.containing(resume)
 
 
+def result_lines(best: BestCandidate, fitness_split: str) -> list[str]:
+    """What a finished run prints: the best against the best base model (fitness, held-out with its paired
+    interval), against the best seed on held-out (did the search add anything the seeds did not give?), and
+    where its model and recipe are."""
+    gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
+    held = best.heldout_fitness
+    line = f"best {best.id} ({best.label}): fitness {best.overall_fitness:.4f} "
+    line += f"({gain:+.1%} vs {best.best_base_model}), "
+    if best.confirmed_accuracy is not None:
+        line += f"chosen by accuracy {best.confirmed_accuracy:.4f} on {fitness_split}, "
+    line += f"held-out {held if held is not None else float('nan'):.4f}"
+    if held is not None:
+        line += f" ({(held - best.best_base_heldout) / max(abs(best.best_base_heldout), 1e-9):+.1%})"
+        if best.heldout_gain_interval is not None:
+            low, high = best.heldout_gain_interval
+            gap = held - best.best_base_heldout
+            line += f", held-out gain {gap:+.4f} in [{low:+.4f}, {high:+.4f}] (95%, paired over items)"
+    lines = [line]
+    if best.best_is_seed:
+        lines.append("the best is a seed: the search found nothing fitter than generation 0")
+    elif best.seed_gain is not None:
+        g = best.seed_gain
+        verdict = "beyond the noise" if g.excludes_zero else "within the noise: no gain over the seeds shown"
+        lines.append(
+            f"vs best seed {best.best_seed} on held-out: {g.estimate:+.4f} in [{g.low:+.4f}, {g.high:+.4f}] "
+            f"(95%, paired over items), {verdict}"
+        )
+    model = best.model_path or "not written" + (
+        f" ({best.model_error}); --resume writes it" if best.model_error else ""
+    )
+    return [*lines, f"model: {model}", f"recipe: {best.recipe_path}"]
+
+
 def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
     from evoforge.pipeline import EvoMergePipeline
 
@@ -64,33 +100,7 @@ def execute(cfg: EvolutionConfig, resume: Path | None) -> None:
     check_run_output(cfg)
     out.print(f"run [bold]{cfg.name}[/] → {cfg.run_dir()}", highlight=False)
     best = EvoMergePipeline(cfg, resume=resume, console=console).run()
-    gain = (best.overall_fitness - best.best_base_fitness) / max(abs(best.best_base_fitness), 1e-9)
-    held = best.heldout_fitness
-    held_gain = (
-        ((held - best.best_base_heldout) / max(abs(best.best_base_heldout), 1e-9))
-        if held is not None
-        else None
-    )
-    interval = ""
-    if held is not None and best.heldout_gain_interval is not None:
-        low, high = best.heldout_gain_interval
-        gap = held - best.best_base_heldout
-        interval = f", held-out gain {gap:+.4f} in [{low:+.4f}, {high:+.4f}] (95%, paired over items)"
-    typer.echo(
-        f"best {best.id} ({best.label}): fitness {best.overall_fitness:.4f} ({gain:+.1%} vs {best.best_base_model}), "
-        + (
-            f"chosen by accuracy {best.confirmed_accuracy:.4f} on {cfg.evaluation.fitness_split}, "
-            if best.confirmed_accuracy is not None
-            else ""
-        )
-        + f"held-out {held if held is not None else float('nan'):.4f}"
-        + (f" ({held_gain:+.1%})" if held_gain is not None else "")
-        + interval
-    )
-    model = best.model_path or "not written" + (
-        f" ({best.model_error}); --resume writes it" if best.model_error else ""
-    )
-    typer.echo(f"model: {model}\nrecipe: {best.recipe_path}")
+    typer.echo("\n".join(result_lines(best, cfg.evaluation.fitness_split)))
 
 
 @app.command()
