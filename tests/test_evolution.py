@@ -29,6 +29,7 @@ from evoforge.evolve.candidates import CandidateEvaluator
 from evoforge.evolve.checkpoint import Member
 from evoforge.evolve.loop import members, plateaued
 from evoforge.evolve.records import EvaluationRecord, GenerationRecord, read_records
+from evoforge.evolve.run_dir import best_seed
 from evoforge.evolve.strategies.base import seed_proposals
 from evoforge.evolve.strategies.ga import next_round, parent_weights
 from evoforge.genome import GenomeSpace
@@ -91,16 +92,19 @@ def assert_summary_names_the_best(
     stdout: str, run_dir: Path, records: list[EvaluationRecord], baselines: dict
 ) -> None:
     """The closing lines name the fittest candidate, its gain over the best base model, its held-out score,
-    and where its model and recipe are: the numbers the run's records hold."""
+    how it compares with the best seed, and where its model and recipe are: the numbers the run's records
+    hold."""
     found = re.search(
         r"^best (\S+) \((\S+)\): fitness ([\d.]+) \(([+-][\d.]+)% vs (\S+)\), held-out ([\d.]+)"
-        r".*\nmodel: (.+)\nrecipe: (.+)$",
+        r".*\n(vs best seed (\S+) on held-out: .*|the best is a seed: .*)\nmodel: (.+)\nrecipe: (.+)$",
         stdout,
         re.MULTILINE,
     )
     assert found, stdout
-    best_id, label, fitness, gain, base, held, model, recipe = found.groups()
+    best_id, label, fitness, gain, base, held, versus, seed_id, model, recipe = found.groups()
     fit = {r.id: r for r in records if r.split == "validation" and r.scores}
+    seed = best_seed(records, "validation")
+    assert seed_id == seed.id if versus.startswith("vs") else seed.genome_hash == fit[best_id].genome_hash
     assert fit[best_id].label == label and fit[best_id].fitness == max(r.fitness for r in fit.values())
     assert float(fitness) == pytest.approx(fit[best_id].fitness, abs=5e-5)
     base_fitness = {name: s["validation"]["fitness"] for name, s in baselines["models"].items()}
