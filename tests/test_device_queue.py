@@ -1,0 +1,81 @@
+"""bench/device_queue.sh: the GPU session's benchmark commands run one after another in the background; a
+poll reports each job's state and brings back logs and the jobs' own files; a queue started again runs only
+what has not succeeded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "device_queue.sh"
+
+
+def _queue(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def _wait_done(queue: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not (queue / "DONE").exists():
+        assert time.monotonic() < deadline, "the queue did not finish in 30 s"
+        time.sleep(0.1)
+
+
+def test_jobs_run_in_order_failures_are_kept_and_a_restart_runs_only_what_failed(tmp_path: Path) -> None:
+    queue, out = tmp_path / "queue", tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "QUEUE": str(queue), "OUT": str(out)}
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(
+        "# a comment, then a blank line\n\n"
+        'echo first > "$QUEUE_OUT/first.txt"\n'
+        "echo half; exit 3\n"
+        'test -e "$QUEUE_OUT/first.txt" && echo third'
+    )
+    started = _queue(env, "start", str(jobs))
+    assert started.returncode == 0 and "queue of 3 job(s) started" in started.stdout
+    _wait_done(queue)
+    poll = _queue(env, "poll", "0")
+    assert poll.returncode == 0, poll.stderr
+    lines = poll.stdout.splitlines()
+    assert lines[0].startswith('01 exit 0: echo first > "$QUEUE_OUT/first.txt" | [')
+    assert lines[1].startswith("02 exit 3: echo half; exit 3 | [") and lines[1].endswith("exit 3")
+    assert lines[2].startswith("03 exit 0:") and lines[3] == "ALL DONE"
+    assert "half" in (out / "02.log").read_text() and (out / "02.rc").read_text().strip() == "3"
+    with tarfile.open(out / "queue-out.tar") as tar:
+        assert tar.extractfile("out/first.txt").read() == b"first\n"
+
+    logs = {n: (queue / f"{n}.log").read_text() for n in ("01", "03")}
+    jobs.write_text(jobs.read_text().replace("echo half; exit 3", "echo fixed"))  # the cause fixed
+    assert _queue(env, "start", str(jobs)).returncode == 0
+    _wait_done(queue)
+    assert {n: (queue / f"{n}.log").read_text() for n in ("01", "03")} == logs  # not run again
+    assert (queue / "02.rc").read_text().strip() == "0" and "fixed" in (queue / "02.log").read_text()
+
+
+def test_a_queue_file_without_commands_or_missing_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "QUEUE": str(tmp_path / "queue")}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    result = _queue(env, "start", str(empty))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {empty} holds no command"
+    missing = _queue(env, "start", str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "no such queue file" in missing.stderr
+    assert _queue(env, "poll", "0").stdout.strip() == f"no queue in {tmp_path / 'queue'}"
+
+
+def test_the_committed_queues_name_scripts_that_exist() -> None:
+    """A renamed bench or script breaks a GPU session's queue only on the device: caught here instead."""
+    queues = sorted((ROOT / "bench" / "queues").glob("*.txt"))
+    assert queues
+    for queue in queues:
+        jobs = [line for line in queue.read_text().splitlines() if line and not line.startswith("#")]
+        words = (word.rstrip(";&|") for job in jobs for word in job.split())
+        named = {word for word in words if word.startswith(("bench/", "scripts/"))}
+        assert named, queue
+        missing = sorted(p for p in named if not (ROOT / p).exists())
+        assert not missing, f"{queue.name} names {missing}"
