@@ -96,7 +96,7 @@ def assert_summary_names_the_best(
     hold."""
     found = re.search(
         r"^best (\S+) \((\S+)\): fitness ([\d.]+) \(([+-][\d.]+)% vs (\S+)\), held-out ([\d.]+)"
-        r".*\n(vs best seed (\S+) on held-out: .*|the best is a seed: .*)\nmodel: (.+)\nrecipe: (.+)$",
+        r".*\n(vs best seed (\S+) on held-out: .*|the best is the fittest seed: .*)\nmodel: (.+)\nrecipe: (.+)$",
         stdout,
         re.MULTILINE,
     )

@@ -45,7 +45,7 @@ def test_the_best_seed_comparison_says_whether_the_search_gained_beyond_the_nois
 
 def test_a_best_that_is_a_seed_or_lacks_held_out_items_is_said_so() -> None:
     seed = result_lines(_best(best_is_seed=True, seed_gain=None), "validation")
-    assert seed[1] == "the best is a seed: the search found nothing fitter than generation 0"
+    assert seed[1] == "the best is the fittest seed: no gain over the seeds"
     bare = result_lines(
         _best(heldout_fitness=None, heldout_gain_interval=None, seed_gain=None, model_path=None), "validation"
     )

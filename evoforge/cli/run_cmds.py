@@ -79,7 +79,7 @@ def result_lines(best: BestCandidate, fitness_split: str) -> list[str]:
             line += f", held-out gain {gap:+.4f} in [{low:+.4f}, {high:+.4f}] (95%, paired over items)"
     lines = [line]
     if best.best_is_seed:
-        lines.append("the best is a seed: the search found nothing fitter than generation 0")
+        lines.append("the best is the fittest seed: no gain over the seeds")
     elif best.seed_gain is not None:
         g = best.seed_gain
         verdict = "beyond the noise" if g.excludes_zero else "within the noise: no gain over the seeds shown"
