@@ -7,12 +7,13 @@
 # Generation 0 includes the actors' start (base models loaded once per actor); later generations are the
 # steady state. The two runs' records must agree (same seeds, same scores): checked at the end.
 # On a GPU machine without network (the device; its image lacks ray and some of what ray needs), the ray
-# wheel and its needs (~78 MB, cp312) travel in two calls, as the trio pieces do (recipes/qwen2-1.5b/README.md):
+# wheel and its needs (~78 MB, cp312) travel in pieces, as the trio does (recipes/qwen2-1.5b/README.md):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .raywhl ray==2.60.0 msgpack protobuf \
 #     jsonschema jsonschema-specifications referencing rpds-py attrs requests certifi charset-normalizer \
 #     urllib3 filelock                                         # here; then scripts/stage_trio_parts.sh .raywhl
-# prints one device call per piece (2 pieces), and on the device, once:
+# prints one device call per piece (5 beside the 46 MiB tree of 2026-12-06; .raywhl/ is git-ignored), and on
+# the device, once (or as the first job of bench/queues/random-gpu.txt):
 #   cd /tmp/keep/.raywhl-parts && cat wheels.tar.* | tar -xf - && python3 -m pip install -q --no-index \
 #     --no-deps --target /tmp/keep/site *.whl
 set -euo pipefail
