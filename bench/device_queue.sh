@@ -4,7 +4,8 @@
 #   bench/device_queue.sh start QUEUE_FILE     one command per line (blank lines and # comments skipped),
 #                                              run from the repo root with bash; returns at once
 #   bench/device_queue.sh poll [SECONDS=240]   wait, then print each job's state and its log's last line;
-#                                              every log and whatever jobs wrote to $QUEUE/out go to $OUT
+#                                              every log, exit status and whatever jobs wrote to $QUEUE/out
+#                                              go to $OUT/queue.tar (one file: a call brings back 8 at most)
 # QUEUE (default /tmp/keep/queue) holds NN.cmd, NN.log and NN.rc (exit status) per job, and out/ for a job's
 # own files (jobs see it as $QUEUE_OUT). A failed job does not stop the next: its exit status is kept.
 # Started again on the same QUEUE, jobs that already have an NN.rc of 0 are skipped (a queue cut off by the
@@ -13,8 +14,9 @@ set -euo pipefail
 queue=${QUEUE:-/tmp/keep/queue}
 bring_back() {
   [ -n "${OUT:-}" ] || return 0
-  cp "$queue"/*.log "$queue"/*.rc "$OUT"/ 2>/dev/null || true
-  if [ -n "$(ls -A "$queue/out" 2>/dev/null)" ]; then tar -cf "$OUT/queue-out.tar" -C "$queue" out; fi
+  # tar's exit 1: a log grew while read (a running job's); what it took is still a valid archive
+  (cd "$queue" && shopt -s nullglob && { tar -cf "$OUT/queue.tar.tmp" -- *.log *.rc out || [ $? = 1 ]; } &&
+    mv "$OUT/queue.tar.tmp" "$OUT/queue.tar") || true
 }
 case ${1:?start or poll} in
 start)

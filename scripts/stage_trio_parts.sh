@@ -49,8 +49,10 @@ except DemoError as exc:
 fi
 [ ${#wheels[@]} -gt 0 ] || exit 1
 
-# What every call sends anyway: tracked and untracked-not-ignored files (and shared/, where there is one).
-tree=$(git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s+=$1} END {print s+0}')
+# What every call sends anyway: tracked and untracked-not-ignored files (and shared/, where there is one);
+# a tracked file deleted from the working tree does not travel (stat fails on it: not counted).
+tree=$({ git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null || true; } |
+  awk '{s+=$1} END {print s+0}')
 [ -d shared ] && tree=$(( tree + $(du -sb shared | cut -f1) ))
 limit=$(( 64 << 20 ))
 if [ -n "${PIECE_MB:-}" ]; then piece=$(( PIECE_MB << 20 )); else piece=$(( (limit - tree - (1 << 20)) >> 20 << 20 )); fi
