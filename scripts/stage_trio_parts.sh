@@ -50,7 +50,7 @@ fi
 [ ${#wheels[@]} -gt 0 ] || exit 1
 
 # What every call sends anyway: tracked and untracked-not-ignored files (and shared/, where there is one);
-# a tracked file deleted from the working tree does not travel (stat fails on it: not counted).
+# a tracked file deleted from the working tree is not counted (stat fails on it) and should not travel.
 tree=$({ git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null || true; } |
   awk '{s+=$1} END {print s+0}')
 [ -d shared ] && tree=$(( tree + $(du -sb shared | cut -f1) ))
