@@ -13,9 +13,7 @@
 #     jsonschema jsonschema-specifications referencing rpds-py attrs requests certifi charset-normalizer \
 #     urllib3 filelock                                         # here; then scripts/stage_trio_parts.sh .raywhl
 # prints one device call per piece (5 beside the 46 MiB tree of 2026-12-06; .raywhl/ is git-ignored), and on
-# the device, once (or as the first job of bench/queues/random-gpu.txt):
-#   cd /tmp/keep/.raywhl-parts && cat wheels.tar.* | tar -xf - && python3 -m pip install -q --no-index \
-#     --no-deps --target /tmp/keep/site *.whl
+# the device, once (a job of both bench/queues/*.txt): bench/install_ray_wheels.sh
 set -euo pipefail
 run_file=${1:?run file}; out=${2:?output folder}; gens=${3:-2}
 py=${PYTHON:-python3}
