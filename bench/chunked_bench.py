@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # torch.cuda's memory fraction wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     generator = torch.Generator().manual_seed(args.seed)
     base = torch.randn(args.rows, args.cols, generator=generator).to(torch.bfloat16)
     host = [base] + [
