@@ -183,8 +183,11 @@ def teacher_forced(lm: HFLM, gold: GoldItems) -> list[float]:
             **kwargs,
         ).logits[:, -batch.keep :]
         picked = torch.log_softmax(logits[batch.wanted.to(device)].float(), dim=-1)  # [answer tokens, vocab]
-        picked = picked.gather(-1, batch.targets.to(device)[:, None])[:, 0]
-        sums = torch.zeros(len(batch.items), device=device).index_add_(0, batch.rows_of.to(device), picked)
+        picked = picked.gather(-1, batch.targets.to(device)[:, None])[:, 0].cpu()
+        # summed on the host, in token order: CUDA's index_add_ adds with atomics in no fixed order (torch's
+        # reproducibility notes), the likely cause of fitness differing in the last bits between two processes
+        # on an H100 (1.7e-9: bench/RESULTS.md "GPU Q")
+        sums = torch.zeros(len(batch.items)).index_add_(0, batch.rows_of, picked)
         for i, total in zip(batch.items, sums.tolist(), strict=True):
             out[i] = total
     return out
