@@ -141,6 +141,20 @@ def test_teacher_forced_scores_equal_lm_evals_loglikelihood(
     assert teacher_forced(short, gold) == pytest.approx(truncated, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_forced_gives_the_same_bits_on_every_call_on_cuda(
+    qwen_family: dict[str, Path], tasks_dir: Path
+):
+    """Fitness is compared across processes (Ray actors, resumed runs): each item's sum must not depend on the
+    order in which the device's threads add (CUDA's index_add_ uses atomics)."""
+    model = AutoModelForCausalLM.from_pretrained(qwen_family["alpha"]).eval().to("cuda")
+    tokenizer = AutoTokenizer.from_pretrained(qwen_family["alpha"])
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
+    gold = encode_gold(lm, TaskSuite.discover(tasks_dir).build("validation"))
+    first = teacher_forced(lm, gold)
+    assert all(teacher_forced(lm, gold) == first for _ in range(20))
+
+
 def _domain_tasks(result) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, task in result.tasks.items():
