@@ -50,7 +50,8 @@ fi
 [ ${#wheels[@]} -gt 0 ] || exit 1
 
 # What every call sends anyway: tracked and untracked-not-ignored files (and shared/, where there is one);
-# a tracked file deleted from the working tree is not counted (stat fails on it) and should not travel.
+# a tracked file deleted from the working tree is not counted (stat fails on it) and does not travel (checked
+# on the device on 2026-12-06: the adapters moved out arrived as empty folders).
 tree=$({ git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null || true; } |
   awk '{s+=$1} END {print s+0}')
 [ -d shared ] && tree=$(( tree + $(du -sb shared | cut -f1) ))
