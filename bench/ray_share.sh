@@ -44,13 +44,13 @@ for n in (1, 2):
 path = lambda r: (r["generation"], r["id"], r["split"], r["genome_hash"], r["recipe"], r["parents"])
 one, two = (sorted(rows(n, "evaluations.jsonl"), key=lambda r: (r["generation"], r["id"], r["split"])) for n in (1, 2))
 print("same candidates, parents and recipes:", list(map(path, one)) == list(map(path, two)))
-def best(n):  # the confirmed best of a likelihood run, else the last generation's fittest
+def best_of(n):  # the confirmed best of a likelihood run, else the last generation's fittest
     confirmation = out / f"actors-{n}" / "confirmation.json"
     if confirmation.exists():
         return json.loads(confirmation.read_text())["chosen"]
     return rows(n, "generations.jsonl")[-1]["best_id"]
-best = [best(1), best(2)]
-print("same best:", best[0] == best[1], best[0])
+bests = [best_of(1), best_of(2)]
+print("same best:", bests[0] == bests[1], bests[0])
 if len(one) == len(two):
     print("same fitness bits:", [r["fitness"] for r in one] == [r["fitness"] for r in two],
           "; largest difference:", max((abs(a["fitness"] - b["fitness"]) for a, b in zip(one, two)), default=0.0))
