@@ -25,6 +25,7 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 
 from evoforge.merge.memory import chunked
+from evoforge.merge.memory.merger import indexed
 
 PARAMETERS = {
     "ties": {"weight": [0.5, 0.3, 0.9], "density": [0.3, 0.5, 0.7]},
@@ -70,8 +71,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:  # torch.cuda's memory fraction wants an index
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        device = indexed(device)  # torch.cuda's memory fraction wants an index
     generator = torch.Generator().manual_seed(args.seed)
     base = torch.randn(args.rows, args.cols, generator=generator).to(torch.bfloat16)
     host = [base] + [

@@ -30,28 +30,4 @@ for actors in 1 2; do
     > "$out/actors-$actors.log" 2>&1
   echo "actors $actors: $(( $(date +%s) - start )) s in all" | tee -a "$out/summary.txt"
 done
-"$py" - "$out" <<'PY' | tee -a "$out/summary.txt"
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-def rows(n, name):
-    return [json.loads(line) for line in (out / f"actors-{n}" / name).read_text().splitlines() if line.strip()]
-for n in (1, 2):
-    walls = ", ".join(f"{g['wall_s']:.1f}" for g in rows(n, "generations.jsonl"))
-    print(f"actors {n}: wall s per generation: {walls}")
-# the search's path (which candidates, from which parents, with which recipe) and, apart, the scores' bits: on a
-# GPU two processes' scores may differ in the last bits (1.7e-9 on an H100, 2026-12-06: bench/RESULTS.md)
-path = lambda r: (r["generation"], r["id"], r["split"], r["genome_hash"], r["recipe"], r["parents"])
-one, two = (sorted(rows(n, "evaluations.jsonl"), key=lambda r: (r["generation"], r["id"], r["split"])) for n in (1, 2))
-print("same candidates, parents and recipes:", list(map(path, one)) == list(map(path, two)))
-def best_of(n):  # the confirmed best of a likelihood run, else the last generation's fittest
-    confirmation = out / f"actors-{n}" / "confirmation.json"
-    if confirmation.exists():
-        return json.loads(confirmation.read_text())["chosen"]
-    return rows(n, "generations.jsonl")[-1]["best_id"]
-bests = [best_of(1), best_of(2)]
-print("same best:", bests[0] == bests[1], bests[0])
-if len(one) == len(two):
-    print("same fitness bits:", [r["fitness"] for r in one] == [r["fitness"] for r in two],
-          "; largest difference:", max((abs(a["fitness"] - b["fitness"]) for a, b in zip(one, two)), default=0.0))
-PY
+"$py" "$(dirname "$0")/compare_runs.py" "$out/actors-1" "$out/actors-2" | tee -a "$out/summary.txt"

@@ -193,14 +193,14 @@ class MemoryMerger:
         return state, config
 
 
-def _indexed(device: torch.device) -> torch.device:
+def indexed(device: torch.device) -> torch.device:
     """torch.cuda's memory queries want an index: "cuda" means the current device."""
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _fits(needed: int, merger: MemoryMerger) -> bool:
     """Residents fit if they leave room for two models' worth of candidate output and working tensors."""
-    device = _indexed(merger.device)
+    device = indexed(merger.device)
     free, total = torch.cuda.mem_get_info(device)
     capped = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
     largest = max(
@@ -213,6 +213,6 @@ def _task_budget(device: torch.device) -> int:
     """3/4 of what this process may use of the card (its capacity times the per-process memory fraction): the
     Scorer's model waits on the host during a streamed merge, the rest is for lm-eval's small tables and for
     fragmentation."""
-    device = _indexed(device)
+    device = indexed(device)
     total = torch.cuda.get_device_properties(device).total_memory
     return int(0.75 * total * torch.cuda.get_per_process_memory_fraction(device))
