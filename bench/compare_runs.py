@@ -2,13 +2,16 @@
 search took the same path (candidates, parents, recipes), chose the same best, and scored bit for bit alike.
 Used by bench/ray_share.sh (1 vs 2 Ray actors) and the device queue's run-twice job (run-to-run bits).
 
-    python bench/compare_runs.py RUN_DIR_A RUN_DIR_B
+    python bench/compare_runs.py RUN_DIR_A RUN_DIR_B [--generations N]
+
+With --generations N only the first N generations of each are compared (a short run against a long one of
+the same run file and seed, e.g. overlapped merges off for 3 generations against the 50-generation run).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -16,21 +19,28 @@ def rows(run: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines() if line.strip()]
 
 
-def best_of(run: Path) -> str:
-    """The confirmed best of a likelihood run, else the last generation's fittest."""
+def best_of(run: Path, generations: int | None) -> str:
+    """The confirmed best of a whole likelihood run, else the fittest of the last generation compared."""
     confirmation = run / "confirmation.json"
-    if confirmation.exists():
+    if generations is None and confirmation.exists():
         return json.loads(confirmation.read_text())["chosen"]
-    return rows(run, "generations.jsonl")[-1]["best_id"]
+    return rows(run, "generations.jsonl")[:generations][-1]["best_id"]
 
 
 def main() -> None:
-    runs = [Path(arg) for arg in sys.argv[1:3]]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs=2, type=Path, metavar="RUN_DIR")
+    parser.add_argument("--generations", type=int, help="compare only the first N generations of each")
+    args = parser.parse_args()
+    runs, first = args.runs, args.generations
     for run in runs:
-        walls = ", ".join(f"{g['wall_s']:.1f}" for g in rows(run, "generations.jsonl"))
+        walls = ", ".join(f"{g['wall_s']:.1f}" for g in rows(run, "generations.jsonl")[:first])
         print(f"{run}: wall s per generation: {walls}")
     one, two = (
-        sorted(rows(run, "evaluations.jsonl"), key=lambda r: (r["generation"], r["id"], r["split"]))
+        sorted(
+            (r for r in rows(run, "evaluations.jsonl") if first is None or r["generation"] < first),
+            key=lambda r: (r["generation"], r["id"], r["split"]),
+        )
         for run in runs
     )
 
@@ -38,7 +48,7 @@ def main() -> None:
         return r["generation"], r["id"], r["split"], r["genome_hash"], r["recipe"], r["parents"]
 
     print("same candidates, parents and recipes:", list(map(path, one)) == list(map(path, two)))
-    bests = [best_of(run) for run in runs]
+    bests = [best_of(run, first) for run in runs]
     print("same best:", bests[0] == bests[1], bests[0])
     # on a GPU two processes' scores differed in the last bits (1.7e-9 on an H100: bench/RESULTS.md "GPU Q")
     if len(one) == len(two):
