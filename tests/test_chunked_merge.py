@@ -92,7 +92,8 @@ def test_kth_largest_is_exact_across_chunks():
 @pytest.mark.parametrize("method_name", ["dare_ties", "dare_linear"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_dare_in_chunks_draws_mergekits_mask(method_name, dtype):
-    """Same seed, same mask (drawn chunk by chunk from the CPU generator); rescaled: within dtype rounding.
+    """Same seed, same mask (on the CPU drawn chunk by chunk: its generator draws in flat order); rescaled:
+    within dtype rounding.
     Without rescaling the outputs are equal bit for bit, so the masks are."""
     tensors = _inputs((41, 23), dtype, seed=1)
     for rescale in (True, False):
@@ -103,6 +104,25 @@ def test_dare_in_chunks_draws_mergekits_mask(method_name, dtype):
         got = _merge(method_name, tensors, 64, **params)
         assert torch.equal(got, want) if not rescale else torch.allclose(got, want, rtol=1e-2, atol=1e-3)
     assert torch.get_rng_state().equal(_after_draws(tensors, 11))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's Philox draws: needs a GPU")
+@pytest.mark.parametrize("method_name", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_dare_in_chunks_draws_mergekits_mask_on_cuda(method_name, dtype):
+    """On a card the mask is mergekit's (the whole task vector drawn at once, as mergekit draws it), so the
+    output without rescaling is mergekit's bit for bit (rescaled: within dtype rounding), and the card's
+    generator ends where mergekit's merge leaves it (a stage's later DARE tasks draw the same masks)."""
+    tensors = [t.cuda() for t in _inputs((1031, 517), dtype, seed=3)]
+    for rescale in (True, False):
+        params = {"density": [0.3, 0.6, 0.9], "rescale": rescale}
+        torch.cuda.manual_seed(11)
+        want = _merge(method_name, tensors, None, **params)
+        after = torch.cuda.get_rng_state()
+        torch.cuda.manual_seed(11)
+        got = _merge(method_name, tensors, 1 << 16, **params)
+        assert torch.equal(got, want) if not rescale else torch.allclose(got, want, rtol=1e-2, atol=1e-3)
+        assert torch.cuda.get_rng_state().equal(after)
 
 
 def _after_draws(tensors: list[torch.Tensor], seed: int) -> torch.Tensor:
@@ -145,7 +165,7 @@ def test_peak_memory_is_the_output_plus_a_few_chunks(method_name):
     masks = 3 * n if method_name == "dare_ties" else 0
     got = _peak_bytes(lambda: _merge(method_name, tensors, chunk, **params))
     assert got <= output + masks + chunked.WORKSPACE_PER_VECTOR * chunk * 3
-    assert chunked.working_set(4 * output, 4, chunk) >= 4 * output + got
+    assert chunked.working_set(method_name, 4 * output, 4, chunk) >= 4 * output + got
     assert got < 2 * output + masks  # the chunk is 1/50 of the tensor
     assert _peak_bytes(lambda: _merge(method_name, tensors, None, **params)) > 4 * output
 
@@ -153,7 +173,7 @@ def test_peak_memory_is_the_output_plus_a_few_chunks(method_name):
 def test_streamed_tasks_too_big_for_the_card_merge_in_chunks(qwen_family, mergers, monkeypatch, stable_sort):
     """With every task too big for the card and a budget the chunks fit: TIES and DARE are merged in chunks
     (several per tensor), linear and multislerp on the host; TIES gives the card's tensors bit for bit, DARE
-    the host path's masks (rescaled: within dtype rounding)."""
+    mergekit's masks (rescaled: within dtype rounding)."""
     merger = mergers["qwen"]
     space = space_of(qwen_family, False)
     seeds = seed_genomes(space, MergeOperators(), [1.0, 1.0, 1.0], run_seed=7)

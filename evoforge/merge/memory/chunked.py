@@ -11,16 +11,17 @@ a small multiple of one chunk per task vector.
   Elements above it are kept, and of those equal to it the first in flat order, as many as k needs: the order
   of mergekit's `argsort(descending=True)` on CUDA, where torch sorts more than 32 elements stably (Sort.cu:
   `launch_stable_sort_kernel` above 4096). The CPU's argsort orders equal values its own way.
-- DARE's random mask: mergekit draws it with `torch.bernoulli` over the whole task vector; on the host that
-  draws one number per element in flat order from torch's CPU generator, so drawing chunk after chunk gives
-  the same mask. CUDA's Philox mapping of elements to threads depends on the launch, so it cannot be drawn in
-  chunks: masks are drawn on the host, as the host path (`_Run._on_host`) that chunking replaces draws them.
+- DARE's random mask: mergekit draws it with `torch.bernoulli` over the whole task vector, on the tensor's
+  device (`mergekit.sparsify.bernoulli`). The CPU's generator draws one number per element in flat order, so
+  there chunk after chunk gives the same mask. CUDA's Philox maps elements to threads by the launch, so on a
+  card the mask is drawn as mergekit draws it, over the whole task vector at once (a density tensor and the
+  draws: two task vectors' worth, `working_set`), and kept as one bool per element.
 - Sign consensus, weights, normalisation and lambda are elementwise over the task-vector axis: mergekit's own
   `get_mask` and the same operations, per chunk.
 
 Equality with mergekit's method on the same inputs (tests/test_chunked_merge.py): `ties` and
 `task_arithmetic` bit for bit on CUDA (on the CPU too where the k-th magnitude is not tied); DARE's masks
-bit for bit with mergekit's on the host (the path chunking replaces), so DARE without rescaling too; with
+bit for bit with mergekit's on the same device, so DARE without rescaling too; with
 `rescale` (DARE's default) the l1 norms are sums over the whole tensor accumulated chunk by chunk, so the
 scale factor, and with it the output, may differ by dtype rounding. Other sparsification methods
 (breadcrumbs, DELLA) are not handled (`handles`).
@@ -64,11 +65,19 @@ def handles(method_name: str) -> bool:
     )
 
 
-def working_set(input_bytes: int, inputs: int, chunk: int = CHUNK) -> int:
-    """Device bytes a chunked task over `inputs` equal-shaped tensors of `input_bytes` in all holds at most:
-    the inputs, the output and DARE's bool masks (together at most the inputs), and the chunk's arithmetic
-    (twice the CPU's figure: the CUDA caching allocator rounds blocks up and kernels take scratch space)."""
-    return 2 * input_bytes + 2 * WORKSPACE_PER_VECTOR * chunk * inputs
+def working_set(method_name: str, input_bytes: int, inputs: int, chunk: int = CHUNK) -> int:
+    """Device bytes a chunked task of `method_name` over `inputs` equal-shaped tensors of `input_bytes` in all
+    holds at most on a card: the inputs, the output and DARE's bool masks (together at most the inputs), DARE's
+    draw of one whole task vector (its density tensor and draws, each one input's size), and the chunk's
+    arithmetic (twice the CPU's figure: the CUDA caching allocator rounds blocks up and kernels take scratch
+    space)."""
+    draw = 2 * input_bytes // inputs if _draws_masks(method_name) else 0
+    return 2 * input_bytes + draw + 2 * WORKSPACE_PER_VECTOR * chunk * inputs
+
+
+def _draws_masks(method_name: str) -> bool:
+    method = merge_methods.get(method_name)
+    return getattr(method, "sparsification_method", None) == SparsificationMethod.random
 
 
 @contextmanager
@@ -186,13 +195,18 @@ def _prepare(sparsifier: _Sparsifier, deltas: Chunks, numel: int, rescale: bool)
     else:
         first = next(deltas())[1]
         dtype, device = first.dtype, first.device
-        # mergekit's bernoulli on the host: float16 (no CPU kernel) and float32 draw in float32
-        work = dtype if dtype == torch.bfloat16 else torch.float32
+        # mergekit.sparsify.bernoulli's working dtype: the tensor's, but float32 for float16 on the CPU
+        work = dtype if device.type != "cpu" or dtype == torch.bfloat16 else torch.float32
         sparsifier.work = work
-        sparsifier.mask = torch.empty(numel, dtype=torch.bool, device=device)
-        for start, delta in deltas():
-            draws = torch.bernoulli(torch.full((delta.numel(),), sparsifier.density, dtype=work))
-            sparsifier.mask[start : start + delta.numel()] = draws.to(device, torch.bool)
+        if device.type == "cpu":
+            sparsifier.mask = torch.empty(numel, dtype=torch.bool)
+            for start, delta in deltas():
+                draws = torch.bernoulli(torch.full((delta.numel(),), sparsifier.density, dtype=work))
+                sparsifier.mask[start : start + delta.numel()] = draws
+        else:
+            density = torch.full((numel,), sparsifier.density, dtype=work, device=device)
+            sparsifier.mask = torch.bernoulli(density).to(torch.bool)
+            del density
     if rescale:
         sparsifier.scale = _l1_scale(sparsifier, deltas, work)
         sparsifier.reset()

@@ -117,7 +117,7 @@ class MemoryMerger:
         return (
             self.task_budget is not None
             and chunked.handles(method_name)
-            and chunked.working_set(input_bytes, inputs, self.chunk) <= self.task_budget
+            and chunked.working_set(method_name, input_bytes, inputs, self.chunk) <= self.task_budget
         )
 
     def _read(self, path: str) -> _Resident:

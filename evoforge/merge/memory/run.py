@@ -301,7 +301,7 @@ class _Run:
         With streamed residents (a GPU too small for them) a task whose working set would not fit on the
         card (`MemoryMerger.runs_on_host`: TIES/DARE over a 233 M-element embedding need ~14× its size) is
         merged on the card in chunks (`chunked`: TIES and task arithmetic give the card's bits, DARE draws its
-        masks from the host generator as the host path does), or, for other methods or when even the chunks
+        masks on the card as mergekit does), or, for other methods or when even the chunks
         would not fit, by mergekit's same code on the host, as the disk path does with a CPU device. The rule
         depends only on the card and the shapes, so a recipe and seed give the same tensors on the same card
         every time; the host path does not give the bits of a larger GPU (sort order of equal magnitudes,
