@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `evoforge run` whose records are copied to a second folder every 15 s while it runs, and once at its end,
-# so a device queue's poll brings back each generation as it lands (the run folder itself holds GBs of
-# models) and a run cut off by the machine's release still leaves every finished generation's record.
+# `evoforge run` whose records are copied to a second folder every 15 s (MIRROR_EVERY) while it runs, and once
+# at its end, so a device queue's poll brings back each generation as it lands (the run folder itself holds
+# GBs of models) and a run cut off by the machine's release still leaves every finished generation's record.
 #   bench/run_mirrored.sh MIRROR_DIR evoforge-run-arguments...     (e.g. RUN_FILE --output-dir DIR --gens 3)
 set -uo pipefail
 mirror=${1:?mirror folder}
@@ -14,7 +14,7 @@ copy() { cp "$run_dir"/*.jsonl "$run_dir"/*.json "$run_dir"/config.yaml "$mirror
 python3 -m evoforge run "$@" &
 pid=$!
 trap 'kill -INT $pid 2>/dev/null' INT TERM
-while kill -0 "$pid" 2>/dev/null; do copy; sleep 15; done
+while kill -0 "$pid" 2>/dev/null; do copy; sleep "${MIRROR_EVERY:-15}"; done
 wait "$pid"
 rc=$?
 copy

@@ -80,3 +80,40 @@ def test_the_committed_queues_name_scripts_that_exist() -> None:
         assert named, queue
         missing = sorted(p for p in named if not (ROOT / p).exists())
         assert not missing, f"{queue.name} names {missing}"
+
+
+def test_run_mirrored_copies_a_runs_records_while_it_runs_and_keeps_its_exit_status(tmp_path: Path) -> None:
+    """bench/run_mirrored.sh: the records of a running `evoforge run` (here a stand-in that writes a record,
+    waits, writes another and fails) reach the mirror as they land, and its exit status is the run's."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(
+        "#!/usr/bin/env bash\n"
+        'for a in "$@"; do [ "$prev" = --output-dir ] && run=$a; prev=$a; done\n'
+        'mkdir -p "$run" && echo 0 > "$run/generations.jsonl" && sleep 2\n'
+        'echo 1 >> "$run/generations.jsonl"; exit 5\n'
+    )
+    (fake / "python3").chmod(0o755)
+    mirror, run = tmp_path / "mirror", tmp_path / "run"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "MIRROR_EVERY": "0.1"}
+    started = subprocess.Popen(
+        ["bash", str(ROOT / "bench" / "run_mirrored.sh"), str(mirror), "x.yaml", "--output-dir", str(run)],
+        env=env,
+    )
+    deadline = time.monotonic() + 15
+    while not (mirror / "generations.jsonl").exists():
+        assert time.monotonic() < deadline, "nothing mirrored while the run ran"
+        time.sleep(0.2)
+    assert (mirror / "generations.jsonl").read_text() == "0\n" and started.poll() is None
+    assert started.wait(timeout=60) == 5
+    assert (mirror / "generations.jsonl").read_text() == "0\n1\n"
+    missing = _run_mirrored_without_output_dir(tmp_path)
+    assert missing.returncode == 2 and "needs --output-dir" in missing.stderr
+
+
+def _run_mirrored_without_output_dir(tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "run_mirrored.sh"), str(tmp_path / "m"), "x.yaml"],
+        capture_output=True,
+        text=True,
+    )

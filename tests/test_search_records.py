@@ -62,3 +62,39 @@ def test_qwen_records_reproduce_the_readme_run_table_and_calibration(tmp_path: P
         assert row in validation and row in readme
     row = "| model multilingual | 0.745 | 0.640 | 0.633 | **1.000** | 0.7546 |"
     assert row in held_out and row in readme
+
+
+def _compare_runs(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare_runs.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_overlap_records_reproduce_gpu_q2_same_bits_in_two_processes(tmp_path: Path) -> None:
+    """bench/RESULTS.md "GPU Q2": overlapped merges on and off, two processes, the same search bit for bit."""
+    _extract("bench-qwen2-1.5b-2026-12-06b.tar.gz", tmp_path)
+    runs = tmp_path / "queue" / "out"
+    got = _compare_runs(runs, "q3", "q3off")
+    assert "q3: wall s per generation: 37.9, 10.8, 37.1" in got
+    assert "q3off: wall s per generation: 54.4, 10.1, 32.5" in got
+    assert "same candidates, parents and recipes: True" in got and "same best: True g002-c4-23c63453" in got
+    assert "same fitness bits: True ; largest difference: 0.0" in got
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert "| on (default on a GPU) | 37.9 | **10.8** | 37.1 |" in results
+    assert "| off | 54.4 | **10.1** | 32.5 |" in results
+
+
+def test_compare_runs_compares_the_first_generations_of_a_longer_run(tmp_path: Path) -> None:
+    """--generations N: a short run against the start of a long one of the same run file and seed."""
+    _extract("search-qwen2-1.5b-2026-12-06.tar.gz", tmp_path)
+    whole = _compare_runs(tmp_path, "proof/ga-42", "proof/ga-42")
+    first = _compare_runs(tmp_path, "proof/ga-42", "proof/ga-42", "--generations", "2")
+    assert "wall s per generation: 15.5, 10.5, 15.3, 14.3" in whole
+    assert "wall s per generation: 15.5, 10.5\n" in first and "same best: True g001-" in first
+    other = _compare_runs(tmp_path, "proof/ga-42", "proof/ga-7", "--generations", "1")
+    assert "same candidates, parents and recipes: False" in other  # another run seed
