@@ -1,6 +1,6 @@
 """Two run folders of the same run file and run seed side by side: each generation's wall time, whether the
 search took the same path (candidates, parents, recipes), chose the same best, and scored bit for bit alike.
-Used by bench/ray_share.sh (1 vs 2 Ray actors) and the device queue's run-twice job (run-to-run bits).
+Used by bench/ray_share.sh (1 vs 2 Ray actors) and the qwen device queue (overlapped merges on and off).
 
     python bench/compare_runs.py RUN_DIR_A RUN_DIR_B [--generations N]
 
@@ -50,7 +50,8 @@ def main() -> None:
     print("same candidates, parents and recipes:", list(map(path, one)) == list(map(path, two)))
     bests = [best_of(run, first) for run in runs]
     print("same best:", bests[0] == bests[1], bests[0])
-    # on a GPU two processes' scores differed in the last bits (1.7e-9 on an H100: bench/RESULTS.md "GPU Q")
+    # two processes on a GPU: 1.7e-9 apart while teacher_forced summed with CUDA atomics (bench/RESULTS.md
+    # "GPU Q"), the same bits since it sums on the host ("GPU Q2")
     if len(one) == len(two):
         difference = max((abs(a["fitness"] - b["fitness"]) for a, b in zip(one, two)), default=0.0)
         same = [r["fitness"] for r in one] == [r["fitness"] for r in two]
