@@ -12,15 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "bench" / "records"
 
 
-def _search_proof(cwd: Path, *args: str) -> str:
+def _bench(script: str, cwd: Path, *args: str) -> str:
+    """The stdout of `python bench/<script> args...` run in `cwd`."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "search_proof.py"), *args],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         check=True,
     )
     return result.stdout
+
+
+def _search_proof(cwd: Path, *args: str) -> str:
+    return _bench("search_proof.py", cwd, *args)
+
+
+def _compare_runs(cwd: Path, *args: str) -> str:
+    return _bench("compare_runs.py", cwd, *args)
 
 
 def _extract(name: str, into: Path) -> None:
@@ -62,17 +71,6 @@ def test_qwen_records_reproduce_the_readme_run_table_and_calibration(tmp_path: P
         assert row in validation and row in readme
     row = "| model multilingual | 0.745 | 0.640 | 0.633 | **1.000** | 0.7546 |"
     assert row in held_out and row in readme
-
-
-def _compare_runs(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "compare_runs.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout
 
 
 def test_overlap_records_reproduce_gpu_q2_same_bits_in_two_processes(tmp_path: Path) -> None:
