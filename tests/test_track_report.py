@@ -94,7 +94,13 @@ def test_report_numbers_match_the_records(tmp_path: Path) -> None:
 
     failed = next(e for e in evals if e.error)
     assert f"- `{failed.id}` (gen 1, {failed.label}): permanent: merge failed: tensor shapes differ" in text
-    assert table_row(text, "1")[-1] == "1"  # the generations table counts it
+    assert table_row(text, "1")[-2:] == ["12.0", "1"]  # the generations table: its seconds, and counts it
+    held = [e for e in Run.load(run_dir).evaluations if e.split == "test"]
+    assert (  # 23 fresh candidates (one failed, one cached left out) in 3 generations of 12 s
+        "- Throughput: 23 candidates merged and scored in 36 s of generations, 2300 an hour; a candidate's "
+        f"merge on the critical path 0.00 s, its scoring 1.50 s (medians); {len(held)} held-out passes of new "
+        f"bests, {1.5 * len(held):.0f} s\n" in text
+    )
     for name in ("fitness.png", "domains.png", "lineage.png", "search.png"):
         assert f"]({name})" in text
 
@@ -251,3 +257,14 @@ def test_report_skips_a_torn_last_line(tmp_path: Path) -> None:
     with (run_dir / "evaluations.jsonl").open("a") as fh:
         fh.write('{"id": "g1-00", "generation": 1, "genome_ha')
     assert "evaluations: 8 " in write_report(run_dir)[-1].read_text()
+
+
+def test_runs_recorded_without_times_get_no_throughput_line(tmp_path: Path) -> None:
+    """Records from before generation times were kept (`wall_s` 0): no candidates-an-hour figure is made up."""
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    gens = run_dir / "generations.jsonl"
+    gens.write_text(gens.read_text().replace('"wall_s":12.0', '"wall_s":0.0'))
+    assert '"wall_s":0.0' in gens.read_text()
+    text = write_report(run_dir)[-1].read_text()
+    assert "Throughput" not in text and "Generations: 3 (gen 0–2)" in text

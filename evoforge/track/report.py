@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from itertools import accumulate
 from pathlib import Path
+from statistics import median
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -304,6 +305,22 @@ def _comparisons(run: Run) -> list[str]:
     )
 
 
+def _throughput(run: Run) -> list[str]:
+    """Candidates an hour of generation time, and where a candidate's time went: what a user compares cards
+    and settings by. Empty for records without times (runs from before they were kept)."""
+    wall, fit_split = sum(g.wall_s for g in run.generations), run.baselines.fitness_split
+    fresh = [e for e in run.evaluations if e.split == fit_split and not e.cached]
+    if wall <= 0 or not fresh:
+        return []
+    held = [e.merge_s + e.eval_s for e in run.evaluations if e.split != fit_split]
+    return [
+        f"- Throughput: {len(fresh)} candidates merged and scored in {wall:.0f} s of generations, "
+        f"{3600 * len(fresh) / wall:.0f} an hour; a candidate's merge on the critical path "
+        f"{median(e.merge_s for e in fresh):.2f} s, its scoring {median(e.eval_s for e in fresh):.2f} s "
+        f"(medians); {len(held)} held-out passes of new bests, {sum(held):.0f} s"
+    ]
+
+
 def _confirmation(run: Run) -> list[str]:
     """How a likelihood run's best was chosen (`evolve.confirm`): each candidate's fitness and accuracy."""
     conf = run.confirmation
@@ -341,6 +358,7 @@ def summary_markdown(run: Run) -> str:
         "",
         f"- Generations: {len(run.generations)} (gen {first}–{last}); evaluations: {len(run.evaluations)} "
         f"({len(run.by_hash())} distinct genomes, {cached} cached, {len(failed)} failed)",
+        *_throughput(run),
         f"- Best candidate: `{best.id}` — {best.label}, genome `{best.genome_hash}`, made by {best.operator} "
         f"in generation {best.generation}"
         + (f" (it failed: {_first_line(best.error)})" if best.error is not None else ""),
@@ -373,8 +391,8 @@ def summary_markdown(run: Run) -> str:
         "",
         "## Generations",
         "",
-        "| gen | best fitness | avg fitness | best candidate | held-out fitness | population | failed |",
-        "|---|---|---|---|---|---|---|",
+        "| gen | best fitness | avg fitness | best candidate | held-out fitness | population | s | failed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     failed_by_gen = defaultdict(int)
     for e in failed:
@@ -383,7 +401,7 @@ def summary_markdown(run: Run) -> str:
         h = _fmt(g.best_heldout.fitness) if g.best_heldout else "–"
         lines.append(
             f"| {g.generation} | {_fmt(g.best_fitness)} | {_fmt(g.avg_fitness)} | `{g.best_id}` | {h} "
-            f"| {g.population_size} | {failed_by_gen[g.generation]} |"
+            f"| {g.population_size} | {g.wall_s:.1f} | {failed_by_gen[g.generation]} |"
         )
     unsaved = [g for g in run.generations if g.best_model_error]
     if failed or unsaved:
