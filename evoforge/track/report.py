@@ -312,7 +312,12 @@ def _throughput(run: Run) -> list[str]:
     fresh = [e for e in run.evaluations if e.split == fit_split and not e.cached]
     if wall <= 0 or not fresh:
         return []
-    held = [e.merge_s + e.eval_s for e in run.evaluations if e.split != fit_split]
+    finished = {g.generation for g in run.generations}  # held-out lines are not among run.evaluations
+    held = [
+        e.merge_s + e.eval_s
+        for e in run.run_dir.evaluation_records()
+        if e.split != fit_split and e.generation in finished
+    ]
     return [
         f"- Throughput: {len(fresh)} candidates merged and scored in {wall:.0f} s of generations, "
         f"{3600 * len(fresh) / wall:.0f} an hour; a candidate's merge on the critical path "
