@@ -309,7 +309,7 @@ def _throughput(run: Run) -> list[str]:
     """Candidates an hour of generation time, and where a candidate's time went: what a user compares cards
     and settings by. Empty for records without times (runs from before they were kept)."""
     wall, fit_split = sum(g.wall_s for g in run.generations), run.baselines.fitness_split
-    fresh = [e for e in run.evaluations if e.split == fit_split and not e.cached]
+    fresh = [e for e in run.evaluations if not e.cached]  # the fitness split's, by Run.load
     if wall <= 0 or not fresh:
         return []
     finished = {g.generation for g in run.generations}  # held-out lines are not among run.evaluations
