@@ -319,6 +319,8 @@ class Run:
     ancestor: str | None
     evaluations: list[EvaluationRecord]
     """Fitness-split evaluations of the finished generations."""
+    heldout_evaluations: list[EvaluationRecord]
+    """Their new bests' held-out passes (scores in `GenerationRecord.best_heldout`, times here)."""
     generations: list[GenerationRecord]
     baselines: Baselines
     confirmation: Confirmation | None = None
@@ -345,11 +347,12 @@ class Run:
         # The population's evaluations: fitness split, finished generations (a crash can leave part of the
         # next one, and each new best also has a held-out line, which GenerationRecord.best_heldout carries).
         finished = {g.generation for g in generations}
-        evaluations = [
+        records = [
             e
             for e in latest_records(_read_checked(run_dir.evaluations, EvaluationRecord))
-            if e.split == baselines.fitness_split and e.generation in finished
+            if e.generation in finished
         ]
+        evaluations = [e for e in records if e.split == baselines.fitness_split]
         known = {(e.generation, e.id) for e in evaluations}
         for g in generations:
             if (g.generation, g.best_id) not in known:
@@ -367,6 +370,7 @@ class Run:
             name=str(cfg.get("name") or root.name),
             ancestor=ancestor.get("name") if isinstance(ancestor, dict) else None,
             evaluations=evaluations,
+            heldout_evaluations=[e for e in records if e.split != baselines.fitness_split],
             generations=sorted(generations, key=lambda g: g.generation),
             baselines=baselines,
             confirmation=confirmation,

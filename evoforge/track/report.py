@@ -306,18 +306,12 @@ def _comparisons(run: Run) -> list[str]:
 
 
 def _throughput(run: Run) -> list[str]:
-    """Candidates an hour of generation time, and where a candidate's time went: what a user compares cards
-    and settings by. Empty for records without times (runs from before they were kept)."""
-    wall, fit_split = sum(g.wall_s for g in run.generations), run.baselines.fitness_split
-    fresh = [e for e in run.evaluations if not e.cached]  # the fitness split's, by Run.load
+    """Candidates an hour of generation time and where their time went; none for records without times."""
+    wall = sum(g.wall_s for g in run.generations)
+    fresh = [e for e in run.evaluations if not e.cached]
     if wall <= 0 or not fresh:
         return []
-    finished = {g.generation for g in run.generations}  # held-out lines are not among run.evaluations
-    held = [
-        e.merge_s + e.eval_s
-        for e in run.run_dir.evaluation_records()
-        if e.split != fit_split and e.generation in finished
-    ]
+    held = [e.merge_s + e.eval_s for e in run.heldout_evaluations]
     return [
         f"- Throughput: {len(fresh)} candidates merged and scored in {wall:.0f} s of generations, "
         f"{3600 * len(fresh) / wall:.0f} an hour; a candidate's merge on the critical path "
