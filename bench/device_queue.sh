@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A list of benchmark commands run one after another in the background on the GPU machine, so a session's
 # device minutes go to work and not to the gaps between calls; each device call then only polls.
-#   bench/device_queue.sh start QUEUE_FILE     one command per line (blank lines and # comments skipped),
+#   bench/device_queue.sh start QUEUE_FILE...  one command per line (blank lines and # comments skipped),
+#                                              the files' jobs in order, a command already listed skipped;
 #                                              run from the repo root with bash; returns at once
 #   bench/device_queue.sh poll [SECONDS=240]   wait, then print each job's state and its log's last line;
 #                                              every log, exit status and whatever jobs wrote to $QUEUE/out
@@ -20,16 +21,20 @@ bring_back() {
 }
 case ${1:?start or poll} in
 start)
-  file=${2:?queue file}
-  [ -r "$file" ] || { echo "error: $file: no such queue file" >&2; exit 2; }
+  shift
+  [ $# -gt 0 ] || { echo "error: start needs a queue file" >&2; exit 2; }
+  for file; do [ -r "$file" ] || { echo "error: $file: no such queue file" >&2; exit 2; }; done
   mkdir -p "$queue/out"
   n=0
+  declare -A listed=()
   while IFS= read -r line || [ -n "$line" ]; do
     case $line in '' | '#'*) continue ;; esac
+    [ -z "${listed[$line]:-}" ] || continue
+    listed[$line]=1
     n=$((n + 1))
     printf '%s\n' "$line" > "$queue/$(printf %02d $n).cmd"
-  done < "$file"
-  [ "$n" -gt 0 ] || { echo "error: $file holds no command" >&2; exit 2; }
+  done < <(awk 1 "$@")  # awk: a file without a final newline still ends its line
+  [ "$n" -gt 0 ] || { echo "error: $* holds no command" >&2; exit 2; }
   export QUEUE_OUT=$queue/out
   rm -f "$queue/DONE"
   setsid nohup bash -c '

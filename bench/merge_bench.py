@@ -114,7 +114,10 @@ def main() -> None:
         help="section B's loops, comma-separated: memory, disk, overlap (memory, next merge while scoring)",
     )
     parser.add_argument(
-        "--control-batch", type=int, default=8, help="section E: lm-eval's HFLM again at this batch size"
+        "--control-batch",
+        type=int,
+        default=8,
+        help="section E: lm-eval's HFLM again at this batch size (0: not)",
     )
     parser.add_argument("--eval-reps", type=int, default=3, help="warm calls per wrapper in section E")
     parser.add_argument(

@@ -45,10 +45,13 @@ def section_eval(family: dict[str, Path], args: argparse.Namespace, device: torc
     evaluation = EvaluationConfig(batch_size=args.batch_size, limit=args.limit)
     small = args.control_batch
     variants: dict[str, HFLM] = {
-        "lm-eval HFLM": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
-        f"lm-eval HFLM, batch {small}": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=small),
-        "PooledHFLM": PooledHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
+        "lm-eval HFLM": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     }
+    if small:
+        variants[f"lm-eval HFLM, batch {small}"] = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=small
+        )
+    variants["PooledHFLM"] = PooledHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     if args.static_cache:
         variants["PooledHFLM + static cache"] = PooledHFLM(
             pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, static_cache=True

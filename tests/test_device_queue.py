@@ -58,6 +58,20 @@ def test_jobs_run_in_order_failures_are_kept_and_a_restart_runs_only_what_failed
     assert (queue / "02.rc").read_text().strip() == "0" and "fixed" in (queue / "02.log").read_text()
 
 
+def test_several_queue_files_run_in_order_and_a_command_listed_twice_runs_once(tmp_path: Path) -> None:
+    """One GPU session chains the real trio's queue and the random-weight one; their shared first jobs (the
+    CUDA tests) run once. A file without a final newline still ends its last command."""
+    queue = tmp_path / "queue"
+    env = {**os.environ, "QUEUE": str(queue)}
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text('echo shared >> "$QUEUE_OUT/log"\necho one >> "$QUEUE_OUT/log"')
+    second.write_text('echo shared >> "$QUEUE_OUT/log"\necho two >> "$QUEUE_OUT/log"\n')
+    started = _queue(env, "start", str(first), str(second))
+    assert started.returncode == 0 and "queue of 3 job(s) started" in started.stdout, started.stderr
+    _wait_done(queue)
+    assert (queue / "out" / "log").read_text() == "shared\none\ntwo\n"
+
+
 def test_a_queue_file_without_commands_or_missing_is_refused(tmp_path: Path) -> None:
     env = {**os.environ, "QUEUE": str(tmp_path / "queue")}
     empty = tmp_path / "empty.txt"
