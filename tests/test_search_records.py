@@ -3,6 +3,7 @@ recipes/qwen2-1.5b/README.md."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -85,6 +86,38 @@ def test_overlap_records_reproduce_gpu_q2_same_bits_in_two_processes(tmp_path: P
     results = (ROOT / "bench" / "RESULTS.md").read_text()
     assert "| on (default on a GPU) | 37.9 | **10.8** | 37.1 |" in results
     assert "| off | 54.4 | **10.1** | 32.5 |" in results
+
+
+def test_q3_records_reproduce_gpu_q3_20_generations_capped_and_static_cache(tmp_path: Path) -> None:
+    """bench/RESULTS.md "GPU Q3": the 50-generation run cut off after 20 (its report from the mirrored records),
+    the capped generation and the static-cache row, each as its job's log printed it."""
+    _extract("bench-qwen2-1.5b-2026-12-06c.tar.gz", tmp_path)
+    queue = tmp_path / "queue"
+    report = subprocess.run(
+        [sys.executable, "-m", "evoforge", "report", str(queue / "out" / "q50")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "- Generations: 20 (gen 0–19)" in report
+    assert "160 candidates merged and scored in 370 s of generations, 1557 an hour" in report
+    assert (
+        "| **+0.0258** | **[+0.0100, +0.0417]** | **yes, B higher** |" in report
+    )  # against the best base model
+    assert "| **+0.0092** | **[-0.0021, +0.0204]** | **no** |" in report  # against the best seed
+    generations = [json.loads(line) for line in (queue / "out" / "q50" / "generations.jsonl").open()]
+    assert round(sum(g["wall_s"] for g in generations), 1) == 369.9
+    capped, static = (queue / "04.log").read_text(), (queue / "05.log").read_text()
+    assert "| memory | 8 | 1.857 | 3.744 | 5.601 | 63.69 | 2.14 | 7.42 |" in capped
+    assert "| slerp-dare-dfs | 2.478 | 4.05 | True | 0 / 1 (dare_ties 1) |" in capped
+    assert "| PooledHFLM + static cache | 207 | 29.93 | 2.73 | 2.16 | 0.7826 | 206/207 |" in static
+    assert (
+        "| dare_ties | chunked, cuda, cap 8.0 GiB | 0.06 | 2.190 | True |" in (queue / "03.log").read_text()
+    )
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    assert "| memory, capped | 8 | 1.857 | 3.744 | 5.601 | **63.69** | 2.14 | 7.42 |" in results
+    assert "| PooledHFLM + static cache | 207 | 29.93 | **2.73** | 2.16 | 0.7826 | 206/207 |" in results
+    assert "| **all 20** | 20 | | **369.9** |" in results
 
 
 def test_compare_runs_compares_the_first_generations_of_a_longer_run(tmp_path: Path) -> None:
