@@ -98,13 +98,16 @@ def test_the_committed_queues_name_scripts_that_exist() -> None:
 
 def test_run_mirrored_copies_a_runs_records_while_it_runs_and_keeps_its_exit_status(tmp_path: Path) -> None:
     """bench/run_mirrored.sh: the records of a running `evoforge run` (here a stand-in that writes a record,
-    waits, writes another and fails) reach the mirror as they land, and its exit status is the run's."""
+    waits, writes another and fails) reach the mirror as they land, with the latest checkpoint only (gen 10
+    after gen 9), and its exit status is the run's."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python3").write_text(
         "#!/usr/bin/env bash\n"
         'for a in "$@"; do [ "$prev" = --output-dir ] && run=$a; prev=$a; done\n'
-        'mkdir -p "$run" && echo 0 > "$run/generations.jsonl" && sleep 2\n'
+        'mkdir -p "$run/checkpoints" && echo 0 > "$run/generations.jsonl"\n'
+        'echo 9 > "$run/checkpoints/evolution_checkpoint_gen_9.json"; sleep 2\n'
+        'echo 10 > "$run/checkpoints/evolution_checkpoint_gen_10.json"\n'
         'echo 1 >> "$run/generations.jsonl"; exit 5\n'
     )
     (fake / "python3").chmod(0o755)
@@ -121,6 +124,7 @@ def test_run_mirrored_copies_a_runs_records_while_it_runs_and_keeps_its_exit_sta
     assert (mirror / "generations.jsonl").read_text() == "0\n" and started.poll() is None
     assert started.wait(timeout=60) == 5
     assert (mirror / "generations.jsonl").read_text() == "0\n1\n"
+    assert [p.name for p in (mirror / "checkpoints").iterdir()] == ["evolution_checkpoint_gen_10.json"]
     missing = _run_mirrored_without_output_dir(tmp_path)
     assert missing.returncode == 2 and "needs --output-dir" in missing.stderr
 

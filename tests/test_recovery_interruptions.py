@@ -8,6 +8,7 @@ import asyncio
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,34 @@ def test_a_torn_last_record_is_cut_off_with_one_warning_and_its_candidate_runs_a
     stderr = assert_resumes_to_straight(run_dir, straight)
     warnings = [line for line in stderr.splitlines() if "torn" in line]
     assert len(warnings) == 1 and "evaluations.jsonl: removed a torn last line (40 bytes" in warnings[0]
+
+
+def test_the_records_and_the_latest_checkpoint_alone_resume_in_another_folder(
+    run_file_data, synthetic, monkeypatch, straight, tmp_path
+):
+    """What bench/run_mirrored.sh brings back from a GPU lease (no recipes, no models, no older checkpoint)
+    continues on a fresh machine to the uninterrupted run, keeping the finished generations' rows as measured
+    (their `wall_s`: without the checkpoint the run would replay them from the cache)."""
+
+    def fault(n: int, recipe: str) -> None:
+        if n == 12:
+            raise Killed
+
+    failing(synthetic, monkeypatch, fault)
+    run_file, run_dir = write_run(tmp_path, run_file_data)
+    with pytest.raises(Killed):
+        cli("run", str(run_file))
+    mirror = tmp_path / "mirror"
+    (mirror / "checkpoints").mkdir(parents=True)
+    for record in [*run_dir.glob("*.jsonl"), *run_dir.glob("*.json"), run_dir / "config.yaml"]:
+        shutil.copy(record, mirror)
+    shutil.copy(RunDir(run_dir).latest_checkpoint(), mirror / "checkpoints")
+    finished = (mirror / "generations.jsonl").read_text()
+    assert finished.count("\n") >= 1
+    monkeypatch.undo()
+    install_synthetic()
+    assert_resumes_to_straight(mirror, straight)
+    assert (mirror / "generations.jsonl").read_text().startswith(finished)
 
 
 def full_disk(monkeypatch, pattern: str, nth: int = 1) -> None:
