@@ -4,6 +4,7 @@ recipes/qwen2-1.5b/README.md."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -110,6 +111,9 @@ def test_q3_records_reproduce_gpu_q3_20_generations_capped_and_static_cache(tmp_
     capped, static = (queue / "04.log").read_text(), (queue / "05.log").read_text()
     assert "| memory | 8 | 1.857 | 3.744 | 5.601 | 63.69 | 2.14 | 7.42 |" in capped
     assert "| slerp-dare-dfs | 2.478 | 4.05 | True | 0 / 1 (dare_ties 1) |" in capped
+    _extract("bench-qwen2-1.5b-2026-12-06.tar.gz", tmp_path / "q")  # GPU Q: the uncapped loops, same seeds
+    uncapped = _seed_fitness((tmp_path / "q" / "gpu-q" / "queue" / "04.log").read_text())
+    assert uncapped[:8] == uncapped[8:] == _seed_fitness(capped)  # memory and overlap loops, then capped
     assert "| PooledHFLM + static cache | 207 | 29.93 | 2.73 | 2.16 | 0.7826 | 206/207 |" in static
     assert (
         "| dare_ties | chunked, cuda, cap 8.0 GiB | 0.06 | 2.190 | True |" in (queue / "03.log").read_text()
@@ -118,6 +122,11 @@ def test_q3_records_reproduce_gpu_q3_20_generations_capped_and_static_cache(tmp_
     assert "| memory, capped | 8 | 1.857 | 3.744 | 5.601 | **63.69** | 2.14 | 7.42 |" in results
     assert "| PooledHFLM + static cache | 207 | 29.93 | **2.73** | 2.16 | 0.7826 | 206/207 |" in results
     assert "| **all 20** | 20 | | **369.9** |" in results
+
+
+def _seed_fitness(log: str) -> list[str]:
+    """The fitness of each seed a merge_bench loop printed, in order."""
+    return re.findall(r"validation: merge .* fitness (\d\.\d+)", log)
 
 
 def test_compare_runs_compares_the_first_generations_of_a_longer_run(tmp_path: Path) -> None:
