@@ -42,9 +42,9 @@ run_file_data, straight, synthetic = runs.run_file_data, runs.straight, runs.syn
 # ---------------------------------------------------------------------------------- records and resume
 
 
-def test_a_torn_last_record_is_cut_off_with_one_warning_and_its_candidate_runs_again(
-    run_file_data, synthetic, monkeypatch, straight, tmp_path
-):
+def killed_in_generation_1(run_file_data, synthetic, monkeypatch, tmp_path) -> Path:
+    """A run killed at its 12th scoring (generation 1, after its checkpoint); returns its folder."""
+
     def fault(n: int, recipe: str) -> None:
         if n == 12:
             raise Killed
@@ -53,6 +53,13 @@ def test_a_torn_last_record_is_cut_off_with_one_warning_and_its_candidate_runs_a
     run_file, run_dir = write_run(tmp_path, run_file_data)
     with pytest.raises(Killed):
         cli("run", str(run_file))
+    return run_dir
+
+
+def test_a_torn_last_record_is_cut_off_with_one_warning_and_its_candidate_runs_again(
+    run_file_data, synthetic, monkeypatch, straight, tmp_path
+):
+    run_dir = killed_in_generation_1(run_file_data, synthetic, monkeypatch, tmp_path)
     evaluations = run_dir / "evaluations.jsonl"
     lines = evaluations.read_text().splitlines(keepends=True)
     evaluations.write_text("".join(lines[:-1]) + lines[-1][:40])  # a full disk cut the last record short
@@ -71,15 +78,7 @@ def test_the_records_and_the_latest_checkpoint_alone_resume_in_another_folder(
     """What bench/run_mirrored.sh brings back from a GPU lease (no recipes, no models, no older checkpoint)
     continues on a fresh machine to the uninterrupted run, keeping the finished generations' rows as measured
     (their `wall_s`: without the checkpoint the run would replay them from the cache)."""
-
-    def fault(n: int, recipe: str) -> None:
-        if n == 12:
-            raise Killed
-
-    failing(synthetic, monkeypatch, fault)
-    run_file, run_dir = write_run(tmp_path, run_file_data)
-    with pytest.raises(Killed):
-        cli("run", str(run_file))
+    run_dir = killed_in_generation_1(run_file_data, synthetic, monkeypatch, tmp_path)
     mirror = tmp_path / "mirror"
     (mirror / "checkpoints").mkdir(parents=True)
     for record in [*run_dir.glob("*.jsonl"), *run_dir.glob("*.json"), run_dir / "config.yaml"]:
