@@ -125,6 +125,12 @@ def main() -> None:
         action="store_true",
         help="section E: also a static-cache variant; B: evaluation.compile_generation",
     )
+    parser.add_argument(
+        "--fitness-metric",
+        choices=("accuracy", "likelihood"),
+        default="accuracy",
+        help="sections B and C: evaluation.fitness_metric (the shipped run files' is likelihood)",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for the 1.5 B models")
     parser.add_argument(
         "--run-file", type=Path, default=None, help="merge this run file's base models and ancestor instead"

@@ -53,6 +53,7 @@ def run_config(
                 "batch_size": batch_size or args.batch_size,
                 "limit": args.limit,
                 "compile_generation": args.static_cache if compile_generation is None else compile_generation,
+                "fitness_metric": args.fitness_metric,
             },
             "output_dir": str(out),
             "wandb_mode": "disabled",
@@ -146,7 +147,9 @@ def section_loops(
         del evaluator
         free_memory()
         shutil.rmtree(work / f"loop-{merge_path}", ignore_errors=True)
-    print(f"\n### {title} (8 candidates; tasks: {args.tasks}, limit {args.limit})\n")
+    print(
+        f"\n### {title} (8 candidates; tasks: {args.tasks}, limit {args.limit}, fitness: {args.fitness_metric})\n"
+    )
     head = (
         "| loop | scored | merge s / candidate | eval s / candidate | candidate s | generation s "
         "| best model written s |"
